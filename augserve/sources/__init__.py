@@ -1,0 +1,27 @@
+"""Image sources: the datasets augmentation workers read from.
+
+Every source yields uint8 HWC images (C = 1 or 3) and int64 labels; see ``Source``.
+Built-ins (``digits``, ``shapes``, ``photos``) never download anything; ImageFolder directories
+and ``.npz`` files are opened by path. Workers re-open a source from ``(name, split, options)``.
+"""
+
+from .base import SPLITS, Source
+from .errors import CorruptImageError
+from .folder import ImageFolder
+from .iterate import SkipStats, iter_images
+from .npz import NpzSource
+from .open import open_dataset
+from .registry import builtin_names, register_builtin
+
+__all__ = [
+    "SPLITS",
+    "CorruptImageError",
+    "ImageFolder",
+    "NpzSource",
+    "SkipStats",
+    "Source",
+    "builtin_names",
+    "iter_images",
+    "open_dataset",
+    "register_builtin",
+]

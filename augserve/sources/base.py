@@ -1,0 +1,104 @@
+"""The ``Source`` interface: an indexable, labelled collection of images.
+
+Every source hands out images as ``np.ndarray`` of dtype uint8, layout HWC with C = 1 (grey) or
+3 (RGB), C-contiguous and owned by the caller (safe to modify). Labels are int64 class ids that
+index ``classes``.
+
+Sources are opened by name + options inside each worker process, so construction must stay cheap
+and heavy state (decoded arrays, file handles) is created lazily on first use. Pickling a source
+pickles only ``(name, split, options)``; the receiver re-opens it.
+"""
+
+from __future__ import annotations
+
+import abc
+import operator
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "test")
+
+
+def check_split(split: object, available: tuple[str, ...], dataset: str) -> str:
+    """Validate ``split`` against the known splits and those this dataset actually has."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split not in available:
+        raise ValueError(f"dataset {dataset!r} has no {split!r} split (available: {', '.join(available)})")
+    return split  # type: ignore[return-value]
+
+
+def _reopen(name: str, split: str, options: dict[str, Any]) -> "Source":
+    from .open import open_dataset  # deferred: open imports every source module
+
+    return open_dataset(name, split=split, **options)
+
+
+class Source(abc.ABC):
+    """Base class of all datasets. Subclasses implement ``_load``, ``__len__`` and the properties."""
+
+    def __init__(self, name: str, split: str, options: dict[str, Any] | None = None) -> None:
+        # ``open_dataset(self.name, self.split, **self.options)`` must rebuild an equal source.
+        self.name = name
+        self.split = split
+        self.options = dict(options or {})
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def classes(self) -> list[str]:
+        """Class names; label ``k`` means ``classes[k]``."""
+
+    @property
+    @abc.abstractmethod
+    def labels(self) -> np.ndarray:
+        """Label of every image, int64, shape (N,)."""
+
+    @property
+    @abc.abstractmethod
+    def channels(self) -> int:
+        """Channels of every image: 1 (grey) or 3 (RGB)."""
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` in pixels when every image has it, else None."""
+        return None
+
+    @abc.abstractmethod
+    def _load(self, index: int) -> np.ndarray:
+        """Image ``index`` (already range-checked), uint8 HWC."""
+
+    def load(self, index: int) -> np.ndarray:
+        """Image ``index`` as a C-contiguous uint8 HWC array (C = ``channels``).
+
+        Raises ``CorruptImageError`` (naming the file) for a file that cannot be decoded.
+        """
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(f"image index must be an integer, got {index!r}") from None
+        n = len(self)
+        if not 0 <= i < n:
+            raise IndexError(f"image index {i} out of range for {self.name!r} ({self.split}, {n} images)")
+        return np.ascontiguousarray(self._load(i))
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary: name, split, size, num_classes, channels, image_size."""
+        return {
+            "name": self.name,
+            "split": self.split,
+            "size": len(self),
+            "num_classes": len(self.classes),
+            "channels": self.channels,
+            "image_size": self.image_size,
+        }
+
+    def __reduce__(self):
+        return (_reopen, (self.name, self.split, dict(self.options)))
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({self.name!r}, split={self.split!r}{opts})"

@@ -1,0 +1,43 @@
+"""What every backend implements: run fused sample plans on a batch, return uint8 N×H×W×C."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+from ..plan import SamplePlan
+from ..spec import PipelineSpec
+
+
+class Backend(ABC):
+    """A way of executing :class:`~pipelines.plan.SamplePlan` s.
+
+    ``run`` receives the validated batch (a list of H×W×C uint8 numpy arrays, or an N×H×W×C uint8 torch
+    tensor) and one plan per image, and returns uint8 N×H×W×C as a torch tensor on the backend's device —
+    or a list of H×W×C tensors when the output sizes differ. Kernels never draw random numbers.
+    """
+
+    name: str = ""
+    devices: tuple[str, ...] = ("cpu",)
+
+    def __init__(self, spec: PipelineSpec, device: str = "cpu") -> None:
+        kind = device.split(":")[0]
+        if kind not in self.devices:
+            raise ValueError(f"backend {self.name!r} does not run on device {device!r}: supported {', '.join(self.devices)}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine")
+        self.spec = spec
+        self.device = device
+        self.border = spec.border
+        self.fill = spec.fill
+
+    @abstractmethod
+    def run(self, images: list[np.ndarray] | torch.Tensor, plans: list[SamplePlan]) -> torch.Tensor | list[torch.Tensor]:
+        ...
+
+
+def same_output_shape(plans: list[SamplePlan]) -> bool:
+    first = (plans[0].out_hw, plans[0].channels)
+    return all((p.out_hw, p.channels) == first for p in plans)

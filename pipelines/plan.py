@@ -1,0 +1,178 @@
+"""Fusion: turn one sample's replay record into the few passes a backend runs.
+
+All geometric ops of a sample compose into one forward matrix, so a backend resamples once (crop +
+flip + rotate + shear + resize = one ``warpAffine``). A local ``warp`` is not affine: then the chain
+becomes a dense source-coordinate map (affine pieces and warp fields evaluated back to front), still
+one resampling. Colour ops compose into one ``C×C`` matrix plus offset on the 0–255 scale.
+
+The colour pass runs after the geometric one unless every colour op precedes every geometric op. The
+two orders differ only on pixels filled from outside the image (padding, rotated corners): with colour
+last those get the colour transform too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import geometry as G
+from .sampling import SampleParams
+from .spec import COLOR_OPS, GEOMETRY_OPS, PipelineSpec
+
+
+@dataclass(frozen=True)
+class AffineStep:
+    """Map destination points to source points of one affine piece: ``src = inverse @ dst`` (3×3)."""
+
+    inverse: np.ndarray
+
+
+@dataclass(frozen=True)
+class WarpStep:
+    """A local warp on a ``height``×``width`` canvas: ``src = dst + displacement(dst)``."""
+
+    control: np.ndarray  # (cells+1, cells+1, 2), fractions of the shorter side
+    kind: str
+    height: int
+    width: int
+
+
+@dataclass
+class SamplePlan:
+    """What a backend does to one sample.
+
+    ``inverse``: 3×3 destination→source matrix in continuous pixel coordinates, set when the geometry is
+    purely affine. ``chain``: set instead when a warp is present — steps to apply, in order, to
+    destination points to reach source points. ``color``: ``(matrix C×C, offset C)`` on the 0–255 scale,
+    or ``None`` when the colour is unchanged.
+    """
+
+    in_shape: tuple[int, int, int]
+    out_hw: tuple[int, int]
+    inverse: np.ndarray | None = None
+    chain: list[AffineStep | WarpStep] | None = None
+    color: tuple[np.ndarray, np.ndarray] | None = None
+    color_first: bool = False
+    sample_id: int = -1
+
+    @property
+    def channels(self) -> int:
+        return self.in_shape[2]
+
+    def integer_window(self) -> tuple[int, int] | None:
+        """(top, left) when the geometry is a plain window copy (pure integer translation, same scale),
+        so a backend may slice instead of resampling; else ``None``."""
+        if self.inverse is None:
+            return None
+        m = self.inverse
+        if not np.allclose(m[:2, :2], np.eye(2), atol=1e-12):
+            return None
+        tx, ty = m[0, 2], m[1, 2]
+        if abs(tx - round(tx)) > 1e-9 or abs(ty - round(ty)) > 1e-9:
+            return None
+        return int(round(ty)), int(round(tx))
+
+
+def _forward_matrix(record: dict, hw: tuple[int, int]) -> tuple[np.ndarray | None, tuple[int, int]]:
+    """Forward matrix of one geometric record on an ``hw`` canvas and the canvas after it
+    (``None`` for a no-op)."""
+    height, width = hw
+    op = record["op"]
+    if op == "mirror":
+        if not (record["horizontal"] or record["vertical"]):
+            return None, hw
+        return G.mirror_matrix(record["horizontal"], record["vertical"], height, width), hw
+    if op in ("random_crop", "center_crop"):
+        return G.crop_matrix(record["top"], record["left"]), (record["height"], record["width"])
+    if op == "random_resized_crop":
+        out_h, out_w = record["size"]
+        matrix = G.resized_crop_matrix(record["top"], record["left"], record["height"], record["width"], out_h, out_w)
+        return matrix, (out_h, out_w)
+    if op == "resize":
+        out_h, out_w = record["height"], record["width"]
+        return G.scaling(out_w / width, out_h / height), (out_h, out_w)
+    if op == "rotate":
+        return (G.rotation_matrix(record["angle"], height, width) if record["applied"] else None), hw
+    if op == "shear":
+        return (G.shear_matrix(record["x"], record["y"], height, width) if record["applied"] else None), hw
+    raise ValueError(f"not a geometric op record: {op!r}")
+
+
+def _color_transform(record: dict, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(matrix, offset)`` of one colour record for images of ``channels`` channels (``None``: no-op)."""
+    op = record["op"]
+    if op == "pca_color":
+        if channels != 3:
+            raise ValueError(f"pca_color needs RGB images (3 channels), got {channels} channel(s)")
+        return np.eye(3), np.asarray(record["offset"], dtype=np.float64)
+    if op == "color_shift":
+        if not record["applied"]:
+            return None
+        return np.eye(channels), np.asarray(record["offset"][:channels], dtype=np.float64)
+    raise ValueError(f"not a colour op record: {op!r}")
+
+
+_GEOMETRY_NAMES = {cls.model_fields["op"].default for cls in GEOMETRY_OPS}
+_COLOR_NAMES = {cls.model_fields["op"].default for cls in COLOR_OPS}
+
+
+def colour_runs_first(spec: PipelineSpec) -> bool:
+    """True when every colour op of ``spec`` precedes every geometric op."""
+    geometry = [i for i, op in enumerate(spec.ops) if op.op in _GEOMETRY_NAMES]
+    colour = [i for i, op in enumerate(spec.ops) if op.op in _COLOR_NAMES]
+    return bool(colour) and bool(geometry) and max(colour) < min(geometry)
+
+
+def fuse(params: SampleParams, color_first: bool = False) -> SamplePlan:
+    """Compose the records of one sample into a :class:`SamplePlan`."""
+    hw = params.in_shape[:2]
+    channels = params.in_shape[2]
+    forward = np.eye(3)
+    pieces: list[AffineStep | WarpStep] = []  # forward order
+    has_warp = False
+    color_matrix, color_offset = np.eye(channels), np.zeros(channels)
+    color_changed = False
+    for record in params.ops:
+        name = record["op"]
+        if name in _COLOR_NAMES:
+            transform = _color_transform(record, channels)
+            if transform is not None:
+                matrix, offset = transform
+                color_matrix, color_offset = matrix @ color_matrix, matrix @ color_offset + offset
+                color_changed = True
+        elif name == "warp":
+            if record["applied"]:
+                pieces.append(AffineStep(np.linalg.inv(forward)))
+                pieces.append(WarpStep(np.asarray(record["control"], dtype=np.float64), record["kind"], hw[0], hw[1]))
+                forward, has_warp = np.eye(3), True
+        else:
+            matrix, hw = _forward_matrix(record, hw)
+            if matrix is not None:
+                forward = matrix @ forward
+    plan = SamplePlan(params.in_shape, tuple(hw), sample_id=params.sample_id, color_first=color_first)
+    if has_warp:
+        pieces.append(AffineStep(np.linalg.inv(forward)))
+        plan.chain = list(reversed(pieces))  # destination → source order
+    else:
+        plan.inverse = np.linalg.inv(forward)
+    if color_changed:
+        plan.color = (color_matrix, color_offset)
+    return plan
+
+
+def source_map(plan: SamplePlan, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Dense source coordinates (x, y) — continuous pixel coordinates — for every output pixel centre:
+    two (out_h, out_w) arrays. Used when the geometry has a warp; numpy reference of what the torch
+    backend does batched."""
+    x, y = G.pixel_centers(*plan.out_hw)
+    x, y = x.copy(), y.copy()
+    steps = plan.chain if plan.chain is not None else [AffineStep(plan.inverse)]
+    for step in steps:
+        if isinstance(step, AffineStep):
+            m = step.inverse
+            x, y = m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2]
+        else:
+            dx, dy = G.warp_displacement(x, y, step.control, step.kind, step.height, step.width)
+            x, y = x + dx, y + dy
+    return x.astype(dtype), y.astype(dtype)
