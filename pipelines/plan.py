@@ -65,10 +65,9 @@ class SamplePlan:
         so a backend may slice instead of resampling; else ``None``."""
         if self.inverse is None:
             return None
-        m = self.inverse
-        if not np.allclose(m[:2, :2], np.eye(2), atol=1e-12):
+        (a, b, tx), (c, d, ty) = self.inverse[0].tolist(), self.inverse[1].tolist()  # plain floats: cheap
+        if abs(a - 1.0) > 1e-12 or abs(d - 1.0) > 1e-12 or abs(b) > 1e-12 or abs(c) > 1e-12:
             return None
-        tx, ty = m[0, 2], m[1, 2]
         if abs(tx - round(tx)) > 1e-9 or abs(ty - round(ty)) > 1e-9:
             return None
         return int(round(ty)), int(round(tx))

@@ -35,22 +35,26 @@ class AlbumentationsBackend(Backend):
             height, width = plans[0].out_hw
             out = np.empty((len(plans), height, width, plans[0].channels), dtype=np.uint8)
             for index, (image, plan) in enumerate(zip(images, plans)):
-                out[index] = self.apply_one(image, plan)
+                self.apply_one(image, plan, out=out[index])
             return torch.from_numpy(out)
         return [torch.from_numpy(self.apply_one(image, plan)) for image, plan in zip(images, plans)]
 
     # --- one image -----------------------------------------------------------------------------------
 
-    def apply_one(self, image: np.ndarray, plan: SamplePlan) -> np.ndarray:
-        """``image``: H×W×C uint8. Returns out_h×out_w×C uint8."""
+    def apply_one(self, image: np.ndarray, plan: SamplePlan, out: np.ndarray | None = None) -> np.ndarray:
+        """``image``: H×W×C uint8. Returns out_h×out_w×C uint8, written into ``out`` when given (a
+        C-contiguous slot of the batch array: the kernels write there directly, no extra copy)."""
         if plan.color is not None and plan.color_first:
             image = apply_color(image, *plan.color)
-        image = self._geometry(image, plan)
-        if plan.color is not None and not plan.color_first:
-            image = apply_color(image, *plan.color)
-        return image
+        colour_after = plan.color is not None and not plan.color_first
+        result = self._geometry(image, plan, None if colour_after else out)
+        if colour_after:
+            result = apply_color(result, *plan.color, out=out)
+        elif out is not None and not np.shares_memory(result, out):
+            out[...] = result
+        return out if out is not None else result
 
-    def _geometry(self, image: np.ndarray, plan: SamplePlan) -> np.ndarray:
+    def _geometry(self, image: np.ndarray, plan: SamplePlan, out: np.ndarray | None) -> np.ndarray:
         out_h, out_w = plan.out_hw
         window = plan.integer_window()
         if window is not None:
@@ -61,19 +65,29 @@ class AlbumentationsBackend(Backend):
         fill = (float(self.fill),) * image.shape[2]
         border = _BORDERS[self.border]
         if plan.inverse is not None:
-            # albumentations' warp_affine takes the forward matrix in OpenCV's pixel-centre convention.
-            forward_cv = np.linalg.inv(G.to_pixel_center_inverse(plan.inverse))
-            out = AF.warp_affine(image, forward_cv, cv2.INTER_LINEAR, fill, border, (out_h, out_w))
+            # The kernel of albumentations' own warp_affine, called directly: it takes our dst→src matrix
+            # as is (WARP_INVERSE_MAP, no inversion) and writes straight into the batch slot.
+            matrix = G.to_pixel_center_inverse(plan.inverse)[:2]
+            result = cv2.warpAffine(image, matrix, (out_w, out_h), dst=_as_2d(out), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=border, borderValue=fill)
         else:
             map_x, map_y = source_map(plan)
-            out = AF.remap(image, map_x - 0.5, map_y - 0.5, cv2.INTER_LINEAR, border, fill)
-        return out if out.ndim == 3 else out[..., None]
+            result = AF.remap(image, map_x - 0.5, map_y - 0.5, cv2.INTER_LINEAR, border, fill)
+        return result if result.ndim == 3 else result[..., None]
 
 
-def apply_color(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """``image`` H×W×C uint8 → ``saturate(round(matrix @ pixel + offset))`` per pixel (0–255 scale)."""
+def _as_2d(out: np.ndarray | None) -> np.ndarray | None:
+    """OpenCV returns H×W for one channel: hand it an H×W view of a grey slot."""
+    if out is not None and out.shape[2] == 1:
+        return out[..., 0]
+    return out
+
+
+def apply_color(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``image`` H×W×C uint8 → ``saturate(round(matrix @ pixel + offset))`` per pixel (0–255 scale),
+    one ``cv2.transform`` pass; written into ``out`` when given."""
     affine = np.concatenate([matrix, offset[:, None]], axis=1).astype(np.float32)
-    channels = image.shape[2]
-    if channels == 1:  # cv2.transform wants the channel axis to match the matrix; grey is a 1×2 matrix
-        return cv2.transform(image, affine)[..., None] if image.ndim == 3 else cv2.transform(image, affine)
-    return cv2.transform(np.ascontiguousarray(image), affine)
+    source = np.ascontiguousarray(image)
+    if image.shape[2] == 1:  # grey: a 1×2 matrix over an H×W image
+        result = cv2.transform(source[..., 0], affine, dst=_as_2d(out))
+        return result[..., None] if result.ndim == 2 else result
+    return cv2.transform(source, affine, dst=out)

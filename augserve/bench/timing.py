@@ -1,0 +1,28 @@
+"""Interleaved timing: every candidate runs once per round, rounds repeat, medians are reported.
+
+Interleaving spreads the noise of a shared machine over all candidates alike, so their ratio holds
+even when absolute figures drift.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved(candidates: dict[str, Callable[[int], int]], rounds: int, warmup: int = 1) -> dict[str, dict]:
+    """``candidates``: name -> function(round) returning the number of images it processed.
+
+    Returns name -> {"images_per_s": median over rounds, "runs": [images/s of each round]}.
+    """
+    for round_index in range(warmup):
+        for run in candidates.values():
+            run(-1 - round_index)
+    rates: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_index in range(rounds):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            count = run(round_index)
+            rates[name].append(count / (time.perf_counter() - start))
+    return {name: {"images_per_s": statistics.median(values), "runs": values} for name, values in rates.items()}

@@ -1,0 +1,227 @@
+"""The ``augserve`` command. Thin: parse → validate → call the library → print.
+
+A mistake a user can make (bad spec, unknown dataset, unwritable path, corrupt image) ends in one line
+on stderr and exit status 2 — never a traceback. ``--json`` prints the result as one JSON object on
+the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from pydantic import ValidationError  # noqa: E402
+
+log = logging.getLogger("augserve")
+
+
+def _dataset_options(pairs: list[str]) -> dict:
+    """``--option key=value`` pairs → dict, numbers parsed as int when they look like one."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"dataset option must look like key=value, got {pair!r}")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
+def _open_source(args):
+    from .sources import open_dataset
+
+    return open_dataset(args.dataset, split=args.split, **_dataset_options(args.option))
+
+
+def _print_result(args, result: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        print(text)
+
+
+# --- subcommands -------------------------------------------------------------------------------------
+
+
+def cmd_preview(args) -> int:
+    import pipelines
+
+    from .preview import render_grid, write_png
+    from .sources import SkipStats
+
+    spec = pipelines.resolve(args.pipeline)
+    source = _open_source(args)
+    stats = SkipStats()
+    grid = render_grid(source, spec, backend=args.backend, rows=args.rows, variants=args.variants, cell=args.cell, seed=args.seed, stats=stats)
+    write_png(args.out, grid)
+    result = {"out": args.out, "pipeline": spec.name, "dataset": source.name, "backend": args.backend, "rows": grid.shape[0] // args.cell, "variants": args.variants, "skipped_corrupt": stats.skipped}
+    _print_result(args, result, f"wrote {args.out}: {result['rows']} images × {args.variants} variants of {spec.name or 'pipeline'} ({args.backend}) on {source.name}" + (f"; skipped {stats.skipped} corrupt file(s)" if stats.skipped else ""))
+    return 0
+
+
+def cmd_fit_pca(args) -> int:
+    import pipelines
+    from pipelines import pca
+
+    from .sources import SkipStats, iter_images
+
+    source = _open_source(args)
+    if source.channels != 3:
+        raise ValueError(f"fit-pca needs an RGB dataset; {source.name} has {source.channels} channel(s)")
+    count = len(source) if args.max_images is None else min(len(source), args.max_images)
+    stats = SkipStats()
+    images = (image for _i, image, _l in _progress(iter_images(source, range(count), on_error=args.on_error, stats=stats), count, "fit-pca"))
+    result = pca.fit(images)
+    payload = {**result.to_dict(), "dataset": source.name, "skipped_corrupt": stats.skipped}
+    lines = [
+        f"RGB PCA of {source.name} ({result.images} images, {result.pixels} pixels, 0–1 scale)" + (f"; skipped {stats.skipped} corrupt file(s)" if stats.skipped else ""),
+        "eigval: " + json.dumps([round(v, 6) for v in result.eigval]),
+        "eigvec (columns): " + json.dumps([[round(v, 6) for v in row] for row in result.eigvec]),
+    ]
+    if args.write:
+        spec = pca.with_fit(pipelines.resolve(args.pipeline), result)
+        try:
+            with open(args.write, "w", encoding="utf-8") as handle:
+                handle.write(f"# pca_color eigen-pairs fitted on {source.name} by `augserve fit-pca`\n")
+                handle.write(spec.to_json() + "\n" if args.write.endswith(".json") else spec.to_yaml())
+        except OSError as exc:
+            raise ValueError(f"cannot write {args.write}: {exc.strerror}") from None
+        payload["written"] = args.write
+        lines.append(f"wrote {args.write}: {spec.name or 'pipeline'} with these eigen-pairs")
+    _print_result(args, payload, "\n".join(lines))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.pipeline_throughput import format_table, run_benchmark
+
+    backends = args.backend or None
+    result = run_benchmark(images=args.images, rounds=args.rounds, threads=args.threads, backends=backends)
+    if args.json:
+        for row in result["rows"]:
+            print(json.dumps({"benchmark": "pipelines", **row}))
+    _print_result(args, result, format_table(result))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from pipelines import PipelineSpec
+
+    print(json.dumps(PipelineSpec.json_schema(), indent=None if args.json else 2))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import pipelines
+
+    spec = pipelines.resolve(args.pipeline)
+    _print_result(args, spec.to_dict(), spec.to_yaml().rstrip())
+    return 0
+
+
+def _progress(iterable, total: int, label: str):
+    """A one-line progress bar on stderr when it is a terminal (quiet in logs and pipes)."""
+    if not sys.stderr.isatty():
+        yield from iterable
+        return
+    width = 30
+    for done, item in enumerate(iterable, start=1):
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        sys.stderr.flush()
+        yield item
+    sys.stderr.write("\n")
+
+
+# --- parser ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import pipelines
+
+    parser = argparse.ArgumentParser(prog="augserve", description="Data-augmentation service for PyTorch.")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="logging verbosity")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    backends = pipelines.BACKENDS.names()
+
+    def dataset_arguments(sub, default=None):
+        sub.add_argument("--dataset", required=default is None, default=default, help="built-in name (digits, shapes, photos), a folder of class sub-folders, or a .npz file")
+        sub.add_argument("--split", default="train", choices=["train", "test"])
+        sub.add_argument("--option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. size=128 for shapes (repeatable)")
+
+    preview = commands.add_parser("preview", help="write a PNG grid of originals and augmented variants")
+    preview.add_argument("--pipeline", required=True, help="preset name or spec file (.yaml/.json)")
+    dataset_arguments(preview)
+    preview.add_argument("--out", required=True, help="PNG file to write")
+    preview.add_argument("--backend", default="albumentations", choices=backends)
+    preview.add_argument("--rows", type=int, default=4, help="number of source images")
+    preview.add_argument("--variants", type=int, default=6, help="augmented variants per image")
+    preview.add_argument("--cell", type=int, default=160, help="tile size in pixels")
+    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--json", action="store_true")
+    preview.set_defaults(func=cmd_preview)
+
+    fit_pca = commands.add_parser("fit-pca", help="fit pca_color eigen-pairs on a dataset (one streaming pass)")
+    dataset_arguments(fit_pca)
+    fit_pca.add_argument("--max-images", type=int, default=None, help="use at most this many images")
+    fit_pca.add_argument("--pipeline", default="alexnet", help="spec to write the eigen-pairs into (with --write)")
+    fit_pca.add_argument("--write", metavar="FILE", help="write the --pipeline spec with the fitted eigen-pairs to FILE (.yaml or .json)")
+    fit_pca.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="corrupt images: skip and count, or stop")
+    fit_pca.add_argument("--json", action="store_true")
+    fit_pca.set_defaults(func=cmd_fit_pca)
+
+    bench = commands.add_parser("bench", help="benchmarks (ours and the baseline side by side)")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    bench_pipelines = bench_kinds.add_parser("pipelines", help="images/s per core: our backends vs an ordinary albumentations Compose")
+    bench_pipelines.add_argument("--images", type=int, default=64, help="batch size (256² inputs)")
+    bench_pipelines.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    bench_pipelines.add_argument("--threads", type=int, default=1, help="threads per process (1 = per core)")
+    bench_pipelines.add_argument("--backend", action="append", choices=backends, help="only these backends (repeatable)")
+    bench_pipelines.add_argument("--json", action="store_true")
+    bench_pipelines.set_defaults(func=cmd_bench)
+
+    schema = commands.add_parser("schema", help="print the JSON schema of a pipeline spec")
+    schema.add_argument("--json", action="store_true", help="compact, on one line")
+    schema.set_defaults(func=cmd_schema)
+
+    validate = commands.add_parser("validate", help="validate a pipeline spec and print it with defaults filled in")
+    validate.add_argument("pipeline", help="preset name or spec file")
+    validate.add_argument("--json", action="store_true")
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def _positive(args) -> None:
+    for name in ("rows", "variants", "cell", "images", "rounds", "threads", "max_images"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from pipelines import format_validation_error
+
+    from .sources import CorruptImageError
+
+    try:
+        _positive(args)
+        return args.func(args)
+    except ValidationError as exc:
+        print(f"augserve: error: {format_validation_error(exc)}", file=sys.stderr)
+    except (ValueError, TypeError, CorruptImageError, FileNotFoundError) as exc:
+        print(f"augserve: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("augserve: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""Unit tests for augserve.sources: built-in datasets, ImageFolder, .npz, corrupt-file handling."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from augserve.sources import (
+    CorruptImageError,
+    ImageFolder,
+    SkipStats,
+    Source,
+    builtin_names,
+    iter_images,
+    open_dataset,
+    register_builtin,
+)
+
+
+def assert_image(image: np.ndarray, channels: int) -> None:
+    assert isinstance(image, np.ndarray)
+    assert image.dtype == np.uint8
+    assert image.ndim == 3 and image.shape[2] == channels
+    assert image.flags.c_contiguous
+
+
+# --------------------------------------------------------------------------- registry
+
+def test_builtin_names():
+    assert builtin_names() == ["digits", "photos", "shapes"]
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="'digits' is already registered"):
+        register_builtin("digits")(lambda split="train": None)
+    assert builtin_names() == ["digits", "photos", "shapes"]
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_every_builtin_honours_the_source_contract(name):
+    src = open_dataset(name)
+    assert isinstance(src, Source)
+    info = src.describe()
+    assert info["name"] == name and info["split"] == "train"
+    assert info["size"] == len(src) == len(src.labels) > 0
+    assert info["num_classes"] == len(src.classes)
+    assert src.labels.dtype == np.int64
+    assert 0 <= src.labels.min() and src.labels.max() < len(src.classes)
+    for i in (0, len(src) - 1):
+        image = src.load(i)
+        assert_image(image, info["channels"])
+        if info["image_size"] is not None:
+            assert image.shape[:2] == tuple(info["image_size"])
+    # The caller owns the returned array: writing to it must not change the dataset.
+    image = src.load(0)
+    before = image.copy()
+    image[...] = 7
+    np.testing.assert_array_equal(src.load(0), before)
+    # Workers re-open a source from (name, split, options); pickling follows the same path.
+    again = pickle.loads(pickle.dumps(src))
+    assert type(again) is type(src) and again.options == src.options
+    np.testing.assert_array_equal(again.load(0), before)
+
+
+def test_load_index_validation():
+    src = open_dataset("shapes", n=10)
+    with pytest.raises(IndexError, match="10"):
+        src.load(10)
+    with pytest.raises(IndexError, match="-1"):
+        src.load(-1)
+    with pytest.raises(TypeError, match="1.5"):
+        src.load(1.5)
+    assert_image(src.load(np.int64(3)), 3)
+
+
+# --------------------------------------------------------------------------- digits
+
+def test_digits_sizes_and_split():
+    train, test = open_dataset("digits", split="train"), open_dataset("digits", split="test")
+    assert len(train) + len(test) == 1797
+    assert train.classes == test.classes == [str(d) for d in range(10)]
+    assert train.describe()["image_size"] == (32, 32) and train.channels == 1
+    assert not set(train.indices.tolist()) & set(test.indices.tolist())
+    assert sorted(train.indices.tolist() + test.indices.tolist()) == list(range(1797))
+    # Stratified 20 % per class: counts straight from scikit-learn's labels.
+    from sklearn.datasets import load_digits
+
+    counts = np.bincount(load_digits().target, minlength=10)
+    np.testing.assert_array_equal(np.bincount(test.labels, minlength=10), np.rint(0.2 * counts))
+    image = train.load(0)
+    assert image.shape == (32, 32, 1) and image.dtype == np.uint8
+    assert image.min() == 0 and image.max() > 200  # 0..16 scaled to the full 0..255 range
+
+
+def test_digits_split_is_fixed():
+    # The split must never change between runs, machines or library versions: pin it.
+    test = open_dataset("digits", split="test")
+    digest = hashlib.sha256(",".join(map(str, test.indices.tolist())).encode()).hexdigest()
+    assert digest == "bc5e78140d93267e2f8735bf33ad6ae935f9909cc0ecc9f8178acddb1dd59048"
+    other = open_dataset("digits", split="test")
+    np.testing.assert_array_equal(other.labels, test.labels)
+    for i in (0, 100, len(test) - 1):
+        assert other.load(i).tobytes() == test.load(i).tobytes()
+
+
+def test_digits_takes_no_options():
+    with pytest.raises(TypeError, match="does not accept option"):
+        open_dataset("digits", size=28)
+
+
+# --------------------------------------------------------------------------- shapes
+
+def test_shapes_is_deterministic():
+    a, b = open_dataset("shapes", seed=1), open_dataset("shapes", seed=1)
+    for i in (0, 5, 1999):
+        assert a.load(i).tobytes() == b.load(i).tobytes()
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_shapes_differ_by_seed_split_and_index():
+    a = open_dataset("shapes", seed=1)
+    assert a.load(0).tobytes() != open_dataset("shapes", seed=2).load(0).tobytes()
+    assert a.load(0).tobytes() != open_dataset("shapes", split="test", seed=1).load(0).tobytes()
+    assert a.load(0).tobytes() != a.load(1).tobytes()
+
+
+def test_shapes_labels_and_options():
+    train = open_dataset("shapes", size=32, n=600, seed=0)
+    assert len(train) == 600 and train.describe()["image_size"] == (32, 32)
+    assert_image(train.load(599), 3)
+    assert train.load(0).shape == (32, 32, 3)
+    counts = np.bincount(train.labels, minlength=len(train.classes))
+    assert len(train.classes) == 6 and (counts == 100).all()  # balanced, every class present
+    assert len(open_dataset("shapes", split="test")) == 500
+    assert len(open_dataset("shapes")) == 2000
+    # Image (and label) i depends on (seed, split, i, size), not on n.
+    small = open_dataset("shapes", size=32, n=10, seed=0)
+    np.testing.assert_array_equal(small.labels, train.labels[:10])
+    assert small.load(9).tobytes() == train.load(9).tobytes()
+
+
+@pytest.mark.parametrize(
+    "options, error, word",
+    [
+        ({"size": 8}, ValueError, "size"),
+        ({"size": "64"}, TypeError, "size"),
+        ({"n": 0}, ValueError, "n"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"colour": 1}, TypeError, "colour"),
+    ],
+)
+def test_shapes_option_errors(options, error, word):
+    with pytest.raises(error, match=word):
+        open_dataset("shapes", **options)
+
+
+# --------------------------------------------------------------------------- photos
+
+def test_photos():
+    src = open_dataset("photos")
+    assert src.classes[:3] == ["astronaut", "chelsea", "coffee"]
+    assert "cat" not in src.classes  # same pixels as chelsea
+    np.testing.assert_array_equal(src.labels, np.arange(len(src)))
+    assert src.describe()["image_size"] is None
+    for i in range(len(src)):
+        assert_image(src.load(i), 3)
+    assert src.load(0).shape == (512, 512, 3)
+    with pytest.raises(ValueError, match="no 'test' split"):
+        open_dataset("photos", split="test")
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+def write(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, encoded = cv2.imencode(path.suffix if path.suffix.lower() != ".jpeg" else ".jpg", image)
+    assert ok
+    encoded.tofile(path)  # tofile, not imwrite: works for any characters in the path
+    return path
+
+
+def solid(bgr, h=12, w=16) -> np.ndarray:
+    return np.full((h, w, 3), bgr, dtype=np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write(root / "zebra" / "z1.png", solid((0, 0, 255)))  # red in BGR
+    write(root / "zebra" / "nested" / "z2.JPG", solid((0, 255, 0)))
+    write(root / "ant" / "a1.jpeg", solid((255, 0, 0)))
+    write(root / "ant" / "grey.png", np.full((12, 16), 90, np.uint8))
+    write(root / "moose" / "m1.bmp", solid((10, 20, 30)))
+    write(root / "moose" / "élan ü.png", solid((40, 50, 60)))
+    (root / "moose" / "notes.txt").write_text("not an image")
+    write(root / "moose" / ".hidden.png", solid((1, 1, 1)))
+    return root
+
+
+def test_image_folder_labels_and_decoding(folder: Path):
+    src = open_dataset(folder)
+    assert isinstance(src, ImageFolder)
+    assert src.classes == ["ant", "moose", "zebra"]
+    assert len(src) == 6
+    names = [Path(p).name for p in src.paths]
+    assert names == ["a1.jpeg", "grey.png", "m1.bmp", "élan ü.png", "z2.JPG", "z1.png"]
+    np.testing.assert_array_equal(src.labels, [0, 0, 1, 1, 2, 2])
+    for i in range(len(src)):
+        assert_image(src.load(i), 3)
+    assert src.load(5)[0, 0].tolist() == [255, 0, 0]  # BGR file -> RGB array
+    assert src.load(1)[0, 0].tolist() == [90, 90, 90]  # grey file -> 3 equal channels
+    assert src.load(2).shape == (12, 16, 3)
+    assert src.describe() == {
+        "name": str(folder), "split": "train", "size": 6, "num_classes": 3, "channels": 3, "image_size": None,
+    }
+    grey = open_dataset(str(folder), channels=1)
+    assert_image(grey.load(1), 1)
+    assert grey.load(1)[0, 0, 0] == 90
+    again = pickle.loads(pickle.dumps(grey))
+    assert again.options == {"channels": 1} and again.paths == grey.paths
+
+
+def test_image_folder_split_layout(tmp_path: Path):
+    write(tmp_path / "train" / "b" / "1.png", solid((0, 0, 0)))
+    write(tmp_path / "train" / "a" / "1.png", solid((0, 0, 0)))
+    write(tmp_path / "val" / "b" / "2.png", solid((0, 0, 0)))
+    train, test = open_dataset(tmp_path), open_dataset(tmp_path, split="test")
+    assert train.classes == test.classes == ["a", "b"]
+    assert len(train) == 2 and len(test) == 1
+    np.testing.assert_array_equal(test.labels, [1])  # "b" keeps the id it has in train/
+    write(tmp_path / "val" / "c" / "3.png", solid((0, 0, 0)))
+    with pytest.raises(ValueError, match="missing from"):
+        open_dataset(tmp_path, split="test")
+
+
+def test_image_folder_errors(tmp_path: Path, folder: Path):
+    with pytest.raises(ValueError, match="has no 'test' split"):
+        open_dataset(folder, split="test")
+    with pytest.raises(ValueError, match="split must be one of"):
+        open_dataset(folder, split="val")
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        open_dataset(folder, channels=4)
+    missing = tmp_path / "missing"
+    with pytest.raises(ValueError, match="does not exist"):
+        ImageFolder(missing)
+    with pytest.raises(ValueError, match="no such file or folder"):
+        open_dataset(str(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"{empty}.*no class sub-folders"):
+        open_dataset(empty)
+    (empty / "cls").mkdir()
+    (empty / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="contains no"):
+        open_dataset(empty)
+
+
+@pytest.fixture
+def corrupt_folder(tmp_path: Path) -> tuple[Path, list[str]]:
+    root = tmp_path / "bad"
+    rng = np.random.default_rng(0)
+    good = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
+    write(root / "a" / "0_good.jpg", good)
+    (root / "a" / "1_random.jpg").write_bytes(rng.integers(0, 256, 600, dtype=np.uint8).tobytes())
+    write(root / "a" / "2_good.png", good)
+    jpeg = cv2.imencode(".jpg", good)[1].tobytes()
+    (root / "b" / "3_half.jpg").parent.mkdir(parents=True)
+    (root / "b" / "3_half.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    # Only the end-of-image marker missing: some libjpeg builds decode this without an error.
+    (root / "b" / "4_no_eoi.jpg").write_bytes(jpeg[:-2])
+    (root / "b" / "5_empty.png").write_bytes(b"")
+    png = cv2.imencode(".png", good)[1].tobytes()
+    (root / "b" / "6_cut.png").write_bytes(png[: len(png) - 20])
+    write(root / "b" / "7_good.bmp", good)
+    bad = [str(root / "a" / "1_random.jpg")] + [str(root / "b" / n) for n in ("3_half.jpg", "4_no_eoi.jpg", "5_empty.png", "6_cut.png")]
+    return root, bad
+
+
+def test_corrupt_files_raise_naming_the_path(corrupt_folder):
+    root, bad = corrupt_folder
+    src = open_dataset(root)
+    assert len(src) == 8  # listing never decodes
+    for i, path in enumerate(src.paths):
+        if path in bad:
+            with pytest.raises(CorruptImageError) as info:
+                src.load(i)
+            assert info.value.path == path
+            assert str(info.value).startswith(f"corrupt or unreadable image: {path} (")
+            assert isinstance(info.value, ValueError)
+        else:
+            assert_image(src.load(i), 3)
+
+
+def test_iter_images_skip_counts_and_logs(corrupt_folder, caplog):
+    root, bad = corrupt_folder
+    src = open_dataset(root)
+    stats = SkipStats()
+    with caplog.at_level(logging.WARNING, logger="augserve.sources"):
+        items = list(iter_images(src, range(len(src)), on_error="skip", stats=stats))
+    assert [i for i, _, _ in items] == [0, 2, 7]
+    assert [label for _, _, label in items] == [0, 0, 1]
+    for _, image, _ in items:
+        assert_image(image, 3)
+    assert stats.skipped == 5 and stats.paths == bad
+    for path in bad:
+        assert any(path in record.getMessage() for record in caplog.records)
+    # Without stats it still skips; with a cap the count stays exact.
+    assert len(list(iter_images(src))) == 3
+    capped = SkipStats(max_paths=2)
+    list(iter_images(src, stats=capped))
+    assert capped.skipped == 5 and capped.paths == bad[:2]
+
+
+def test_iter_images_raise(corrupt_folder):
+    root, bad = corrupt_folder
+    src = open_dataset(root)
+    items = iter_images(src, [0, 1, 2], on_error="raise")
+    assert next(items)[0] == 0
+    with pytest.raises(CorruptImageError) as info:
+        next(items)
+    assert info.value.path == bad[0]
+
+
+def test_iter_images_argument_errors():
+    src = open_dataset("shapes", n=6)
+    with pytest.raises(ValueError, match="on_error"):
+        iter_images(src, on_error="ignore")  # raised at call time, not on first next()
+    with pytest.raises(TypeError, match="stats"):
+        iter_images(src, stats={})
+    assert [i for i, _, _ in iter_images(src, [4, 1])] == [4, 1]
+    assert [label for _, _, label in iter_images(src)] == src.labels.tolist()
+
+
+def test_corrupt_image_error_pickles():
+    err = pickle.loads(pickle.dumps(CorruptImageError("/x/y.jpg", "bad header")))
+    assert err.path == "/x/y.jpg" and str(err) == "corrupt or unreadable image: /x/y.jpg (bad header)"
+
+
+# --------------------------------------------------------------------------- .npz
+
+def test_npz_round_trip(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    labels = np.array([0, 2, 1, 2, 0], dtype=np.int32)
+    path = tmp_path / "set.npz"
+    np.savez(path, images=images, labels=labels)
+    src = open_dataset(path)
+    assert len(src) == 5 and src.classes == ["0", "1", "2"]
+    assert src.labels.dtype == np.int64 and src.labels.tolist() == labels.tolist()
+    assert src.describe() == {
+        "name": str(path), "split": "train", "size": 5, "num_classes": 3, "channels": 3, "image_size": (6, 7),
+    }
+    for i in range(5):
+        assert_image(src.load(i), 3)
+        np.testing.assert_array_equal(src.load(i), images[i])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(src)).load(4), images[4])
+    with pytest.raises(ValueError, match="no 'test' split"):
+        open_dataset(path, split="test")
+
+
+def test_npz_grey_test_split_and_classes(tmp_path: Path):
+    path = tmp_path / "grey.npz"
+    grey = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    np.savez_compressed(
+        path, images=grey, labels=np.array([0, 1, 0, 1]), images_test=grey[:2], labels_test=np.array([1, 1]),
+        classes=np.array(["no", "yes"]),
+    )
+    train, test = open_dataset(str(path)), open_dataset(str(path), split="test")
+    assert train.classes == test.classes == ["no", "yes"]
+    assert train.channels == 1 and train.load(3).shape == (5, 6, 1)
+    np.testing.assert_array_equal(train.load(3)[..., 0], grey[3])
+    assert len(test) == 2 and test.labels.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"images": np.zeros((2, 4, 4, 3), np.float32), "labels": [0, 1]}, "'images' must have dtype uint8"),
+        ({"images": np.zeros((2, 4, 4, 2), np.uint8), "labels": [0, 1]}, "'images' must have shape"),
+        ({"images": np.zeros((2, 4), np.uint8), "labels": [0, 1]}, "'images' must have shape"),
+        ({"images": np.zeros((0, 4, 4), np.uint8), "labels": np.zeros(0, int)}, "'images' is empty"),
+        ({"images": np.zeros((2, 4, 4), np.uint8), "labels": [0, 1, 1]}, "'labels' must have shape \\(2,\\)"),
+        ({"images": np.zeros((2, 4, 4), np.uint8), "labels": [0.0, 1.0]}, "'labels' must have an integer dtype"),
+        ({"images": np.zeros((2, 4, 4), np.uint8), "labels": [0, -1]}, "'labels' has negative label"),
+        ({"images": np.zeros((2, 4, 4), np.uint8)}, "missing field 'labels'"),
+        ({"images": np.zeros((2, 4, 4), np.uint8), "labels": [0, 3], "classes": ["a", "b"]}, "'classes' has 2 names"),
+        (
+            {"images": np.zeros((2, 4, 4), np.uint8), "labels": [0, 1],
+             "images_test": np.zeros((1, 4, 4), np.int16), "labels_test": [0]},
+            "'images_test' must have dtype uint8",
+        ),
+    ],
+)
+def test_npz_validation_errors(tmp_path: Path, arrays, match):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    with pytest.raises(ValueError, match=match) as info:
+        open_dataset(path)
+    assert str(path) in str(info.value)
+
+
+def test_npz_unreadable(tmp_path: Path):
+    path = tmp_path / "junk.npz"
+    path.write_bytes(b"this is not a zip archive")
+    with pytest.raises(ValueError, match=f"cannot read .npz file {path}"):
+        open_dataset(path)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, images=np.zeros((1, 2, 2), np.uint8), labels=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match=f"{objects}: cannot read field 'labels'"):
+        open_dataset(objects)
+
+
+# --------------------------------------------------------------------------- open_dataset
+
+def test_unknown_dataset_message(tmp_path: Path):
+    with pytest.raises(ValueError) as info:
+        open_dataset("imagenet")
+    assert str(info.value) == (
+        "unknown dataset 'imagenet': expected one of digits, photos, shapes, "
+        "a folder of class sub-folders, or a .npz file"
+    )
+    other = tmp_path / "file.txt"
+    other.write_text("x")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        open_dataset(other)
+    with pytest.raises(TypeError, match="name or a path"):
+        open_dataset(3)
+    with pytest.raises(ValueError, match="split must be one of train, test, got 'validation'"):
+        open_dataset("digits", split="validation")
+
+
+def test_complete_files_with_trailing_bytes_still_decode(tmp_path: Path):
+    # The truncation check must not reject complete files that carry data after their end marker.
+    image = solid((0, 0, 255))
+    for suffix in (".jpg", ".png"):
+        path = tmp_path / "cls" / f"trailing{suffix}"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(cv2.imencode(suffix, image)[1].tobytes() + b"\x00" * 100)
+    src = open_dataset(tmp_path)
+    for i in range(len(src)):
+        assert_image(src.load(i), 3)
