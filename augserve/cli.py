@@ -108,6 +108,65 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .config import load_config, parse_dataset_pairs
+    from .daemon import Daemon
+
+    overrides = {
+        "bind": args.bind,
+        "workers": args.workers,
+        "backend": args.backend,
+        "device": args.device,
+        "datasets": parse_dataset_pairs(args.dataset) if args.dataset else None,
+        "threads_per_worker": args.threads,
+        "log_level": args.log_level if args.log_level != "warning" else None,
+    }
+    config = load_config(args.config, overrides)
+    logging.getLogger().setLevel(config.log_level.upper())
+    import cv2
+
+    cv2.setNumThreads(0)  # before starting workers: children must not inherit an OpenCV thread pool
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    address = daemon.start()
+    print(f"augserve: serving on {address} with {config.workers} {config.backend} worker(s) on {config.device}; Ctrl-C stops", file=sys.stderr, flush=True)
+    daemon.serve()
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from .config import check_address
+    from .worker import WorkerOptions, run_worker
+
+    check_address(args.connect, "--connect")
+    options = WorkerOptions(
+        connect=args.connect,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_liveness=args.heartbeat_liveness,
+        capacity=args.capacity,
+        name=args.name,
+        exit_with_parent=args.local,
+    )
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return run_worker(options)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_status(args) -> int:
+    from .status import fetch_status, format_status
+
+    status = fetch_status(args.address, timeout=args.timeout)
+    _print_result(args, status, format_status(status))
+    return 0
+
+
 def cmd_schema(args) -> int:
     from pipelines import PipelineSpec
 
@@ -184,6 +243,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pipelines.add_argument("--json", action="store_true")
     bench_pipelines.set_defaults(func=cmd_bench)
 
+    serve = commands.add_parser("serve", help="run the daemon and its worker processes")
+    serve.add_argument("--config", help="daemon.yaml; every field can also come from AUGSERVE_<FIELD> or a flag")
+    serve.add_argument("--bind", help="control address (default tcp://127.0.0.1:5555; ipc://PATH accepted)")
+    serve.add_argument("--workers", type=int, help="local worker processes (default 2)")
+    serve.add_argument("--backend", choices=backends, help="augmentation backend (default albumentations)")
+    serve.add_argument("--device", help="cpu or cuda:K (default cpu)")
+    serve.add_argument("--dataset", action="append", metavar="NAME=PATH", help="serve a folder or .npz file under NAME (repeatable)")
+    serve.add_argument("--threads", type=int, help="threads per worker process (default 1)")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run one worker that joins a daemon (possibly on another machine)")
+    worker.add_argument("--connect", required=True, help="the daemon's address, e.g. tcp://HOST:5555")
+    worker.add_argument("--backend", default="albumentations", choices=backends)
+    worker.add_argument("--device", default="cpu")
+    worker.add_argument("--threads", type=int, default=1)
+    worker.add_argument("--capacity", type=int, default=2, help="tasks held at once (one runs, the rest wait)")
+    worker.add_argument("--heartbeat-interval", type=float, default=1.0)
+    worker.add_argument("--heartbeat-liveness", type=int, default=5)
+    worker.add_argument("--name", help="worker id (default host-pid-random)")
+    worker.add_argument("--local", action="store_true", help=argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
+
+    status = commands.add_parser("status", help="live streams and workers of a daemon")
+    status.add_argument("--address", default="tcp://127.0.0.1:5555")
+    status.add_argument("--timeout", type=float, default=5.0)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
     schema = commands.add_parser("schema", help="print the JSON schema of a pipeline spec")
     schema.add_argument("--json", action="store_true", help="compact, on one line")
     schema.set_defaults(func=cmd_schema)
@@ -196,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive(args) -> None:
-    for name in ("rows", "variants", "cell", "images", "rounds", "threads", "max_images"):
+    for name in ("rows", "variants", "cell", "images", "rounds", "threads", "max_images", "capacity"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -215,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValidationError as exc:
         print(f"augserve: error: {format_validation_error(exc)}", file=sys.stderr)
-    except (ValueError, TypeError, CorruptImageError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, CorruptImageError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
         print(f"augserve: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("augserve: interrupted", file=sys.stderr)

@@ -1,0 +1,55 @@
+"""``augserve status``: ask a daemon for its live state and print it."""
+
+from __future__ import annotations
+
+import zmq
+
+from . import protocol as P
+from .config import check_address
+
+
+def fetch_status(address: str, timeout: float = 5.0) -> dict:
+    """The daemon's status dict; ConnectionError when nothing answers within ``timeout`` seconds."""
+    check_address(address, "daemon address")
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send_multipart(P.encode("status", {}))
+        if not sock.poll(timeout=int(timeout * 1000)):
+            raise ConnectionError(f"no augserve daemon answered at {address} within {timeout:g} s")
+        reply = P.decode(sock.recv_multipart(), {"status_reply", "error"})
+        if reply.type == "error":
+            raise ConnectionError(f"daemon at {address} refused the status request: {reply.get('message')}")
+        return reply.require("status")[0]
+    except P.ProtocolError as exc:
+        raise ConnectionError(f"the peer at {address} is not a compatible augserve daemon: {exc}") from None
+    finally:
+        sock.close(linger=0)
+        context.term()
+
+
+def format_status(status: dict) -> str:
+    lines = [
+        f"daemon {status['address']} — up {status['uptime_s']:.0f} s, {status['backend']} on {status['device']}, "
+        f"protocol v{status['protocol']}, worker restarts {status['worker_restarts']}, corrupt files skipped {status['skipped_corrupt']}",
+        f"queue: {status['queue']['tasks_in_flight']} task(s) in flight, {status['queue']['waiting_reissue']} waiting for re-issue",
+        "",
+        "streams:" if status["streams"] else "streams: none",
+    ]
+    for s in status["streams"]:
+        ms = s["stage_ms"]
+        lines.append(
+            f"  {s['stream']}  {s['dataset']}/{s['split']} · {s['pipeline']} v{s['pipeline_version']} · batch {s['batch_size']} · rank {s['rank']}/{s['world_size']}"
+            f" · epoch {s['epoch'] + 1}/{s['epochs']} · acked {s['acked']} · in flight {s['in_flight']}/{s['credits']} credits"
+            f" · {s['images_per_s']:.0f} img/s · load {ms['load']:.1f} / augment {ms['augment']:.1f} / send {ms['send']:.1f} ms per batch"
+        )
+    lines.append("workers:" if status["workers"] else "workers: none")
+    for w in status["workers"]:
+        ms = w["stage_ms"]
+        lines.append(
+            f"  {w['worker']}  pid {w['pid']} on {w['host']} · {w['backend']}/{w['device']} · busy {w['busy']}/{w['capacity']} · {w['batches']} batches"
+            f" · {w['images_per_s']:.0f} img/s · load {ms['load']:.1f} / augment {ms['augment']:.1f} / send {ms['send']:.1f} ms"
+        )
+    return "\n".join(lines)
