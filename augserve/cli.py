@@ -108,6 +108,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_e2e(args) -> int:
+    from .bench.e2e import format_table, run_e2e
+
+    progress = (lambda text: print(text, file=sys.stderr, flush=True)) if not args.json else None
+    result = run_e2e(workers=args.workers, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, progress=progress)
+    _print_result(args, result, format_table(result))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .config import load_config, parse_dataset_pairs
     from .daemon import Daemon
@@ -271,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
+    bench_e2e = bench_kinds.add_parser("e2e", help="images/s delivered to a trainer process: augserve vs torch DataLoader")
+    bench_e2e.add_argument("--workers", type=int, default=2, help="worker processes on both sides")
+    bench_e2e.add_argument("--batch-size", type=int, default=64)
+    bench_e2e.add_argument("--batches", type=int, default=30, help="timed batches per run (after 3 warm-up batches)")
+    bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating runs per loader; medians are reported")
+    bench_e2e.add_argument("--json", action="store_true")
+    bench_e2e.set_defaults(func=cmd_bench_e2e)
+
     schema = commands.add_parser("schema", help="print the JSON schema of a pipeline spec")
     schema.add_argument("--json", action="store_true", help="compact, on one line")
     schema.set_defaults(func=cmd_schema)
@@ -283,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive(args) -> None:
-    for name in ("rows", "variants", "cell", "images", "rounds", "threads", "max_images", "capacity"):
+    if args.command == "serve" and args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    for name in ("rows", "variants", "cell", "images", "rounds", "threads", "max_images", "capacity", "workers", "batch_size", "batches"):
+        if args.command == "serve":
+            break  # serve's settings are validated by its config schema (0 local workers is valid)
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

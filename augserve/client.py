@@ -24,6 +24,8 @@ from typing import Any, Iterator
 import torch
 import zmq
 
+from pipelines.normalize import normalize_images
+
 from . import protocol as P
 from .config import check_address
 
@@ -268,10 +270,13 @@ class Stream(torch.utils.data.IterableDataset):
             log.warning("dropping a malformed batch: %s", exc)
             return None
         images = tensors["images"]
-        if self.pin_memory and images.numel():
+        if self.pin_memory and images.numel() and torch.cuda.is_available():
             images = images.pin_memory()  # the one copy: frame -> pinned host memory
         if self.device.type == "cuda":
             images = images.to(self.device, non_blocking=True)
+        if self._normalize is not None and images.numel():
+            # Here, on the I/O thread, so it overlaps the training step (torch releases the GIL).
+            images = normalize_images(images, self._normalize)
         return Batch(images, tensors["labels"], tensors["sample_ids"], int(message.get("epoch")), int(message.get("index")), int(message.get("pipeline_version", 1)), list(message.get("skipped", [])))
 
     # --- the consumer side -----------------------------------------------------------------------------
@@ -296,10 +301,6 @@ class Stream(torch.utils.data.IterableDataset):
         if batch.epoch != self._epoch:
             self._epoch, self._consumed = batch.epoch, set()
         self._consumed.add(batch.index)
-        if self._normalize is not None and batch.images.numel():
-            from pipelines.normalize import normalize_images
-
-            batch.images = normalize_images(batch.images, self._normalize)
         return batch
 
     def state_dict(self) -> dict:

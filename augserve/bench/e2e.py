@@ -1,0 +1,140 @@
+"""``augserve bench e2e``: images/s delivered to a trainer process — augserve vs a torch DataLoader.
+
+Both sides get the same number of worker processes, the same source (an ``.npz`` of RGB 256×256
+``shapes`` images, decoded arrays) and the same pipeline (the ``alexnet`` preset: resize 256, random
+224 crop, mirror, PCA lighting, normalize to float32 NCHW). The trainer is a separate process that only
+touches each batch. The baseline is ``DataLoader(num_workers=N)`` over a Dataset applying the
+equivalent ``albumentations.Compose`` to each image; ours is ``augserve serve --workers N`` and
+``augserve.connect`` (workers ship uint8, the trainer's client normalizes). Runs alternate between
+the two so machine noise hits both alike; medians are reported with their ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from ..status import fetch_status
+
+
+def write_source(path: str, count: int, size: int = 256) -> None:
+    """An ``.npz`` source of ``count`` RGB ``size``² shapes images (uint8) with their labels."""
+    from augserve.sources import open_dataset
+
+    source = open_dataset("shapes", size=size, n=count)
+    images = np.stack([source.load(i) for i in range(count)])
+    np.savez(path, images=images, labels=source.labels)
+
+
+def _run_trainer(mode: str, args: list[str], timeout: float) -> dict:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "augserve.bench.e2e_trainer", mode, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} trainer failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_e2e(workers: int = 2, batch_size: int = 64, batches: int = 30, rounds: int = 3, images: int = 512, progress=None) -> dict:
+    """Measure and return the result dict (see :func:`format_table`)."""
+    with tempfile.TemporaryDirectory(prefix="augserve-bench-") as folder:
+        source = os.path.join(folder, "shapes256.npz")
+        write_source(source, images)
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "augserve", "serve", "--bind", address, "--workers", str(workers), "--dataset", f"bench={source}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        try:
+            _wait_for_workers(address, workers, daemon)
+            common = ["--batch-size", str(batch_size), "--batches", str(batches)]
+            runs: dict[str, list[dict]] = {"augserve": [], "dataloader": []}
+            for round_index in range(rounds):
+                runs["augserve"].append(_run_trainer("augserve", [*common, "--address", address, "--seed", str(round_index)], timeout=600))
+                if progress:
+                    progress(f"round {round_index + 1}/{rounds}: augserve {runs['augserve'][-1]['images_per_s']:.0f} img/s")
+                runs["dataloader"].append(_run_trainer("dataloader", [*common, "--source", source, "--workers", str(workers)], timeout=600))
+                if progress:
+                    progress(f"round {round_index + 1}/{rounds}: DataLoader {runs['dataloader'][-1]['images_per_s']:.0f} img/s")
+            status = fetch_status(address)
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+    ours = statistics.median(r["images_per_s"] for r in runs["augserve"])
+    baseline = statistics.median(r["images_per_s"] for r in runs["dataloader"])
+    stage = _stage_share(status)
+    return {
+        "benchmark": "e2e",
+        "workers": workers,
+        "batch_size": batch_size,
+        "batches_timed": batches,
+        "rounds": rounds,
+        "pipeline": "alexnet (256² uint8 → 224² float32 NCHW)",
+        "augserve_images_per_s": round(ours, 1),
+        "dataloader_images_per_s": round(baseline, 1),
+        "ratio": round(ours / baseline, 2),
+        "target_ratio": 1.3,
+        "augserve_first_batch_s": round(statistics.median(r["first_batch_s"] for r in runs["augserve"]), 3),
+        "dataloader_first_batch_s": round(statistics.median(r["first_batch_s"] for r in runs["dataloader"]), 3),
+        "worker_stage_share": stage,
+        "runs": runs,
+    }
+
+
+def _stage_share(status: dict) -> dict:
+    """Share of worker time per stage (load / augment / send), averaged over the workers."""
+    totals = {"load": 0.0, "augment": 0.0, "send": 0.0}
+    for worker in status["workers"]:
+        for key in totals:
+            totals[key] += worker["stage_ms"][key] * max(worker["batches"], 0)
+    whole = sum(totals.values()) or 1.0
+    return {key: round(value / whole, 3) for key, value in totals.items()}
+
+
+def _wait_for_workers(address: str, workers: int, daemon: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited: {daemon.stderr.read().decode()[-2000:]}")
+        try:
+            if len(fetch_status(address, timeout=1.0)["workers"]) >= workers:
+                return
+        except ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{workers} worker(s) did not join within {timeout:.0f} s")
+
+
+def format_table(result: dict) -> str:
+    share = result["worker_stage_share"]
+    return "\n".join(
+        [
+            f"end-to-end benchmark — {result['workers']} worker process(es), batch {result['batch_size']}, {result['pipeline']}, median of {result['rounds']} alternating runs of {result['batches_timed']} batches",
+            "",
+            "| loader | images/s to the trainer | first batch after attach/start |",
+            "|---|---:|---:|",
+            f"| augserve (daemon + connect) | {result['augserve_images_per_s']:.0f} | {result['augserve_first_batch_s'] * 1000:.0f} ms |",
+            f"| torch DataLoader + albumentations | {result['dataloader_images_per_s']:.0f} | {result['dataloader_first_batch_s'] * 1000:.0f} ms |",
+            "",
+            f"ratio: {result['ratio']:.2f}× (target ≥ {result['target_ratio']}×)",
+            f"worker time by stage: load {share['load']:.0%}, augment {share['augment']:.0%}, send (transport) {share['send']:.0%}",
+        ]
+    )

@@ -1,0 +1,118 @@
+"""The trainer process of ``augserve bench e2e``: consumes batches, touches each, prints one JSON line.
+
+``python -m augserve.bench.e2e_trainer augserve --address A ...`` or ``... dataloader --source S ...``.
+Timing starts after a few warm-up batches; "first batch" is measured from attach / DataLoader creation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import cv2
+import numpy as np
+import torch
+
+WARMUP = 3
+
+
+class CompatDataset(torch.utils.data.Dataset):
+    """The ``alexnet`` preset the ordinary way: an albumentations Compose per image, plus the AlexNet
+    PCA offset as a numpy float add, then normalize and HWC→CHW."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.images = None
+
+    def __len__(self) -> int:
+        with np.load(self.source) as data:
+            return len(data["labels"])
+
+    def _load(self):
+        if self.images is None:
+            import albumentations as A
+
+            from pipelines.spec import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
+
+            with np.load(self.source) as data:
+                self.images, self.labels = data["images"], data["labels"]
+            self.compose = A.Compose([A.SmallestMaxSize(max_size=256), A.RandomCrop(224, 224), A.HorizontalFlip(p=0.5)])
+            self.normalize = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            self.eigval, self.eigvec = np.asarray(IMAGENET_EIGVAL), np.asarray(IMAGENET_EIGVEC)
+            self.rng = np.random.default_rng()
+
+    def __getitem__(self, index: int):
+        self._load()
+        image = self.compose(image=self.images[index])["image"]
+        offset = self.eigvec @ (self.rng.normal(0.0, 0.1, 3) * self.eigval) * 255.0
+        image = np.clip(image.astype(np.float32) + offset.astype(np.float32), 0, 255).astype(np.uint8)
+        image = self.normalize(image=image)["image"]
+        return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(self.labels[index])
+
+
+def _worker_init(_):
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+
+
+def batches_from_dataloader(args):
+    cv2.setNumThreads(0)  # before forking workers (see README: fork + OpenCV thread pool deadlock)
+    loader = torch.utils.data.DataLoader(
+        CompatDataset(args.source), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+        worker_init_fn=_worker_init, drop_last=True, persistent_workers=False, prefetch_factor=4,
+    )  # fmt: skip
+    while True:
+        for images, labels in loader:
+            yield images, labels
+
+
+def batches_from_augserve(args):
+    from augserve import connect
+
+    stream = connect(args.address, dataset="bench", pipeline="alexnet", batch_size=args.batch_size, seed=args.seed, epochs=1000, prefetch=8, timeout=30)
+    try:
+        for batch in stream:
+            yield batch.images, batch.labels
+    finally:
+        stream.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["augserve", "dataloader"])
+    parser.add_argument("--address")
+    parser.add_argument("--source")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    source = batches_from_augserve(args) if args.mode == "augserve" else batches_from_dataloader(args)
+    checksum = 0.0
+    first_batch = None
+    timed_images, timed_start = 0, None
+    for count, (images, labels) in enumerate(source):
+        if images.dtype != torch.float32 or images.shape[1:] != (3, 224, 224):
+            raise SystemExit(f"unexpected batch {images.dtype} {tuple(images.shape)}")
+        checksum += float(images[0, 0, 0, 0]) + int(labels[0])  # touch the batch
+        if first_batch is None:
+            first_batch = time.perf_counter() - started
+        if count + 1 == WARMUP:
+            timed_start = time.perf_counter()
+        elif count + 1 > WARMUP:
+            timed_images += images.shape[0]
+        if count + 1 >= WARMUP + args.batches:
+            break
+    elapsed = time.perf_counter() - timed_start
+    source.close()
+    print(json.dumps({"mode": args.mode, "images_per_s": timed_images / elapsed, "first_batch_s": first_batch, "images": timed_images, "checksum": checksum}))
+
+
+if __name__ == "__main__":
+    main()
