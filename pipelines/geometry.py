@@ -65,8 +65,9 @@ def shear_matrix(x_degrees: float, y_degrees: float, height: int, width: int) ->
 
 
 def to_pixel_center_inverse(inverse: np.ndarray) -> np.ndarray:
-    """Re-express a dst→src matrix for libraries whose pixel centres sit on integers (OpenCV, DALI
-    with centres at integers): ``T(-0.5) @ inverse @ T(+0.5)``."""
+    """Re-express a dst→src matrix for libraries whose pixel centres sit on integers (OpenCV's
+    ``warpAffine``/``remap``): ``T(-0.5) @ inverse @ T(+0.5)``. DALI's ``warp_affine`` uses our
+    half-integer convention and takes the matrix unchanged."""
     return translation(-0.5, -0.5) @ inverse @ translation(0.5, 0.5)
 
 
