@@ -120,10 +120,17 @@ def basis_weights(u, count: int, kind: str):
 def warp_displacement(x, y, control, kind: str, height: int, width: int):
     """Displacement (dx, dy) in pixels of the warp at canvas points (x, y).
 
-    ``x``, ``y``: arrays of point coordinates (continuous pixel coordinates, any shape, numpy or torch);
-    ``control``: (cells+1, cells+1, 2) control displacements as fractions of the shorter side. The sample
+    ``x``, ``y``: point coordinates (continuous pixel coordinates, numpy or torch): any shape for one
+    ``control`` of shape (cells+1, cells+1, 2); shape (B, ...) for a batch of controls (B, cells+1,
+    cells+1, 2). Controls are fractions of the shorter side. The sample
     position of destination point p is ``p + displacement(p)``.
     """
+    if control.ndim == 4 and x.ndim > 2:
+        # Batched controls (B, K, K, 2) pair with points (B, P): flatten (B, H, W) points so the
+        # matmul below pairs each sample's points with its own controls.
+        batch_shape = x.shape
+        dx, dy = warp_displacement(x.reshape(batch_shape[0], -1), y.reshape(batch_shape[0], -1), control, kind, height, width)
+        return dx.reshape(batch_shape), dy.reshape(batch_shape)
     cells = control.shape[-3] - 1
     extended = extend_control(control) * float(min(height, width))
     count = cells + 3

@@ -38,7 +38,7 @@ from .base import Backend, same_output_shape
 
 _PADDING = {"constant": "zeros", "replicate": "border"}
 _EXACT_ATOL = 1e-9  # how far a matrix entry may sit from ±1 / 0 / an integer for a plain pixel copy
-_CHAIN_POINTS = 1 << 22  # destination points per warp-chain chunk: bounds the (B, P, K) weight tensors
+_CHAIN_ELEMENTS = 1 << 24  # per warp-chain chunk: bounds each (B, P, K) weight temporary to 64 MB
 
 
 @dataclass
@@ -175,10 +175,10 @@ class TorchBackend(Backend):
             pieces.append((members, self._resample(group, members, grid)))
 
         results = []
-        for members, (image, is_float) in pieces:
+        for members, image in pieces:
             member_plans = [plans[k] for k in members]
             colour = None if member_plans[0].color_first else self._color_tensors(member_plans)
-            image = self._finish(image, is_float, colour)
+            image = self._finish(image, colour)
             results.append(([group.positions[k] for k in members], image))
         return results
 
@@ -221,7 +221,8 @@ class TorchBackend(Backend):
         points_x = xs.repeat(out_h)  # (P,), row-major over the destination
         points_y = ys.repeat_interleave(out_w)
         grid = torch.empty((len(plans), out_h * out_w, 2), dtype=torch.float32, device=self._device)
-        chunk = max(1, _CHAIN_POINTS // (out_h * out_w))
+        knots = max((s.control.shape[0] + 2 for s in plans[0].chain if not isinstance(s, AffineStep)), default=1)
+        chunk = max(1, _CHAIN_ELEMENTS // (out_h * out_w * knots))
         for lo in range(0, len(plans), chunk):
             hi = min(lo + chunk, len(plans))
             x = points_x.expand(hi - lo, -1)  # (B, P)
@@ -239,7 +240,7 @@ class TorchBackend(Backend):
         return grid.view(len(plans), out_h, out_w, 2)
 
     def _resample(self, group: _Group, members: list[int], grid: torch.Tensor):
-        """Bilinear resampling of the ``members`` of ``group`` at ``grid``: float (n, C, out_h, out_w)."""
+        """Bilinear resampling of the ``members`` of ``group`` at ``grid``: float32 (n, C, out_h, out_w)."""
         source = self._float_nchw(group, members)
         fill = float(self.fill) if self.border == "constant" else 0.0
         if fill:
@@ -247,7 +248,7 @@ class TorchBackend(Backend):
         out = F.grid_sample(source, grid, mode="bilinear", padding_mode=_PADDING[self.border], align_corners=False)
         if fill:
             out.add_(fill)
-        return out, True
+        return out
 
     def _float_nchw(self, group: _Group, members: list[int]) -> torch.Tensor:
         """float32 (n, C, H, W) in channels-last memory (what a uint8 NHWC batch converts to fastest)."""
@@ -276,7 +277,7 @@ class TorchBackend(Backend):
             if self.border == "constant" and not _inside(windows, out_h, out_w, height, width).all():
                 inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
                 out.masked_fill_(~inside[..., None], self.fill)
-            return out, False
+            return out
         out = torch.empty((len(members), out_h, out_w, channels), dtype=torch.uint8)
         inside = _inside(windows, out_h, out_w, height, width)
         for k, (member, (r0, sr, c0, sc), within) in enumerate(zip(members, windows.tolist(), inside)):
@@ -294,44 +295,90 @@ class TorchBackend(Backend):
             if self.border == "constant":
                 out[k][(rows < 0) | (rows >= height)] = self.fill
                 out[k][:, (cols < 0) | (cols >= width)] = self.fill
-        return out, False
+        return out
 
     # --- colour and the uint8 conversion -------------------------------------------------------------
 
-    def _color_tensors(self, plans: list[SamplePlan]):
-        """``(matrices (n, C, C) or None when all are the identity, offsets (n, C))`` on the device, or
-        ``None`` when no plan changes the colour."""
+    def _color_tensors(self, plans: list[SamplePlan]) -> "_Colour | None":
+        """The colour pass of ``plans`` as device tensors; ``None`` when no plan changes the colour."""
         if all(p.color is None for p in plans):
             return None
         channels = plans[0].channels
         identity, zero = np.eye(channels), np.zeros(channels)
         matrices = np.stack([identity if p.color is None else p.color[0] for p in plans])
         offsets = np.stack([zero if p.color is None else p.color[1] for p in plans])
+        if np.all(matrices == identity):
+            # Offsets only (pca_color, color_shift) on integer pixels: round(x + o) = x + round(o) unless
+            # o sits on a .5 tie (then the parity of x decides). Away from ties, add whole numbers: no
+            # float rounding per pixel, and uint8 pixels can take it in int16.
+            fraction = np.abs(offsets - np.floor(offsets) - 0.5)
+            if np.all(fraction > 1e-4):
+                # ±1024 saturates 0..255 exactly like any larger offset, and fits int16.
+                whole = torch.from_numpy(np.clip(np.round(offsets), -1024, 1024).astype(np.float32)).to(self._device)
+                return _Colour(None, whole, integral=True)
+            return _Colour(None, torch.from_numpy(offsets.astype(np.float32)).to(self._device), integral=False)
         packed = torch.from_numpy(np.concatenate([offsets, matrices.reshape(len(plans), -1)], axis=1).astype(np.float32)).to(self._device)
-        plain = bool(np.all(matrices == identity))
-        return (None if plain else packed[:, channels:].reshape(-1, channels, channels)), packed[:, :channels]
+        return _Colour(packed[:, channels:].reshape(-1, channels, channels), packed[:, :channels], integral=False)
 
-    def _finish(self, image: torch.Tensor, is_float: bool, colour) -> torch.Tensor:
-        """Round the geometry result to the uint8 grid, apply the colour, return uint8 (n, h, w, C).
+    def _finish(self, image: torch.Tensor, colour: "_Colour | None") -> torch.Tensor:
+        """Colour and uint8 conversion of a geometry result: uint8 (n, h, w, C).
 
-        ``image``: float (n, C, h, w) from resampling, or uint8 (n, h, w, C) from pixel copies."""
-        if not is_float:
+        ``image``: float (n, C, h, w) from resampling — a convex combination of pixels and ``fill``, so
+        inside 0..255 — or uint8 (n, h, w, C) from pixel copies. As on the CPU reference, the resampled
+        image is rounded to whole numbers before its colour pass."""
+        if image.dtype == torch.uint8:
             if colour is None:
                 return image
+            if colour.integral:
+                shifted = image.to(torch.int16).add_(colour.offsets.to(torch.int16)[:, None, None, :])
+                return _to_uint8(shifted.clamp_(0, 255))
             image = image.to(torch.float32)
-            _apply_color(image, *colour, channel_dim=3)
-            return _to_uint8(image)
-        image.round_()  # the resampled image is uint8 before its colour pass (as on the CPU backend)
-        if colour is not None:
-            _apply_color(image, *colour, channel_dim=1)
-        return _to_uint8(image.permute(0, 2, 3, 1))
+            colour.apply(image, channel_dim=3)
+            return _to_uint8(image.round_().clamp_(0.0, 255.0))
+        if colour is None:
+            return _to_uint8(image.round_().permute(0, 2, 3, 1))
+        if colour.integral:  # round(v) + k = round(v + k) for whole k: one rounding
+            image.add_(colour.offsets[:, :, None, None])
+        else:
+            image.round_()
+            colour.apply(image, channel_dim=1)
+        return _to_uint8(image.round_().clamp_(0.0, 255.0).permute(0, 2, 3, 1))
 
     def _color_uint8(self, images: torch.Tensor, plans: list[SamplePlan]) -> torch.Tensor:
-        """Colour pass on the uint8 input, before geometry (``color_first``)."""
-        colour = self._color_tensors(plans)
-        image = images.to(torch.float32)
-        _apply_color(image, *colour, channel_dim=3)
-        return _to_uint8(image)
+        """Colour pass on the uint8 input, before geometry (``color_first``): uint8 (n, H, W, C)."""
+        return self._finish(images, self._color_tensors(plans))
+
+
+@dataclass
+class _Colour:
+    """Per-sample colour on the device: ``matrices`` (n, C, C) or ``None`` for identities, ``offsets``
+    (n, C) on the 0–255 scale; ``integral`` when the offsets were rounded to whole numbers (see
+    :meth:`TorchBackend._color_tensors`)."""
+
+    matrices: torch.Tensor | None
+    offsets: torch.Tensor
+    integral: bool
+
+    def apply(self, image: torch.Tensor, channel_dim: int) -> None:
+        """In place on float ``image``: ``pixel ← matrix @ pixel + offset`` per sample.
+
+        Elementwise products over the (at most 3) channels rather than a bmm/einsum, so a sample's
+        result never depends on the batch it travels in."""
+        channels = self.offsets.shape[1]
+        if self.matrices is not None:
+            planes = [image.select(channel_dim, c) for c in range(channels)]
+            view = [-1] + [1] * (image.ndim - 2)
+            mixed = []
+            for i in range(channels):
+                total = self.matrices[:, i, 0].view(view) * planes[0]
+                for j in range(1, channels):
+                    total = total + self.matrices[:, i, j].view(view) * planes[j]
+                mixed.append(total)
+            for c, value in enumerate(mixed):
+                planes[c].copy_(value)
+        shape = [-1] + [1] * (image.ndim - 1)
+        shape[channel_dim] = channels
+        image.add_(self.offsets.view(shape))
 
 
 def _pixel_copies(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -366,30 +413,9 @@ def _signature(plan: SamplePlan) -> tuple:
     return tuple(("affine",) if isinstance(s, AffineStep) else ("warp", s.kind, s.control.shape, s.height, s.width) for s in plan.chain)
 
 
-def _apply_color(image: torch.Tensor, matrices: torch.Tensor | None, offsets: torch.Tensor, channel_dim: int) -> None:
-    """In place: ``pixel ← matrix @ pixel + offset`` per sample, float (channel axis ``channel_dim``).
-
-    Written as elementwise products over the (at most 3) channels rather than a bmm/einsum, so the
-    result of a sample never depends on the batch it is in."""
-    shape = [-1] + [1] * (image.ndim - 1)
-    shape[channel_dim] = offsets.shape[1]
-    if matrices is not None:
-        channels = [image.select(channel_dim, c) for c in range(offsets.shape[1])]
-        view = [-1] + [1] * (image.ndim - 2)
-        mixed = []
-        for i in range(len(channels)):
-            total = matrices[:, i, 0].view(view) * channels[0]
-            for j in range(1, len(channels)):
-                total = total + matrices[:, i, j].view(view) * channels[j]
-            mixed.append(total)
-        for c, value in enumerate(mixed):
-            image.select(channel_dim, c).copy_(value)
-    image.add_(offsets.view(shape))
-
-
 def _to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """Float (n, h, w, C) (any strides) → contiguous uint8: round half to even, clamp to 0..255."""
-    image = image.round_().clamp_(0.0, 255.0)
+    """Whole numbers in 0..255 (any dtype, (n, h, w, C) with any strides) → contiguous uint8 NHWC,
+    converted in one pass."""
     out = torch.empty(image.shape, dtype=torch.uint8, device=image.device)
     out.copy_(image)
     return out

@@ -108,3 +108,16 @@ def test_warp_makes_a_chain():
     pipe = pipelines.build({"ops": CHAINS["warp_between_affines"]})
     plan = pipe.plans(pipe.sample_params([(64, 80, 3)], seed=0))[0]
     assert plan.inverse is None and [type(s) for s in plan.chain] == [AffineStep, WarpStep, AffineStep]
+
+
+def test_batched_warp_displacement_pairs_each_sample_with_its_controls():
+    rng = np.random.default_rng(3)
+    controls = rng.normal(0, 0.05, size=(3, 5, 5, 2))
+    controls[:, 0], controls[:, -1], controls[:, :, 0], controls[:, :, -1] = 0, 0, 0, 0
+    x, y = G.pixel_centers(3, 4)  # H == B on purpose: a wrong broadcast would still run
+    xs, ys = np.broadcast_to(x, (3, 3, 4)).copy(), np.broadcast_to(y, (3, 3, 4)).copy()
+    dx, dy = G.warp_displacement(xs, ys, controls, "elastic", 3, 4)
+    for b in range(3):
+        ex, ey = G.warp_displacement(x, y, controls[b], "elastic", 3, 4)
+        np.testing.assert_allclose(dx[b], ex, atol=1e-12)
+        np.testing.assert_allclose(dy[b], ey, atol=1e-12)
