@@ -314,6 +314,16 @@ class Stream(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return self._remaining
 
+    @property
+    def resumed_epoch(self) -> int:
+        """The epoch this stream started in (not 0 after a resume)."""
+        return self._epoch_at_start
+
+    @property
+    def resumed_batches(self) -> frozenset:
+        """Batch indices of :attr:`resumed_epoch` consumed before a resume (skipped by this stream)."""
+        return self._consumed_at_start
+
     # --- teardown --------------------------------------------------------------------------------------
 
     def close(self) -> None:
