@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         from .run import Run
 
         run = Run(config_from(args))
-        summary = run.fit()
+        try:
+            summary = run.fit()
+        finally:
+            run.world.close()
     except ValidationError as exc:
         print(f"trainer: error: {format_validation_error(exc)}", file=sys.stderr)
         return 2
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr)
         return 130
+    if not run.world.is_main:
+        return 0  # rank 0 reports for the whole job
     if args.json:
         print(json.dumps(summary))
     else:

@@ -31,6 +31,12 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group (an abandoned gloo group can abort the process at exit)."""
+        if self.size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.size <= 1:
             return model

@@ -39,11 +39,12 @@ def load_pretrained(model: nn.Module, path: str) -> dict:
     Tensors whose shape differs — the old classifier, sized for other classes — are left as initialised:
     that *is* the classifier replacement. Returns counts of loaded / replaced / unused tensors.
     """
-    state = ckpt.model_state(ckpt.load(path))
+    state = {key.removeprefix("module."): value for key, value in ckpt.model_state(ckpt.load(path)).items()}  # DDP-saved weights
     own = model.state_dict()
+    if not set(own) & set(state):
+        state = _by_position(state, own, path)
     loaded, replaced = {}, []
     for key, value in state.items():
-        key = key.removeprefix("module.")  # DDP-saved weights
         if key in own and own[key].shape == value.shape:
             loaded[key] = value
         elif key in own:
@@ -54,6 +55,22 @@ def load_pretrained(model: nn.Module, path: str) -> dict:
     unused = len(state) - len(loaded) - len(replaced)
     log.info("pretrained %s: %d tensors loaded, %d replaced (new classes), %d unused", path, len(loaded), len(replaced), unused)
     return {"loaded": len(loaded), "replaced": replaced, "unused": unused}
+
+
+def _by_position(state: dict, own: dict, path: str) -> dict:
+    """Rename another library's tensors to ours when the architectures match layer for layer.
+
+    torchvision names AlexNet's classifier ``classifier.1/4/6`` and GoogLeNet's convs ``conv1.conv``
+    where ours say ``pre_logits.1``/``fc`` and ``conv1.0``; the tensors come in the same order with the same
+    shapes. Pairing by position is safe only then: every shape must agree except the final classifier's.
+    """
+    source, target = list(state.items()), list(own.items())
+    if len(source) != len(target):
+        raise ValueError(f"weights in {path} have {len(source)} tensors, {len(target)} expected: another architecture?")
+    for index, ((their_key, theirs), (our_key, ours)) in enumerate(zip(source, target)):
+        if theirs.shape != ours.shape and index < len(source) - 2:
+            raise ValueError(f"weights in {path} do not match layer by layer ({their_key} {tuple(theirs.shape)} vs {our_key} {tuple(ours.shape)})")
+    return {our_key: value for (_, value), (our_key, _) in zip(source, target)}
 
 
 def stages_of(model: nn.Module) -> list[nn.Module]:

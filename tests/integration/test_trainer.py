@@ -1,0 +1,137 @@
+"""`python -m trainer train` as a user runs it: real daemon, real worker and trainer processes, real files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.transfer import classifier_of
+
+BASE = ["--model", "lenet5_relu", "--dataset", "digits", "--pipeline", "lenet5", "--batch-size", "128", "--workers", "1", "--no-tensorboard", "--quiet"]
+
+
+def trainer(*args, check=True, timeout=300):
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def summary_of(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A short LeNet run whose checkpoint later tests start from."""
+    out = tmp_path_factory.mktemp("pretrained")
+    summary = summary_of(trainer(*BASE, "--epochs", "3", "--lr", "0.05", "--out", str(out), "--json"))
+    return out / "checkpoint.pt", summary
+
+
+def test_json_summary_and_files(pretrained, tmp_path):
+    path, summary = pretrained
+    for key in ("accuracy", "img_per_s", "stall_pct"):
+        assert summary[key] is not None
+    assert 0.5 < summary["accuracy"] <= 1.0  # three epochs of LeNet on digits is far above chance (0.1)
+    folder = path.parent
+    assert (folder / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs
+    assert json.loads((folder / "summary.json").read_text())["steps"] == summary["steps"]
+
+
+def test_resume_sees_the_same_sample_sequence(tmp_path):
+    whole, part = tmp_path / "whole.txt", tmp_path / "part.txt"
+    trainer(*BASE, "--epochs", "2", "--record-ids", str(whole), "--out", str(tmp_path / "a"))
+    trainer(*BASE, "--epochs", "2", "--record-ids", str(part), "--out", str(tmp_path / "b"), "--stop-after", "7")
+    assert len(part.read_text().splitlines()) == 7
+    trainer(*BASE, "--epochs", "2", "--record-ids", str(part), "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "checkpoint.pt"))
+    assert part.read_text().splitlines() == whole.read_text().splitlines()
+    # The resumed run also ends with the same weights as the uninterrupted one (same data, same steps).
+    a = ckpt.load(str(tmp_path / "a" / "checkpoint.pt"))["model"]
+    b = ckpt.load(str(tmp_path / "b" / "checkpoint.pt"))["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def _backbone(state: dict, model_name: str = "lenet5_relu") -> dict:
+    from trainer import models
+
+    head = classifier_of(models.create(model_name, num_classes=10, in_channels=1))[0]
+    return {k: v for k, v in state.items() if not k.startswith(head + ".")}
+
+
+def test_frozen_backbone_with_cached_activations(pretrained, tmp_path):
+    path, _ = pretrained
+    args = [*BASE, "--epochs", "2", "--pretrained", str(path), "--freeze", "head", "--out", str(tmp_path / "t"), "--json"]
+    first = summary_of(trainer(*args))
+    assert first["feature_cache_hit"] is False and first["backbone_passes"] == 1  # two epochs, one backbone pass
+    assert first["epochs"] == 2
+    second = summary_of(trainer(*args))
+    assert second["feature_cache_hit"] is True and second["backbone_passes"] == 0
+    before = _backbone(ckpt.load(str(path))["model"])
+    after = _backbone(ckpt.load(str(tmp_path / "t" / "checkpoint.pt"))["model"])
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_frozen_backbone_without_cache_stays_bit_identical(pretrained, tmp_path):
+    path, _ = pretrained
+    trainer(*BASE, "--epochs", "1", "--pretrained", str(path), "--freeze", "head", "--no-feature-cache", "--out", str(tmp_path / "n"))
+    before = _backbone(ckpt.load(str(path))["model"])
+    after = _backbone(ckpt.load(str(tmp_path / "n" / "checkpoint.pt"))["model"])
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_multi_crop_and_ensemble_are_reported_beside_single(pretrained, tmp_path):
+    path, _ = pretrained
+    summary = summary_of(trainer(*BASE, "--epochs", "1", "--multi-crop", "10", "--ensemble", str(path), "--json"))
+    assert 0 <= summary["multi_crop_accuracy"] <= 1 and 0 <= summary["ensemble_accuracy"] <= 1
+    assert summary["ensemble_size"] == 2 and summary["accuracy"] is not None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "lenet9"], "unknown model 'lenet9'"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--resume", "/nonexistent/checkpoint.pt"], "checkpoint not found"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--freeze", "some"], "--freeze must be none, head or last:K"),
+    ],
+)
+def test_user_mistakes_end_in_one_line(args, message):
+    proc = trainer(*BASE, *args, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ddp_ranks_see_every_sample_exactly_once(start_daemon, tmp_path):
+    """torchrun with two gloo ranks, each attached with its own rank: one epoch covers the (trimmed)
+    training set exactly once across ranks, and both ranks take the same number of steps."""
+    daemon = start_daemon(workers=2)
+    record = tmp_path / "ids.txt"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "trainer", "train", *BASE, "--epochs", "2", "--connect", daemon.address, "--record-ids", str(record), "--json"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["accuracy"] is not None
+    seen = {0: [], 1: []}
+    steps = []
+    for rank in (0, 1):
+        lines = (tmp_path / f"ids.txt.rank{rank}").read_text().splitlines()
+        steps.append(len(lines))
+        for line in lines:
+            epoch, _index, ids = line.split(",", 2)
+            seen[int(epoch)].extend(int(i) for i in ids.split())
+    assert steps[0] == steps[1] == 2 * 5  # 1,438 digits over 2 ranks → 5 full batches of 128 each
+    for epoch in (0, 1):
+        assert len(seen[epoch]) == len(set(seen[epoch])) == 2 * 5 * 128

@@ -1,0 +1,1 @@
+"""Runnable experiments from the case studies."""
