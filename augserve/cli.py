@@ -176,6 +176,35 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_tune_set(args) -> int:
+    from pipelines.changes import parse_assignments
+
+    from .retune import send_update
+
+    changes = parse_assignments(args.changes) if args.changes else None
+    spec = None
+    if args.spec:
+        import pipelines
+
+        spec = pipelines.resolve(args.spec).to_dict()
+    result = send_update(args.address, args.stream, changes=changes, spec=spec, timeout=args.timeout)
+    summary = {k: result.get(k) for k in ("stream", "version", "from_epoch", "from_index")}
+    _print_result(args, {**summary, "spec": result.get("spec")}, f"stream {summary['stream']}: pipeline version {summary['version']} applies from batch {summary['from_index']} of epoch {summary['from_epoch']}")
+    return 0
+
+
+def tune_set_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="augserve tune set", description="Re-tune a live stream: validated by the daemon, applied from the next batch it issues.")
+    parser.add_argument("changes", nargs="*", metavar="OP.FIELD=VALUE", help="e.g. rotate.degrees=20 random_resized_crop.scale.0=0.3")
+    parser.add_argument("--stream", required=True, help="stream id (see `augserve status`)")
+    parser.add_argument("--spec", help="replace the whole pipeline with this preset or spec file instead")
+    parser.add_argument("--address", default="tcp://127.0.0.1:5555")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=cmd_tune_set, command="tune-set", log_level="warning")
+    return parser
+
+
 def cmd_schema(args) -> int:
     from pipelines import PipelineSpec
 
@@ -311,8 +340,12 @@ def _positive(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `augserve tune set ...` re-tunes a live stream; plain `augserve tune ...` runs a study.
+    if argv[:2] == ["tune", "set"]:
+        args = tune_set_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from pipelines import format_validation_error
 

@@ -151,6 +151,8 @@ class Stream(torch.utils.data.IterableDataset):
         self._wake_read, self._wake_write = os.pipe()
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._requests: queue.Queue = queue.Queue()  # (request id, payload, reply queue) for the I/O thread
+        self._pending: dict[str, queue.Queue] = {}
         self._thread = threading.Thread(target=self._io_loop, name=f"augserve-stream-{self.id}", daemon=True)
         self._thread.start()
 
@@ -186,7 +188,8 @@ class Stream(torch.utils.data.IterableDataset):
         self._remaining = max(0, (self.epochs - self._epoch) * self.batches_per_epoch - len(self._consumed))
         from pipelines import PipelineSpec
 
-        self._normalize = PipelineSpec.model_validate(self.spec).normalize
+        self._normalize_by_version = {self.pipeline_version: PipelineSpec.model_validate(self.spec).normalize}
+        self.version_starts = {self.pipeline_version: (self._epoch, 0)}
 
     # --- the I/O thread --------------------------------------------------------------------------------
 
@@ -209,8 +212,9 @@ class Stream(torch.utils.data.IterableDataset):
                 now = time.monotonic()
                 if self._wake_read in events:
                     os.read(self._wake_read, 4096)
+                    self._send_requests()
                 if self._control in events:
-                    self._on_control(P.decode(self._control.recv_multipart(), P.DAEMON_TO_CLIENT))
+                    self._drain_control()
                 if self._data in events:
                     for _ in range(64):
                         try:
@@ -256,8 +260,36 @@ class Stream(torch.utils.data.IterableDataset):
                 continue
             return epoch, index
 
+    def _send_requests(self) -> None:
+        while True:
+            try:
+                request_id, payload, reply = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            self._pending[request_id] = reply
+            self._control.send_multipart(P.encode("update", {"stream": self.id, "request": request_id, **payload}), flags=zmq.NOBLOCK)
+
+    def _drain_control(self) -> None:
+        while True:
+            try:
+                frames = self._control.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_control(P.decode(frames, P.DAEMON_TO_CLIENT))
+
     def _on_control(self, message: P.Message) -> None:
-        if message.type in ("stream_error", "error"):
+        waiting = self._pending.pop(message.get("request"), None) if message.get("request") else None
+        if message.type == "updated":
+            from pipelines import PipelineSpec
+
+            version = int(message.require("version")[0])
+            self._normalize_by_version[version] = PipelineSpec.model_validate(message.get("spec")).normalize
+            self.version_starts[version] = (int(message.get("from_epoch")), int(message.get("from_index")))
+            if waiting is not None:
+                waiting.put(message.fields)
+        elif message.type == "error" and waiting is not None:
+            waiting.put(ValueError(str(message.get("message"))))  # a refused update leaves the stream running
+        elif message.type in ("stream_error", "error"):
             raise StreamError(f"stream {self.id}: {message.get('message')}")
 
     def _unpack(self, frames) -> Batch | None:
@@ -274,10 +306,15 @@ class Stream(torch.utils.data.IterableDataset):
             images = images.pin_memory()  # the one copy: frame -> pinned host memory
         if self.device.type == "cuda":
             images = images.to(self.device, non_blocking=True)
-        if self._normalize is not None and images.numel():
+        version = int(message.get("pipeline_version", 1))
+        if version not in self._normalize_by_version:
+            self._control.poll(timeout=1000)  # the daemon announced the version before issuing it
+            self._drain_control()
+        normalize = self._normalize_by_version.get(version, self._normalize_by_version[max(self._normalize_by_version)])
+        if normalize is not None and images.numel():
             # Here, on the I/O thread, so it overlaps the training step (torch releases the GIL).
-            images = normalize_images(images, self._normalize)
-        return Batch(images, tensors["labels"], tensors["sample_ids"], int(message.get("epoch")), int(message.get("index")), int(message.get("pipeline_version", 1)), list(message.get("skipped", [])))
+            images = normalize_images(images, normalize)
+        return Batch(images, tensors["labels"], tensors["sample_ids"], int(message.get("epoch")), int(message.get("index")), version, list(message.get("skipped", [])))
 
     # --- the consumer side -----------------------------------------------------------------------------
 
@@ -302,6 +339,32 @@ class Stream(torch.utils.data.IterableDataset):
             self._epoch, self._consumed = batch.epoch, set()
         self._consumed.add(batch.index)
         return batch
+
+    def update_pipeline(self, spec_or_changes, timeout: float = 10.0) -> dict:
+        """Re-tune this stream live. ``spec_or_changes``: a whole spec (preset name, PipelineSpec, dict with
+        ``ops``, YAML text or file) or a mapping of changes by path (``{"rotate.degrees": 20}``).
+
+        Validated by the daemon and applied from the next batch it has not yet issued; batches already in
+        flight keep their version. Returns ``{"version", "from_epoch", "from_index", "spec"}``; every
+        batch's ``pipeline_version`` says which spec made it. A refused change raises ValueError and
+        leaves the stream as it was.
+        """
+        if self._closed or not self._thread.is_alive():
+            raise StreamError(f"stream {self.id} has ended; nothing to re-tune")
+        if isinstance(spec_or_changes, dict) and "ops" not in spec_or_changes:
+            payload = {"changes": dict(spec_or_changes)}
+        else:
+            payload = {"spec": _pipeline_payload(spec_or_changes)}
+        reply: queue.Queue = queue.Queue()
+        self._requests.put((uuid.uuid4().hex, payload, reply))
+        os.write(self._wake_write, b"u")
+        try:
+            result = reply.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the daemon did not answer the update within {timeout:g} s") from None
+        if isinstance(result, BaseException):
+            raise result
+        return {k: result[k] for k in ("version", "from_epoch", "from_index", "spec")}
 
     def state_dict(self) -> dict:
         """Where this stream stands — put it in the trainer's checkpoint; ``connect(..., resume=state)``

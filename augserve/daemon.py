@@ -240,7 +240,7 @@ class Daemon:
                 task = stream.next_task(now)
                 if task is None:
                     continue
-                epoch, index, ids, task_id = task
+                epoch, index, ids, task_id, version = task
                 fields = {
                     "task": task_id,
                     "stream": stream.id,
@@ -249,7 +249,7 @@ class Daemon:
                     "ids": ids,
                     "seed": stream.request.seed,
                     "dataset": stream.dataset,
-                    "pipeline": {"stream": stream.id, "version": stream.pipeline_version, "spec": stream.spec},
+                    "pipeline": {"stream": stream.id, "version": version, "spec": stream.versions[version]},
                     "data": stream.request.data,
                     "on_error": stream.request.on_error,
                 }
@@ -344,6 +344,9 @@ class Daemon:
             return
         (stream_id,) = message.require("stream")
         stream = self.streams.get(stream_id)
+        if message.type == "update" and stream is not None:
+            self._update(identity, stream, message)  # also from outside the trainer: `augserve tune set`
+            return
         if stream is None or stream.client != identity:
             self._send(identity, "error", {"message": f"unknown stream {stream_id!r} (the daemon may have restarted)", "code": "unknown_stream"})
             return
@@ -356,8 +359,37 @@ class Daemon:
                 self._end_stream(stream)
         elif message.type == "detach":
             self._end_stream(stream)
-        elif message.type == "update":
-            self._send(identity, "error", {"message": "live re-tuning is not supported by this daemon yet", "code": "unsupported"})
+
+    def _update(self, identity: bytes, stream: Stream, message: P.Message) -> None:
+        """Live re-tuning: validate the new spec (or changes to the current one) and apply it from the
+        next batch not yet issued. The trainer is told, whoever asked."""
+        import pipelines
+        from pipelines.changes import apply_changes
+
+        current = pipelines.PipelineSpec.model_validate(stream.spec)
+        try:
+            if message.get("spec") is not None:
+                spec = _spec_from_request(message.get("spec"))
+            else:
+                changes = message.get("changes")
+                if not isinstance(changes, dict) or not changes:
+                    raise ValueError("an update needs 'spec' or a non-empty 'changes' mapping")
+                spec = apply_changes(current, changes)
+            self._dry_run(spec, self._open(stream.dataset))
+        except ValidationError as exc:
+            from pipelines import format_validation_error
+
+            self._send(identity, "error", {"message": f"update refused: {format_validation_error(exc)}", "code": "invalid", "stream": stream.id, "request": message.get("request")})
+            return
+        except (ValueError, TypeError) as exc:
+            self._send(identity, "error", {"message": f"update refused: {exc}", "code": "invalid", "stream": stream.id, "request": message.get("request")})
+            return
+        version, epoch, index = stream.update_spec(spec.to_dict())
+        reply = {"stream": stream.id, "version": version, "from_epoch": epoch, "from_index": index, "spec": stream.spec, "request": message.get("request")}
+        log.info("stream %s: pipeline version %d from batch %d of epoch %d", stream.id, version, index, epoch)
+        self._send(identity, "updated", reply)
+        if identity != stream.client:
+            self._send(stream.client, "updated", {**reply, "request": None})
 
     def _attach(self, identity: bytes, message: P.Message) -> None:
         try:
@@ -427,9 +459,7 @@ class Daemon:
             raise ValueError(f"batch_size {request.batch_size} exceeds this daemon's max_batch_size {self.config.max_batch_size}")
         P_check_data_address(request.data)
         dataset = self._resolve_dataset(request)
-        if isinstance(request.pipeline, str) and request.pipeline.endswith((".yaml", ".yml", ".json")) and "\n" not in request.pipeline:
-            raise ValueError("the daemon does not open spec files; send the spec itself (connect() reads a local file for you)")
-        spec = pipelines.resolve(request.pipeline)
+        spec = _spec_from_request(request.pipeline)
         source = self._open(dataset)
         self._dry_run(spec, source)
         plan = EpochPlan(len(source), request.batch_size, request.seed, request.rank, request.world_size, request.shuffle, request.drop_last)
@@ -494,6 +524,15 @@ class Daemon:
             ],
             "queue": {"tasks_in_flight": sum(len(s.inflight) for s in self.streams.values()), "waiting_reissue": sum(len(s.reissue) for s in self.streams.values())},
         }
+
+
+def _spec_from_request(value) -> "pipelines.PipelineSpec":
+    """A spec sent by a peer: a preset name, a dict or YAML/JSON text — never a path the daemon would open."""
+    import pipelines
+
+    if isinstance(value, str) and "\n" not in value and value.strip().endswith((".yaml", ".yml", ".json")):
+        raise ValueError("the daemon does not open spec files; send the spec itself (connect() reads a local file for you)")
+    return pipelines.resolve(value)
 
 
 def P_check_data_address(address: str) -> None:

@@ -50,6 +50,7 @@ class InFlight:
     task: str
     worker: bytes | None
     issued_at: float
+    version: int = 1  # the pipeline version this batch was first issued with (a re-issue keeps it)
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Stream:
     dataset: dict  # {"ref", "split", "options"} as workers open it
     spec: dict
     pipeline_version: int = 1
+    versions: dict[int, dict] = field(default_factory=dict)  # version -> spec dict
+    version_starts: dict[int, tuple[int, int]] = field(default_factory=dict)  # version -> first (epoch, index)
     start_epoch: int = 0
     skip: set[int] = field(default_factory=set)  # batch indices of start_epoch already consumed (resume)
     epoch: int = 0
@@ -121,6 +124,17 @@ class Stream:
     def __post_init__(self) -> None:
         self.epoch = self.start_epoch
         self._advance_past_skipped()
+        self.versions.setdefault(self.pipeline_version, self.spec)
+        self.version_starts.setdefault(self.pipeline_version, (self.epoch, self.next_index))
+
+    def update_spec(self, spec: dict) -> tuple[int, int, int]:
+        """Make ``spec`` the pipeline of every batch not yet issued. Returns (version, epoch, index) of
+        the first batch that uses it; batches already in flight keep the version they were issued with."""
+        self.pipeline_version += 1
+        self.spec = spec
+        self.versions[self.pipeline_version] = spec
+        self.version_starts[self.pipeline_version] = (self.epoch, self.next_index)
+        return self.pipeline_version, self.epoch, self.next_index
 
     # --- issuing ---------------------------------------------------------------------------------------
 
@@ -138,23 +152,23 @@ class Stream:
         """A task can be sent now: a re-issue, or a new batch within the credit window."""
         return bool(self.reissue) or (not self.issued_everything() and len(self.inflight) < self.request.prefetch)
 
-    def next_task(self, now: float) -> tuple[int, int, list[int], str] | None:
-        """(epoch, index, sample ids, task id) of the next batch to send, or ``None``."""
-        if self.reissue:
+    def next_task(self, now: float) -> tuple[int, int, list[int], str, int] | None:
+        """(epoch, index, sample ids, task id, pipeline version) of the next batch to send, or ``None``."""
+        while self.reissue:
             key = self.reissue.popleft()
             entry = self.inflight.get(key)
             if entry is None:  # acknowledged meanwhile
-                return self.next_task(now)
+                continue
             entry.issued_at = now
-            return (*key, self.ids(*key), entry.task)
+            return (*key, self.ids(*key), entry.task, entry.version)
         if self.issued_everything() or len(self.inflight) >= self.request.prefetch:
             return None
         key = (self.epoch, self.next_index)
         task = f"{self.id}:{key[0]}:{key[1]}"
-        self.inflight[key] = InFlight(task, None, now)
+        self.inflight[key] = InFlight(task, None, now, self.pipeline_version)
         self.next_index += 1
         self._advance_past_skipped()
-        return (*key, self.ids(*key), task)
+        return (*key, self.ids(*key), task, self.pipeline_version)
 
     def _advance_past_skipped(self) -> None:
         while not self.issued_everything():

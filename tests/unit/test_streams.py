@@ -29,7 +29,7 @@ def test_never_more_than_prefetch_in_flight():
 def test_reissue_does_not_need_a_new_credit():
     stream = make_stream(prefetch=2)
     first = drain(stream)
-    for epoch, index, _ids, _task in first:
+    for epoch, index, _ids, _task, _version in first:
         stream.assign((epoch, index), b"w1")
     assert stream.requeue_worker(b"w1") == 2
     again = drain(stream)
@@ -41,7 +41,7 @@ def test_epochs_roll_over_and_finish():
     stream = make_stream(prefetch=100, epochs=2)
     tasks = drain(stream)
     assert [t[:2] for t in tasks] == [(e, i) for e in range(2) for i in range(4)]
-    for epoch, index, _ids, _task in tasks:
+    for epoch, index, _ids, _task, _version in tasks:
         stream.ack(epoch, index)
     assert stream.finished()
 
@@ -56,3 +56,16 @@ def test_attach_request_refuses_bad_values():
         AttachRequest(dataset="digits", pipeline="lenet5", batch_size=0, data="tcp://127.0.0.1:1")
     with pytest.raises(Exception, match="Extra inputs"):
         AttachRequest(dataset="digits", pipeline="lenet5", batch_size=1, data="tcp://127.0.0.1:1", path="/etc/passwd")
+
+
+def test_an_update_applies_to_batches_not_yet_issued_and_reissues_keep_their_version():
+    stream = make_stream(prefetch=2)
+    issued = drain(stream)
+    for epoch, index, _ids, _task, _version in issued:
+        stream.assign((epoch, index), b"w")
+    version, epoch, index = stream.update_spec({"ops": [], "name": "v2"})
+    assert (version, epoch, index) == (2, 0, 2)
+    stream.requeue_worker(b"w")
+    assert [t[4] for t in drain(stream)] == [1, 1]  # re-issued: still version 1
+    stream.ack(0, 0)
+    assert drain(stream)[0][4] == 2 and stream.versions[2] == {"ops": [], "name": "v2"}

@@ -1,0 +1,63 @@
+"""Live re-tuning: validated, applied from a stated batch on, every batch carries its version."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from augserve.client import StreamError
+from conftest import open_stream
+
+SPEC = {"name": "tunable", "ops": [{"op": "random_crop", "size": 32, "padding": 2}, {"op": "rotate", "degrees": 5}]}
+
+
+def test_update_from_the_trainer_applies_from_the_stated_batch(daemon):
+    with open_stream(daemon.address, pipeline=SPEC, batch_size=16, prefetch=2, ordered=True, shuffle=False) as stream:
+        batches = iter(stream)
+        first = [next(batches) for _ in range(2)]
+        assert {b.pipeline_version for b in first} == {1}
+        result = stream.update_pipeline({"rotate.degrees": 25, "random_crop.padding": 0})
+        assert result["version"] == 2 and result["from_epoch"] == 0
+        assert result["from_index"] >= 2  # batches already issued keep version 1
+        rotate = next(op for op in result["spec"]["ops"] if op["op"] == "rotate")
+        assert rotate["degrees"] == 25
+        rest = list(batches)
+        for batch in first + rest:
+            expected = 2 if batch.index >= result["from_index"] else 1
+            assert batch.pipeline_version == expected, (batch.index, batch.pipeline_version)
+
+
+def test_a_refused_update_names_the_field_and_leaves_the_stream_running(daemon):
+    with open_stream(daemon.address, pipeline=SPEC, batch_size=16, prefetch=2) as stream:
+        batches = iter(stream)
+        next(batches)
+        with pytest.raises(ValueError, match="rotate.p = 1.5"):
+            stream.update_pipeline({"rotate.p": 1.5})
+        with pytest.raises(ValueError, match="no 'shear' op"):
+            stream.update_pipeline({"shear.degrees": 3})
+        remaining = list(batches)
+        assert remaining and all(b.pipeline_version == 1 for b in remaining)
+
+
+def test_tune_set_from_outside_reaches_the_trainer(daemon):
+    with open_stream(daemon.address, pipeline=SPEC, batch_size=16, prefetch=2, ordered=True, shuffle=False) as stream:
+        batches = iter(stream)
+        next(batches)
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "augserve", "tune", "set", "--stream", stream.id, "--address", daemon.address, "rotate.degrees=12", "--json"], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["version"] == 2
+        versions = {b.index: b.pipeline_version for b in batches}
+        assert versions[max(versions)] == 2 and stream.version_starts[2] == (result["from_epoch"], result["from_index"])
+        bad = subprocess.run([sys.executable, "-m", "augserve", "tune", "set", "--stream", "nope", "--address", daemon.address, "rotate.degrees=12"], capture_output=True, text=True, timeout=60, env=env)
+        assert bad.returncode == 2 and "unknown stream 'nope'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_update_after_the_end_is_refused(daemon):
+    stream = open_stream(daemon.address, pipeline=SPEC, batch_size=64)
+    list(stream)
+    with pytest.raises(StreamError, match="has ended"):
+        stream.update_pipeline({"rotate.degrees": 3})
