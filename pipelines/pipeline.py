@@ -10,8 +10,8 @@ import torch
 from .backends import backend_class
 from .images import as_batch
 from .normalize import normalize_images
-from .plan import SamplePlan, colour_runs_first, fuse
-from .sampling import SampleParams, sample_one
+from .plan import SamplePlan, colour_runs_first, fuse, fuse_batch
+from .sampling import BatchParams, SampleParams, sample_batch
 from .spec import PipelineSpec
 
 
@@ -40,22 +40,26 @@ class Pipeline:
 
     def sample_params(self, shapes: Sequence[Sequence[int]], seed: int = 0, epoch: int = 0, sample_ids: Sequence[int] | None = None) -> list[SampleParams]:
         """The replay record of each sample. ``shapes``: (H, W, C) or (H, W) per image."""
+        return self._sample(shapes, seed, epoch, sample_ids).records()
+
+    def _sample(self, shapes, seed, epoch, sample_ids) -> BatchParams:
         shapes = [tuple(int(v) for v in (s if len(s) == 3 else (*s, 1))) for s in shapes]
         if not shapes:
             raise ValueError("empty batch: no shapes were given")
-        ids = list(range(len(shapes))) if sample_ids is None else [int(i) for i in sample_ids]
+        ids = list(range(len(shapes))) if sample_ids is None else list(sample_ids)
         if len(ids) != len(shapes):
             raise ValueError(f"got {len(ids)} sample_ids for {len(shapes)} images")
-        return [sample_one(self._geometry_spec, shape, seed, epoch, i) for shape, i in zip(shapes, ids)]
+        return sample_batch(self._geometry_spec, shapes, seed, epoch, ids)
 
-    def plans(self, params: Sequence[SampleParams]) -> list[SamplePlan]:
-        return [fuse(p, self._color_first) for p in params]
+    def plans(self, params: Sequence[SampleParams] | BatchParams) -> list[SamplePlan]:
+        batch = params if isinstance(params, BatchParams) else BatchParams.from_records(list(params))
+        return fuse_batch(batch, self._color_first)
 
     # --- execution -------------------------------------------------------------------------------------
 
     def __call__(self, images, seed: int = 0, epoch: int = 0, sample_ids: Sequence[int] | None = None):
         batch, shapes = as_batch(images)
-        return self._run(batch, self.sample_params(shapes, seed, epoch, sample_ids))
+        return self._run(batch, self._sample(shapes, seed, epoch, sample_ids))
 
     def apply(self, images, params: Sequence[SampleParams]):
         """Replay recorded parameters on ``images`` (one record per image)."""
@@ -65,13 +69,13 @@ class Pipeline:
         for index, (record, shape) in enumerate(zip(params, shapes)):
             if tuple(record.in_shape) != tuple(shape):
                 raise ValueError(f"image {index}: shape {shape} does not match its record's in_shape {tuple(record.in_shape)}")
-        return self._run(batch, list(params))
+        return self._run(batch, BatchParams.from_records(list(params)))
 
-    def _run(self, batch, params: list[SampleParams]):
+    def _run(self, batch, params: BatchParams):
         if self.fused:
-            out = self.backend.run(batch, self.plans(params))
+            out = self.backend.run(batch, fuse_batch(params, self._color_first))
         else:
-            out = self._run_step_by_step(batch, params)
+            out = self._run_step_by_step(batch, params.records())
         return self._finish(out)
 
     def _run_step_by_step(self, batch, params: list[SampleParams]):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import geometry as G
-from .sampling import SampleParams
+from .sampling import BatchParams, SampleParams
 from .spec import COLOR_OPS, GEOMETRY_OPS, PipelineSpec
 
 
@@ -158,6 +158,126 @@ def fuse(params: SampleParams, color_first: bool = False) -> SamplePlan:
     if color_changed:
         plan.color = (color_matrix, color_offset)
     return plan
+
+
+# --- the vectorised path: a whole batch of arrays at once --------------------------------------------
+
+
+def _eyes(n: int) -> np.ndarray:
+    return np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+
+
+def _about_centers(linear: np.ndarray, hw: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) of per-sample 2×2 maps ``linear`` (N, 2, 2) about each canvas centre."""
+    matrices = _eyes(len(linear))
+    matrices[:, :2, :2] = linear
+    cx, cy = hw[:, 1] / 2.0, hw[:, 0] / 2.0
+    matrices[:, 0, 2] = cx - (linear[:, 0, 0] * cx + linear[:, 0, 1] * cy)
+    matrices[:, 1, 2] = cy - (linear[:, 1, 0] * cx + linear[:, 1, 1] * cy)
+    return matrices
+
+
+def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for stacks of 3×3 matrices, summed elementwise: every sample's result has the same bits
+    whatever the batch size (batched BLAS calls may change the summation order)."""
+    return (a[:, :, :, None] * b[:, None, :, :]).sum(axis=2)
+
+
+def _invert_affine(m: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of affine 3×3 matrices (last row 0 0 1), in closed form."""
+    a, b, c, d = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+    tx, ty = m[:, 0, 2], m[:, 1, 2]
+    det = a * d - b * c
+    if np.any(np.abs(det) < 1e-12):
+        raise ValueError("a geometric op collapsed the image (singular transform)")
+    inverse = _eyes(len(m))
+    inverse[:, 0, 0], inverse[:, 0, 1] = d / det, -b / det
+    inverse[:, 1, 0], inverse[:, 1, 1] = -c / det, a / det
+    inverse[:, 0, 2] = -(inverse[:, 0, 0] * tx + inverse[:, 0, 1] * ty)
+    inverse[:, 1, 2] = -(inverse[:, 1, 0] * tx + inverse[:, 1, 1] * ty)
+    return inverse
+
+
+def _batch_forward(name: str, arrays: dict, hw: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """Forward matrices (N, 3, 3) of one geometric op for a batch, and the canvases after it."""
+    n = len(hw)
+    if name == "mirror":
+        horizontal, vertical = arrays["horizontal"].astype(bool), arrays["vertical"].astype(bool)
+        if not (horizontal.any() or vertical.any()):
+            return None, hw
+        matrices = _eyes(n)
+        matrices[horizontal, 0, 0], matrices[horizontal, 0, 2] = -1.0, hw[horizontal, 1]
+        matrices[vertical, 1, 1], matrices[vertical, 1, 2] = -1.0, hw[vertical, 0]
+        return matrices, hw
+    if name in ("random_crop", "center_crop"):
+        matrices = _eyes(n)
+        matrices[:, 0, 2], matrices[:, 1, 2] = -arrays["left"], -arrays["top"]
+        return matrices, np.stack([arrays["height"], arrays["width"]], axis=1).astype(np.int64)
+    if name == "random_resized_crop":
+        size = np.broadcast_to(np.asarray(arrays["size"]), (n, 2))
+        sx, sy = size[:, 1] / arrays["width"], size[:, 0] / arrays["height"]
+        matrices = _eyes(n)
+        matrices[:, 0, 0], matrices[:, 1, 1] = sx, sy
+        matrices[:, 0, 2], matrices[:, 1, 2] = -arrays["left"] * sx, -arrays["top"] * sy
+        return matrices, size.astype(np.int64)
+    if name == "resize":
+        out = np.stack([arrays["height"], arrays["width"]], axis=1).astype(np.int64)
+        matrices = _eyes(n)
+        matrices[:, 0, 0], matrices[:, 1, 1] = out[:, 1] / hw[:, 1], out[:, 0] / hw[:, 0]
+        return matrices, out
+    if name == "rotate":
+        theta = np.radians(np.where(arrays["applied"], arrays["angle"], 0.0))
+        c, s = np.cos(theta), np.sin(theta)
+        return _about_centers(np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], 1), hw), hw
+    if name == "shear":
+        tx = np.tan(np.radians(np.where(arrays["applied"], arrays["x"], 0.0)))
+        ty = np.tan(np.radians(np.where(arrays["applied"], arrays["y"], 0.0)))
+        ones = np.ones_like(tx)
+        return _about_centers(np.stack([np.stack([ones, tx], -1), np.stack([ty, ones], -1)], 1), hw), hw
+    raise ValueError(f"not a geometric op: {name!r}")
+
+
+def fuse_batch(batch: BatchParams, color_first: bool = False) -> list[SamplePlan]:
+    """Fuse a whole batch with numpy (a few hundred microseconds for 256 samples). Samples whose local
+    warp applies take the per-sample path (:func:`fuse`), which builds their dense chain."""
+    n = len(batch)
+    channels = batch.in_shapes[:, 2]
+    hw = batch.in_shapes[:, :2].copy()
+    forward = _eyes(n)
+    offset = np.zeros((n, 3))  # per sample; grey images use the first value
+    coloured = np.zeros(n, dtype=bool)
+    warped = np.zeros(n, dtype=bool)
+    for name, arrays in batch.ops:
+        if name in _COLOR_NAMES:
+            if name == "pca_color":
+                if (channels != 3).any():
+                    raise ValueError(f"pca_color needs RGB images (3 channels), got {int(channels[channels != 3][0])} channel(s)")
+                offset += arrays["offset"]
+                coloured[:] = True
+            else:  # color_shift
+                applied = arrays["applied"].astype(bool)
+                offset[applied] += arrays["offset"][applied]
+                coloured |= applied
+        elif name == "warp":
+            warped |= arrays["applied"].astype(bool)
+        else:
+            matrices, hw = _batch_forward(name, arrays, hw)
+            if matrices is not None:
+                forward = _compose(matrices, forward)
+    inverse = _invert_affine(forward)
+    records = batch.records() if warped.any() else None
+    plans = []
+    for i in range(n):
+        if warped[i]:
+            plans.append(fuse(records[i], color_first))
+            continue
+        count = int(channels[i])
+        shape = (int(batch.in_shapes[i, 0]), int(batch.in_shapes[i, 1]), count)
+        plan = SamplePlan(shape, (int(hw[i, 0]), int(hw[i, 1])), inverse=inverse[i], sample_id=int(batch.sample_ids[i]), color_first=color_first)
+        if coloured[i]:
+            plan.color = (np.eye(count), offset[i, :count])
+        plans.append(plan)
+    return plans
 
 
 def source_map(plan: SamplePlan, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,14 @@
 """Seeded per-sample parameter sampling: the only place where augmentation randomness is drawn.
 
-The parameters of sample ``i`` in epoch ``e`` under seed ``s`` come from one generator seeded with
-``SeedSequence([s, e, i])``; ops draw from it in spec order, each op always drawing the same count of
-numbers (even when its probability says "skip"), so the result depends on (s, e, i) and the image shape
-alone — not on the batch, the position in it, the worker or the backend.
+The parameters of sample ``i`` in epoch ``e`` under seed ``s`` come from its own counter-based stream
+(:mod:`pipelines.rng`): a function of (s, e, i) and the image shape alone — not of the batch, the
+position in it, the worker or the backend. Every op owns a fixed slice of that stream (its draws start
+where the previous op's end, whatever values they took), so changing one op's hyper-parameters never
+changes the draws of another.
 
-Each sampler is ``(spec, rng, (height, width)) -> (params, (out_height, out_width))``. ``params`` is a
-JSON-friendly dict: the replay record. Kernels never draw random numbers; they consume these records.
+Sampling is vectorised over the batch: each sampler is ``(spec, keys, start, hw) -> (arrays, hw)`` with
+``hw`` the (N, 2) canvas sizes before the op. :class:`BatchParams` holds the arrays; ``records()``
+turns them into the JSON-friendly replay records (one dict per op per sample). Kernels never draw.
 """
 
 from __future__ import annotations
@@ -19,11 +21,22 @@ import numpy as np
 
 from . import spec as S
 from .registry import Registry
+from .rng import normal_draws, normals, sample_keys, uniforms
 
-HW = tuple[int, int]
-Sampler = Callable[[S.OpSpec, np.random.Generator, HW], tuple[dict, HW]]
+
+@dataclass(frozen=True)
+class Sampler:
+    """How one op draws: ``draws(spec)`` numbers per sample, turned into arrays by ``sample``."""
+
+    draws: Callable[[S.OpSpec], int]
+    sample: Callable[[S.OpSpec, np.ndarray, int, np.ndarray], tuple[dict, np.ndarray]]
+
 
 SAMPLERS: Registry[Sampler] = Registry("sampler")
+
+
+def register(name: str, draws: Callable[[S.OpSpec], int]):
+    return lambda function: SAMPLERS.add(name, Sampler(draws, function))
 
 
 @dataclass
@@ -39,139 +52,216 @@ class SampleParams:
         return {"sample_id": self.sample_id, "in_shape": list(self.in_shape), "out_shape": list(self.out_shape), "ops": self.ops}
 
 
-def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    """The generator of one sample: a function of (seed, epoch, sample_id) alone."""
-    for name, value in (("seed", seed), ("epoch", epoch), ("sample_id", sample_id)):
-        if not isinstance(value, (int, np.integer)) or value < 0:
+@dataclass
+class BatchParams:
+    """Parameters of a batch as arrays: per op, its name and a dict of arrays with a leading N axis
+    (plus constants shared by every sample, such as a warp's ``kind``)."""
+
+    sample_ids: np.ndarray  # (N,) int64
+    in_shapes: np.ndarray  # (N, 3) int64: H, W, C
+    ops: list[tuple[str, dict]]
+    out_hw: np.ndarray  # (N, 2) int64
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def records(self) -> list[SampleParams]:
+        """Per-sample replay records (plain Python values, JSON-friendly)."""
+        records = []
+        for i in range(len(self)):
+            ops = []
+            for name, arrays in self.ops:
+                record = {"op": name}
+                for key, value in arrays.items():
+                    record[key] = value[i].tolist() if isinstance(value, np.ndarray) else value
+                ops.append(record)
+            shape = tuple(int(v) for v in self.in_shapes[i])
+            records.append(SampleParams(int(self.sample_ids[i]), shape, (int(self.out_hw[i, 0]), int(self.out_hw[i, 1]), shape[2]), ops))
+        return records
+
+    @classmethod
+    def from_records(cls, records: list[SampleParams]) -> "BatchParams":
+        """Stack replay records (all of the same spec) back into arrays."""
+        if not records:
+            raise ValueError("no parameter records were given")
+        names = [r["op"] for r in records[0].ops]
+        if any([r["op"] for r in record.ops] != names for record in records):
+            raise ValueError("parameter records of one batch must come from the same pipeline spec")
+        ops = []
+        for position, name in enumerate(names):
+            arrays = {}
+            for key, value in records[0].ops[position].items():
+                if key == "op":
+                    continue
+                if isinstance(value, str):
+                    arrays[key] = value
+                else:
+                    arrays[key] = np.asarray([r.ops[position][key] for r in records])
+            ops.append((name, arrays))
+        return cls(
+            np.asarray([r.sample_id for r in records], dtype=np.int64),
+            np.asarray([r.in_shape for r in records], dtype=np.int64),
+            ops,
+            np.asarray([r.out_shape[:2] for r in records], dtype=np.int64),
+        )
+
+
+def check_ids(seed: int, epoch: int, sample_ids) -> np.ndarray:
+    for name, value in (("seed", seed), ("epoch", epoch)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch), int(sample_id)])))
+    ids = np.asarray(sample_ids)
+    if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0):
+        raise ValueError(f"sample_id must be a non-negative integer, got {sample_ids!r}")
+    return ids.astype(np.int64).reshape(-1)
 
 
-def sample_one(spec: S.PipelineSpec, shape: tuple[int, int, int], seed: int, epoch: int, sample_id: int) -> SampleParams:
-    """Draw the parameters of every op of ``spec`` for one sample of ``shape`` (H, W, C)."""
-    rng = sample_rng(seed, epoch, sample_id)
-    hw: HW = (int(shape[0]), int(shape[1]))
-    records = []
+def sample_batch(spec: S.PipelineSpec, shapes, seed: int, epoch: int, sample_ids) -> BatchParams:
+    """Draw every op's parameters for a batch. ``shapes``: (N, 3) of (H, W, C)."""
+    ids = check_ids(seed, epoch, sample_ids)
+    in_shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)
+    keys = sample_keys(int(seed), int(epoch), ids)
+    hw = in_shapes[:, :2].copy()
+    ops, start = [], 0
     for op in spec.ops:
         if isinstance(op, S.Normalize):
             continue  # pipeline-level conversion, nothing random and nothing per sample
-        params, hw = SAMPLERS.get(op.op)(op, rng, hw)
-        records.append(params)
-    return SampleParams(int(sample_id), tuple(int(v) for v in shape), (hw[0], hw[1], int(shape[2])), records)
+        sampler = SAMPLERS.get(op.op)
+        arrays, hw = sampler.sample(op, keys, start, hw)
+        start += sampler.draws(op)
+        ops.append((op.op, arrays))
+    return BatchParams(ids, in_shapes, ops, hw)
+
+
+def sample_one(spec: S.PipelineSpec, shape: tuple[int, int, int], seed: int, epoch: int, sample_id: int) -> SampleParams:
+    """The replay record of one sample of ``shape`` (H, W, C)."""
+    return sample_batch(spec, [shape], seed, epoch, [sample_id]).records()[0]
 
 
 # --- geometry ----------------------------------------------------------------------------------------
 
 
-@SAMPLERS.register("mirror")
-def _mirror(op: S.Mirror, rng, hw):
-    draws = rng.random(2)
-    return {"op": "mirror", "horizontal": bool(draws[0] < op.horizontal), "vertical": bool(draws[1] < op.vertical)}, hw
+@register("mirror", lambda op: 2)
+def _mirror(op: S.Mirror, keys, start, hw):
+    u = uniforms(keys, start, 2)
+    return {"horizontal": u[:, 0] < op.horizontal, "vertical": u[:, 1] < op.vertical}, hw
 
 
-@SAMPLERS.register("random_crop")
-def _random_crop(op: S.RandomCrop, rng, hw):
-    (height, width), (out_h, out_w), pad = hw, op.size, op.padding
-    if height + 2 * pad < out_h or width + 2 * pad < out_w:
+@register("random_crop", lambda op: 2)
+def _random_crop(op: S.RandomCrop, keys, start, hw):
+    (out_h, out_w), pad = op.size, op.padding
+    room_h, room_w = hw[:, 0] + 2 * pad - out_h, hw[:, 1] + 2 * pad - out_w
+    bad = np.flatnonzero((room_h < 0) | (room_w < 0))
+    if bad.size:
+        height, width = hw[bad[0]]
         raise ValueError(
             f"random_crop size {out_h}x{out_w} is larger than the padded image "
             f"{height + 2 * pad}x{width + 2 * pad} (image {height}x{width}, padding {pad})"
         )
-    top = int(rng.integers(0, height + 2 * pad - out_h + 1))
-    left = int(rng.integers(0, width + 2 * pad - out_w + 1))
+    u = uniforms(keys, start, 2)
     # Offsets relative to the unpadded image: negative means the window starts inside the padding.
-    return {"op": "random_crop", "top": top - pad, "left": left - pad, "height": out_h, "width": out_w}, (out_h, out_w)
+    top = np.floor(u[:, 0] * (room_h + 1)).astype(np.int64) - pad
+    left = np.floor(u[:, 1] * (room_w + 1)).astype(np.int64) - pad
+    n = len(keys)
+    return {"top": top, "left": left, "height": np.full(n, out_h), "width": np.full(n, out_w)}, np.tile([out_h, out_w], (n, 1))
 
 
-@SAMPLERS.register("random_resized_crop")
-def _random_resized_crop(op: S.RandomResizedCrop, rng, hw):
-    height, width = hw
-    area = float(height * width)
-    log_ratio = (math.log(op.ratio[0]), math.log(op.ratio[1]))
-    # Always draw all ten tries so the stream of numbers does not depend on which try succeeds.
-    fractions = rng.uniform(op.scale[0], op.scale[1], size=10)
-    aspects = np.exp(rng.uniform(log_ratio[0], log_ratio[1], size=10))
-    positions = rng.random((10, 2))
-    box = None
-    for fraction, aspect, (ry, rx) in zip(fractions, aspects, positions):
-        box_w = math.sqrt(area * fraction * aspect)
-        box_h = math.sqrt(area * fraction / aspect)
-        if box_w <= width and box_h <= height:
-            box = (ry * (height - box_h), rx * (width - box_w), box_h, box_w)
-            break
-    if box is None:  # fallback: the largest centred box whose aspect lies within ratio
-        in_ratio = width / height
-        if in_ratio < op.ratio[0]:
-            box_w, box_h = float(width), width / op.ratio[0]
-        elif in_ratio > op.ratio[1]:
-            box_h, box_w = float(height), height * op.ratio[1]
-        else:
-            box_h, box_w = float(height), float(width)
-        box = ((height - box_h) / 2.0, (width - box_w) / 2.0, box_h, box_w)
-    top, left, box_h, box_w = (float(v) for v in box)
+_RRC_TRIES = 10
+
+
+@register("random_resized_crop", lambda op: 4 * _RRC_TRIES)
+def _random_resized_crop(op: S.RandomResizedCrop, keys, start, hw):
+    height, width = hw[:, 0:1].astype(np.float64), hw[:, 1:2].astype(np.float64)
+    u = uniforms(keys, start, 4 * _RRC_TRIES).reshape(len(keys), 4, _RRC_TRIES)
+    fraction = op.scale[0] + (op.scale[1] - op.scale[0]) * u[:, 0]
+    low, high = math.log(op.ratio[0]), math.log(op.ratio[1])
+    aspect = np.exp(low + (high - low) * u[:, 1])
+    area = height * width
+    box_w, box_h = np.sqrt(area * fraction * aspect), np.sqrt(area * fraction / aspect)
+    fits = (box_w <= width) & (box_h <= height)
+    first = np.argmax(fits, axis=1)  # the first try that fits (the Inception recipe's ten tries)
+    rows = np.arange(len(keys))
+    box_h, box_w = box_h[rows, first], box_w[rows, first]
+    top = u[rows, 2, first] * (height[:, 0] - box_h)
+    left = u[rows, 3, first] * (width[:, 0] - box_w)
+    fallback = ~fits.any(axis=1)
+    if fallback.any():  # the largest centred box whose aspect lies within ratio
+        h, w = height[fallback, 0], width[fallback, 0]
+        ratio = w / h
+        fb_w = np.where(ratio < op.ratio[0], w, np.where(ratio > op.ratio[1], h * op.ratio[1], w))
+        fb_h = np.where(ratio < op.ratio[0], w / op.ratio[0], h)
+        box_h[fallback], box_w[fallback] = fb_h, fb_w
+        top[fallback], left[fallback] = (h - fb_h) / 2.0, (w - fb_w) / 2.0
     out_h, out_w = op.size
-    return {"op": "random_resized_crop", "top": top, "left": left, "height": box_h, "width": box_w, "size": [out_h, out_w]}, (out_h, out_w)
+    n = len(keys)
+    return {"top": top, "left": left, "height": box_h, "width": box_w, "size": [out_h, out_w]}, np.tile([out_h, out_w], (n, 1))
 
 
-@SAMPLERS.register("rotate")
-def _rotate(op: S.Rotate, rng, hw):
-    gate, angle = rng.random(), rng.uniform(-op.degrees, op.degrees)
-    return {"op": "rotate", "applied": bool(gate < op.p), "angle": float(angle)}, hw
+@register("rotate", lambda op: 2)
+def _rotate(op: S.Rotate, keys, start, hw):
+    u = uniforms(keys, start, 2)
+    return {"applied": u[:, 0] < op.p, "angle": op.degrees * (2.0 * u[:, 1] - 1.0)}, hw
 
 
-@SAMPLERS.register("shear")
-def _shear(op: S.Shear, rng, hw):
-    gate, angles = rng.random(), rng.uniform(-op.degrees, op.degrees, size=2)
-    return {"op": "shear", "applied": bool(gate < op.p), "x": float(angles[0]), "y": float(angles[1])}, hw
+@register("shear", lambda op: 3)
+def _shear(op: S.Shear, keys, start, hw):
+    u = uniforms(keys, start, 3)
+    return {"applied": u[:, 0] < op.p, "x": op.degrees * (2.0 * u[:, 1] - 1.0), "y": op.degrees * (2.0 * u[:, 2] - 1.0)}, hw
 
 
-@SAMPLERS.register("warp")
-def _warp(op: S.Warp, rng, hw):
-    gate = rng.random()
-    size = (op.cells + 1, op.cells + 1, 2)
+def _warp_count(op: S.Warp) -> int:
+    return 2 * (op.cells + 1) ** 2
+
+
+@register("warp", lambda op: 1 + normal_draws(_warp_count(op)))
+def _warp(op: S.Warp, keys, start, hw):
+    gate = uniforms(keys, start, 1)[:, 0]
+    size = (len(keys), op.cells + 1, op.cells + 1, 2)
     if op.kind == "grid":
-        control = rng.uniform(-op.magnitude, op.magnitude, size=size)
+        control = op.magnitude * (2.0 * uniforms(keys, start + 1, _warp_count(op)) - 1.0)
     else:
-        control = np.clip(rng.normal(0.0, op.magnitude, size=size), -3 * op.magnitude, 3 * op.magnitude)
-    control[0, :], control[-1, :], control[:, 0], control[:, -1] = 0.0, 0.0, 0.0, 0.0  # border stays put
-    return {"op": "warp", "applied": bool(gate < op.p), "kind": op.kind, "control": control.tolist()}, hw
+        control = np.clip(op.magnitude * normals(keys, start + 1, _warp_count(op)), -3 * op.magnitude, 3 * op.magnitude)
+    control = control.reshape(size)
+    control[:, 0], control[:, -1], control[:, :, 0], control[:, :, -1] = 0.0, 0.0, 0.0, 0.0  # border stays put
+    return {"applied": gate < op.p, "kind": op.kind, "control": control}, hw
 
 
-@SAMPLERS.register("resize")
-def _resize(op: S.Resize, rng, hw):
-    height, width = hw
+@register("resize", lambda op: 1)
+def _resize(op: S.Resize, keys, start, hw):
     if isinstance(op.short_side, tuple):
-        short = int(rng.integers(op.short_side[0], op.short_side[1] + 1))
+        low, high = op.short_side
+        short = low + np.floor(uniforms(keys, start, 1)[:, 0] * (high - low + 1)).astype(np.int64)
     else:
-        short = op.short_side
-    factor = short / min(height, width)
-    out = (max(1, round(height * factor)), max(1, round(width * factor)))
-    return {"op": "resize", "height": out[0], "width": out[1]}, out
+        short = np.full(len(keys), op.short_side)
+    factor = short / hw.min(axis=1)
+    out = np.maximum(1, np.round(hw * factor[:, None])).astype(np.int64)
+    return {"height": out[:, 0], "width": out[:, 1]}, out
 
 
-@SAMPLERS.register("center_crop")
-def _center_crop(op: S.CenterCrop, rng, hw):
-    (height, width), (out_h, out_w) = hw, op.size
+@register("center_crop", lambda op: 0)
+def _center_crop(op: S.CenterCrop, keys, start, hw):
+    (out_h, out_w), n = op.size, len(keys)
     # Integer offsets keep a centre crop an exact copy of pixels (no interpolation).
-    top, left = int(round((height - out_h) / 2.0)), int(round((width - out_w) / 2.0))
-    return {"op": "center_crop", "top": top, "left": left, "height": out_h, "width": out_w}, (out_h, out_w)
+    top = np.round((hw[:, 0] - out_h) / 2.0).astype(np.int64)
+    left = np.round((hw[:, 1] - out_w) / 2.0).astype(np.int64)
+    return {"top": top, "left": left, "height": np.full(n, out_h), "width": np.full(n, out_w)}, np.tile([out_h, out_w], (n, 1))
 
 
 # --- colour ------------------------------------------------------------------------------------------
 
 
-@SAMPLERS.register("pca_color")
-def _pca_color(op: S.PcaColor, rng, hw):
-    alpha = rng.normal(0.0, op.alpha_std, size=3) if op.alpha_std > 0 else np.zeros(3)
+@register("pca_color", lambda op: normal_draws(3))
+def _pca_color(op: S.PcaColor, keys, start, hw):
+    alpha = op.alpha_std * normals(keys, start, 3)
     eigvec = np.asarray(op.eigvec, dtype=np.float64)
     eigval = np.asarray(op.eigval, dtype=np.float64)
-    offset = eigvec @ (alpha * eigval) * 255.0  # the paper's offset, here on the 0–255 scale
-    return {"op": "pca_color", "alpha": alpha.tolist(), "offset": offset.tolist()}, hw
+    # eigvec @ (alpha * eigval) per sample on the 0–255 scale, summed elementwise (not by BLAS) so a
+    # sample's offset has the same bits whatever the batch around it.
+    offset = (eigvec[None, :, :] * (alpha * eigval)[:, None, :]).sum(axis=2) * 255.0
+    return {"alpha": alpha, "offset": offset}, hw
 
 
-@SAMPLERS.register("color_shift")
-def _color_shift(op: S.ColorShift, rng, hw):
-    gate = rng.random()
-    limits = np.asarray(op.limits)
-    offset = rng.uniform(-1.0, 1.0, size=3) * limits
-    return {"op": "color_shift", "applied": bool(gate < op.p), "offset": offset.tolist()}, hw
+@register("color_shift", lambda op: 4)
+def _color_shift(op: S.ColorShift, keys, start, hw):
+    u = uniforms(keys, start, 4)
+    return {"applied": u[:, 0] < op.p, "offset": (2.0 * u[:, 1:4] - 1.0) * np.asarray(op.limits)}, hw
