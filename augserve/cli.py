@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         _positive(args)
         return args.func(args)
     except ValidationError as exc:
-        print(f"augserve: error: {format_validation_error(exc)}", file=sys.stderr)
+        what = "daemon config" if exc.title == "DaemonConfig" else "pipeline spec"
+        print(f"augserve: error: {format_validation_error(exc, what)}", file=sys.stderr)
     except (ValueError, TypeError, CorruptImageError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
         print(f"augserve: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -199,13 +199,19 @@ class Stream(torch.utils.data.IterableDataset):
         poller.register(self._data, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         ordered = self._request["ordered"]
-        seen: set[tuple[int, int]] = set()
-        pending: dict[tuple[int, int], Batch] = {}
+        seen: set[tuple[int, int]] = set()  # (epoch, index) received: drops duplicates of re-issued tasks
+        pending: dict[tuple[int, int], Batch] = {}  # ordered: batches waiting for their predecessors
+        held: dict[int, list[Batch]] = {}  # unordered: batches of later epochs, until this epoch is complete
         next_key = self._next_ordered_key(self._epoch, -1)
+        gate_epoch, delivered_in_gate = self._epoch_at_start, 0
         to_deliver = self._remaining
         delivered = 0
         last_sent = 0.0
         last_batch = time.monotonic()
+
+        def expected(epoch: int) -> int:
+            return self.batches_per_epoch - (len(self._consumed_at_start) if epoch == self._epoch_at_start else 0)
+
         try:
             while not self._stop.is_set() and delivered < to_deliver:
                 events = dict(poller.poll(timeout=int(self.heartbeat_interval * 500)))
@@ -235,9 +241,22 @@ class Stream(torch.utils.data.IterableDataset):
                                 self._queue.put(pending.pop(next_key))
                                 delivered += 1
                                 next_key = self._next_ordered_key(*next_key)
+                            current = next_key[0]
                         else:
-                            self._queue.put(batch)
-                            delivered += 1
+                            # Whole epochs in turn: a batch of epoch e+1 that overtook the last ones of
+                            # epoch e waits (within the credit window), so a checkpoint's position always
+                            # lies in one epoch and a resume loses nothing.
+                            held.setdefault(batch.epoch, []).append(batch)
+                            while held.get(gate_epoch):
+                                self._queue.put(held[gate_epoch].pop())
+                                delivered += 1
+                                delivered_in_gate += 1
+                                if delivered_in_gate >= expected(gate_epoch):
+                                    held.pop(gate_epoch, None)
+                                    gate_epoch, delivered_in_gate = gate_epoch + 1, 0
+                            current = gate_epoch
+                        if len(seen) > 4 * self.batches_per_epoch:  # forget epochs long finished
+                            seen = {k for k in seen if k[0] >= current - 1}
                 with self._acks_lock:
                     acks, self._acks = self._acks, []
                 if acks or now - last_sent >= self.heartbeat_interval:
@@ -321,6 +340,9 @@ class Stream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         while True:
             item = self._queue.get()
+            if item is not _END and len(item) == 0:
+                self._hand_over(item)  # every image of this batch was corrupt: count it, yield nothing
+                continue
             if item is _END:
                 self._queue.put(_END)  # later calls see the end too
                 if self._error is not None:

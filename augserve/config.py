@@ -39,7 +39,7 @@ class DaemonConfig(BaseModel):
     @field_validator("bind")
     @classmethod
     def _address(cls, value: str) -> str:
-        check_address(value, "bind")
+        check_address(value, "bind", bind=True)
         return value
 
     @field_validator("device")
@@ -63,7 +63,7 @@ class DaemonConfig(BaseModel):
         return value
 
 
-def check_address(address: str, what: str = "address") -> None:
+def check_address(address: str, what: str = "address", bind: bool = False) -> None:
     """Accept ``tcp://HOST:PORT`` (port may be ``*`` when binding) and ``ipc://PATH``; refuse the rest."""
     if not isinstance(address, str):
         raise ValueError(f"{what} must be a string like tcp://127.0.0.1:5555, got {address!r}")
@@ -71,8 +71,10 @@ def check_address(address: str, what: str = "address") -> None:
         return
     if address.startswith("tcp://"):
         host, sep, port = address[len("tcp://") :].rpartition(":")
-        if sep and host and (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+        if sep and host and ((port == "*" and bind) or (port.isdigit() and 0 < int(port) < 65536)):
             return
+        if port == "*":
+            raise ValueError(f"bad {what} {address!r}: a port of '*' only makes sense when binding; give the daemon's port")
     raise ValueError(f"bad {what} {address!r}: expected tcp://HOST:PORT or ipc://PATH")
 
 

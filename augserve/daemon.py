@@ -87,6 +87,8 @@ class Daemon:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises instead of vanishing
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        # Control messages are small: a peer announcing a huge frame is cut off by libzmq before it is buffered.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES + 4096)
         try:
             self.socket.bind(self.config.bind)
         except zmq.ZMQError as exc:
@@ -144,6 +146,8 @@ class Daemon:
         """Stop workers, close the socket, release everything. Safe to call twice."""
         if self.socket is None:
             return
+        for stream in list(self.streams.values()):  # trainers learn at once instead of after batch_timeout
+            self._send(stream.client, "stream_error", {"stream": stream.id, "message": "the daemon is shutting down", "kind": "shutdown"})
         for identity in list(self.workers):
             self._send(identity, "stop", {})
         deadline = time.monotonic() + 5.0
@@ -409,6 +413,9 @@ class Daemon:
         except (ValueError, TypeError) as exc:
             self._send(identity, "error", {"message": str(exc), "code": "invalid"})
             return
+        except MemoryError:
+            self._send(identity, "error", {"message": "the request needs more memory than this daemon has (dataset too large?)", "code": "invalid"})
+            return
         self.streams[stream.id] = stream
         log.info("stream %s attached: %s/%s, pipeline %s, batch %d, rank %d/%d, %d batch(es) per epoch", stream.id, request.dataset, request.split, stream.spec.get("name") or "custom", request.batch_size, request.rank, request.world_size, stream.plan.num_batches())
         self._send(
@@ -417,7 +424,7 @@ class Daemon:
             {
                 "stream": stream.id,
                 "batches_per_epoch": stream.plan.num_batches(),
-                "samples_per_epoch": int(len(stream.plan.shard(0))),
+                "samples_per_epoch": stream.plan.shard_size(),
                 "num_samples": stream.plan.num_samples,
                 "start_epoch": stream.start_epoch,
                 "skip": sorted(stream.skip),
@@ -538,7 +545,7 @@ def _spec_from_request(value) -> "pipelines.PipelineSpec":
 def P_check_data_address(address: str) -> None:
     from .config import check_address
 
-    check_address(address, "data address")
+    check_address(address, "data address")  # the trainer's bound endpoint: a concrete port
 
 
 def _parse_resume(state: dict, epochs: int, batches_per_epoch: int) -> tuple[int, set[int]]:

@@ -59,6 +59,12 @@ class EpochPlan:
             order = order[: per_rank * self.world_size]
         return order[self.rank :: self.world_size]
 
+    def shard_size(self) -> int:
+        """Samples per epoch for this rank, computed without building the permutation."""
+        if self.drop_last:
+            return self.num_batches() * self.batch_size
+        return len(range(self.rank, self.num_samples, self.world_size))
+
     def num_batches(self) -> int:
         """Batches per epoch for this rank (the same every epoch)."""
         if self.drop_last:

@@ -118,6 +118,8 @@ def tensor_buffer(array):
 
             array = array.view(torch.int16)
         array = array.numpy()
+    if array.size == 0:
+        return b""  # memoryview cannot cast an empty view; the receiver rebuilds the shape from the header
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
     return memoryview(array).cast("B")

@@ -70,6 +70,7 @@ def render_streams(streams: list[dict]) -> Table:
         ("in flight/credits", "right"), ("img/s", "right"), ("load/augment/send ms", "right"),
     ):  # fmt: skip
         table.add_column(name, justify=justify, no_wrap=True)
+    table.columns[0].min_width = max((len(str(s.get("stream", "?"))) for s in streams), default=0)  # ids never cut
     for s in streams:
         table.add_row(
             _plain(s.get("stream", "?")),
@@ -91,6 +92,7 @@ def render_workers(workers: list[dict]) -> Table:
         ("img/s", "right"), ("load/augment/send ms", "right"), ("last heard", "right"),
     ):  # fmt: skip
         table.add_column(name, justify=justify, no_wrap=True)
+    table.columns[0].min_width = max((len(str(w.get("worker", "?"))) for w in workers), default=0)
     for w in workers:
         busy, capacity = int(w.get("busy", 0)), int(w.get("capacity", 0))
         heard = float(w.get("last_heard_s", 0.0))

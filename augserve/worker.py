@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket as host_socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -102,45 +104,80 @@ class Worker:
             self._send_control("bye", {"worker": self.id})
         except zmq.ZMQError:
             pass
-        for sock in self.outputs.values():
-            sock.close(linger=0)
         if self.control is not None:
             self.control.close(linger=0)
 
     def _loop(self) -> int:
+        """The I/O loop: messages in, reports and heartbeats out. Tasks run on a thread of their own so
+        heartbeats keep flowing however long a batch takes (a first batch may open a big dataset)."""
         interval = self.options.heartbeat_interval
+        self._wake_read, self._wake_write = os.pipe()
+        self.tasks: queue.Queue = queue.Queue()
+        self.reports: queue.Queue = queue.Queue()
+        runner = threading.Thread(target=self._task_thread, name="augserve-worker-tasks", daemon=True)
+        runner.start()
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(timeout=int(interval * 1000)))
+                if self._wake_read in events:
+                    os.read(self._wake_read, 4096)
+                while True:
+                    try:
+                        message_type, fields = self.reports.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._send_control(message_type, fields)
+                if self.control in events:
+                    self.last_heard = time.monotonic()
+                    try:
+                        message = P.decode(self.control.recv_multipart(copy=False), P.DAEMON_TO_WORKER)
+                    except P.ProtocolError as exc:
+                        log.error("ignoring a bad message from the daemon: %s", exc)
+                        continue
+                    if message.type == "stop":
+                        log.info("worker %s: stop requested", self.id)
+                        return 0
+                    if message.type in ("task", "drop"):
+                        self.tasks.put(message)  # in order: a drop follows the tasks sent before it
+                now = time.monotonic()
+                if now - self.last_sent >= interval:
+                    self._send_control("heartbeat", self.hello)
+                if self.options.exit_with_parent and os.getppid() != self.parent:
+                    log.warning("worker %s: daemon process is gone; exiting", self.id)
+                    return 0
+                if now - self.last_heard > interval * self.options.heartbeat_liveness:
+                    if self.options.exit_with_parent:
+                        log.warning("worker %s: daemon silent for %.1f s; exiting", self.id, now - self.last_heard)
+                        return 0
+                    log.warning("worker %s: daemon silent; reconnecting to %s", self.id, self.options.connect)
+                    poller.unregister(self.control)
+                    self._open_control()
+                    poller.register(self.control, zmq.POLLIN)
+        finally:
+            self.tasks.put(None)
+            runner.join(timeout=5)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+    def _task_thread(self) -> None:
+        """Runs tasks one after another; owns the PUSH sockets to trainers."""
         while True:
-            events = dict(poller.poll(timeout=int(interval * 1000)))
-            if self.control in events:
-                self.last_heard = time.monotonic()
-                try:
-                    message = P.decode(self.control.recv_multipart(copy=False), P.DAEMON_TO_WORKER)
-                except P.ProtocolError as exc:
-                    log.error("ignoring a bad message from the daemon: %s", exc)
-                    continue
-                if message.type == "stop":
-                    log.info("worker %s: stop requested", self.id)
-                    return 0
-                if message.type == "task":
-                    self._run_task(message)
-                elif message.type == "drop":
-                    self._drop(message.get("data"))
-            now = time.monotonic()
-            if now - self.last_sent >= interval:
-                self._send_control("heartbeat", self.hello)
-            if self.options.exit_with_parent and os.getppid() != self.parent:
-                log.warning("worker %s: daemon process is gone; exiting", self.id)
-                return 0
-            if now - self.last_heard > interval * self.options.heartbeat_liveness:
-                if self.options.exit_with_parent:
-                    log.warning("worker %s: daemon silent for %.1f s; exiting", self.id, now - self.last_heard)
-                    return 0
-                log.warning("worker %s: daemon silent; reconnecting to %s", self.id, self.options.connect)
-                poller.unregister(self.control)
-                self._open_control()
-                poller.register(self.control, zmq.POLLIN)
+            message = self.tasks.get()
+            if message is None:
+                break
+            if message.type == "drop":
+                self._drop(message.get("data"))
+                continue
+            report = self._run_task(message)
+            if report is not None:
+                self.reports.put(report)
+                os.write(self._wake_write, b"r")
+        for sock in self.outputs.values():
+            sock.close(linger=0)
+        self.outputs.clear()
 
     def _send_control(self, message_type: str, fields: dict) -> None:
         self.control.send_multipart(P.encode(message_type, fields), flags=zmq.NOBLOCK)
@@ -165,14 +202,15 @@ class Worker:
             self.pipelines[key] = pipelines.build(spec, backend=self.options.backend, device=self.options.device)
         return self.pipelines[key]
 
-    def _run_task(self, message: P.Message) -> None:
+    def _run_task(self, message: P.Message) -> tuple[str, dict] | None:
+        """Load, augment and send one batch; returns the report for the daemon (``done``/``failed``)."""
         started = time.perf_counter()
         try:
             task, stream, epoch, index, ids, seed = message.require("task", "stream", "epoch", "index", "ids", "seed")
             dataset, pipeline, data = message.require("dataset", "pipeline", "data")
         except P.ProtocolError as exc:
             log.error("bad task: %s", exc)
-            return
+            return None
         on_error = message.get("on_error", "skip")
         try:
             source = self._source(dataset)
@@ -208,13 +246,11 @@ class Worker:
             self._send_batch(data, frames)
             sent = time.perf_counter()
         except CorruptImageError as exc:
-            self._send_control("failed", {"worker": self.id, "task": task, "stream": stream, "message": str(exc), "kind": "corrupt"})
-            return
+            return "failed", {"worker": self.id, "task": task, "stream": stream, "message": str(exc), "kind": "corrupt"}
         except Exception as exc:  # a bad batch must not kill the worker; the daemon reports it to the stream
             log.exception("task %s failed", task)
-            self._send_control("failed", {"worker": self.id, "task": task, "stream": stream, "message": f"{type(exc).__name__}: {exc}", "kind": "error"})
-            return
-        self._send_control(
+            return "failed", {"worker": self.id, "task": task, "stream": stream, "message": f"{type(exc).__name__}: {exc}", "kind": "error"}
+        return (
             "done",
             {
                 "worker": self.id,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -310,15 +311,31 @@ class PipelineSpec(BaseModel):
         return cls.model_json_schema()
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = 8
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+_SHORT_REPR.maxlevel = 3
+_MAX_ERRORS_SHOWN = 6
+
+
+def _short(value) -> str:
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def format_validation_error(error: ValidationError, what: str = "pipeline spec") -> str:
     """One line naming each bad field and value, e.g. ``ops[1].rotate.p = 1.5: Input should be <= 1``."""
     parts = []
-    for item in error.errors(include_url=False):
+    errors = error.errors(include_url=False)
+    for item in errors[:_MAX_ERRORS_SHOWN]:
         location = ""
         for key in item.get("loc", ()):
             location += f"[{key}]" if isinstance(key, int) else (f".{key}" if location else str(key))
         message = item.get("msg", "invalid").removeprefix("Value error, ")
         value = item.get("input")
-        shown = "" if isinstance(value, dict) or item.get("type") == "missing" else f" = {value!r}"
+        # Bounded: a hostile spec (a YAML alias bomb) must not produce a megabyte-long message.
+        shown = "" if isinstance(value, dict) or item.get("type") == "missing" else f" = {_short(value)}"
         parts.append(f"{location or '<root>'}{shown}: {message}")
+    if len(errors) > _MAX_ERRORS_SHOWN:
+        parts.append(f"and {len(errors) - _MAX_ERRORS_SHOWN} more error(s)")
     return f"invalid {what}: " + "; ".join(parts)

@@ -7,10 +7,14 @@ touches each batch. The baseline is ``DataLoader(num_workers=N)`` over a Dataset
 equivalent ``albumentations.Compose`` to each image; ours is ``augserve serve --workers N`` and
 ``augserve.connect`` (workers ship uint8, the trainer's client normalizes). Runs alternate between
 the two so machine noise hits both alike; medians are reported with their ratio.
+
+``scaling=True`` (``--scaling``) repeats the comparison for every worker count from 1 to N, one daemon
+per count, for a curve of images/s against workers on both sides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -22,6 +26,7 @@ import time
 import numpy as np
 
 from ..status import fetch_status
+from .plots import cpu_name
 
 
 def write_source(path: str, count: int, size: int = 256) -> None:
@@ -49,54 +54,115 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_e2e(workers: int = 2, batch_size: int = 64, batches: int = 30, rounds: int = 3, images: int = 512, progress=None) -> dict:
-    """Measure and return the result dict (see :func:`format_table`)."""
+@contextlib.contextmanager
+def _daemon(source: str, workers: int):
+    """``augserve serve --workers N`` serving ``source`` as dataset ``bench``; yields its address."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "augserve", "serve", "--bind", address, "--workers", str(workers), "--dataset", f"bench={source}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        _wait_for_workers(address, workers, daemon)
+        yield address
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+
+def _measure(source: str, workers: int, batch_size: int, batches: int, rounds: int, progress=None) -> tuple[dict[str, list[dict]], dict]:
+    """Alternating runs of both loaders with ``workers`` worker processes; returns (runs, daemon status)."""
+    with _daemon(source, workers) as address:
+        common = ["--batch-size", str(batch_size), "--batches", str(batches)]
+        runs: dict[str, list[dict]] = {"augserve": [], "dataloader": []}
+        for round_index in range(rounds):
+            runs["augserve"].append(_run_trainer("augserve", [*common, "--address", address, "--seed", str(round_index)], timeout=600))
+            if progress:
+                progress(f"{workers} worker(s), round {round_index + 1}/{rounds}: augserve {runs['augserve'][-1]['images_per_s']:.0f} img/s")
+            runs["dataloader"].append(_run_trainer("dataloader", [*common, "--source", source, "--workers", str(workers)], timeout=600))
+            if progress:
+                progress(f"{workers} worker(s), round {round_index + 1}/{rounds}: DataLoader {runs['dataloader'][-1]['images_per_s']:.0f} img/s")
+        status = fetch_status(address)
+    return runs, status
+
+
+LOADERS = {"augserve": "augserve (daemon + connect)", "dataloader": "torch DataLoader + albumentations"}
+
+
+def run_e2e(workers: int = 2, batch_size: int = 64, batches: int = 30, rounds: int = 3, images: int = 512, progress=None, scaling: bool = False) -> dict:
+    """Measure and return the result dict (see :func:`format_table`).
+
+    ``scaling``: measure every worker count from 1 to ``workers`` (one daemon per count), giving one row
+    per (loader, workers); the summary's headline figures are those at ``workers``.
+    """
+    counts = list(range(1, workers + 1)) if scaling else [workers]
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="augserve-bench-") as folder:
         source = os.path.join(folder, "shapes256.npz")
         write_source(source, images)
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "augserve", "serve", "--bind", address, "--workers", str(workers), "--dataset", f"bench={source}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-        )  # fmt: skip
-        try:
-            _wait_for_workers(address, workers, daemon)
-            common = ["--batch-size", str(batch_size), "--batches", str(batches)]
-            runs: dict[str, list[dict]] = {"augserve": [], "dataloader": []}
-            for round_index in range(rounds):
-                runs["augserve"].append(_run_trainer("augserve", [*common, "--address", address, "--seed", str(round_index)], timeout=600))
-                if progress:
-                    progress(f"round {round_index + 1}/{rounds}: augserve {runs['augserve'][-1]['images_per_s']:.0f} img/s")
-                runs["dataloader"].append(_run_trainer("dataloader", [*common, "--source", source, "--workers", str(workers)], timeout=600))
-                if progress:
-                    progress(f"round {round_index + 1}/{rounds}: DataLoader {runs['dataloader'][-1]['images_per_s']:.0f} img/s")
-            status = fetch_status(address)
-        finally:
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-    ours = statistics.median(r["images_per_s"] for r in runs["augserve"])
-    baseline = statistics.median(r["images_per_s"] for r in runs["dataloader"])
-    stage = _stage_share(status)
+        for count in counts:
+            runs, status = _measure(source, count, batch_size, batches, rounds, progress)
+            for loader, loader_runs in runs.items():
+                rows.append(
+                    {
+                        "benchmark": "e2e",
+                        "loader": loader,
+                        "workers": count,
+                        "images_per_s": round(statistics.median(r["images_per_s"] for r in loader_runs), 1),
+                        "first_batch_s": round(statistics.median(r["first_batch_s"] for r in loader_runs), 3),
+                        "runs": [round(r["images_per_s"], 1) for r in loader_runs],
+                    }
+                )
+    top = {row["loader"]: row for row in rows if row["workers"] == workers}
+    ours, baseline = top["augserve"]["images_per_s"], top["dataloader"]["images_per_s"]
+    curve = [
+        {"workers": count, **{f"{loader}_images_per_s": row["images_per_s"] for loader in LOADERS for row in rows if row["workers"] == count and row["loader"] == loader}}
+        for count in counts
+    ]
+    for point in curve:
+        point["ratio"] = round(point["augserve_images_per_s"] / point["dataloader_images_per_s"], 2)
     return {
         "benchmark": "e2e",
         "workers": workers,
         "batch_size": batch_size,
         "batches_timed": batches,
         "rounds": rounds,
+        "images": images,
+        "cpu": cpu_name(),
         "pipeline": "alexnet (256² uint8 → 224² float32 NCHW)",
-        "augserve_images_per_s": round(ours, 1),
-        "dataloader_images_per_s": round(baseline, 1),
+        "augserve_images_per_s": ours,
+        "dataloader_images_per_s": baseline,
         "ratio": round(ours / baseline, 2),
         "target_ratio": 1.3,
-        "augserve_first_batch_s": round(statistics.median(r["first_batch_s"] for r in runs["augserve"]), 3),
-        "dataloader_first_batch_s": round(statistics.median(r["first_batch_s"] for r in runs["dataloader"]), 3),
-        "worker_stage_share": stage,
-        "runs": runs,
+        "augserve_first_batch_s": top["augserve"]["first_batch_s"],
+        "dataloader_first_batch_s": top["dataloader"]["first_batch_s"],
+        "worker_stage_share": _stage_share(status),
+        "scaling": curve if scaling else None,
+        "rows": rows,
     }
+
+
+def json_rows(result: dict) -> list[dict]:
+    """The rows ``--json`` prints before the summary: one per (loader, workers)."""
+    return list(result["rows"])
+
+
+def plot(result: dict, path: str) -> str:
+    """Images/s against workers for both loaders, and their ratio (one point each without --scaling)."""
+    from .plots import scaling_plot
+
+    counts = sorted({row["workers"] for row in result["rows"]})
+    curves = {
+        LOADERS[loader]: [next(r["images_per_s"] for r in result["rows"] if r["loader"] == loader and r["workers"] == count) for count in counts]
+        for loader in LOADERS
+    }
+    title = f"augserve bench e2e — {result['pipeline']}, batch {result['batch_size']}, median of {result['rounds']} alternating runs"
+    return scaling_plot(path, counts, curves, title, ratio_of=(LOADERS["augserve"], LOADERS["dataloader"]))
 
 
 def _stage_share(status: dict) -> dict:
@@ -135,6 +201,16 @@ def format_table(result: dict) -> str:
             f"| torch DataLoader + albumentations | {result['dataloader_images_per_s']:.0f} | {result['dataloader_first_batch_s'] * 1000:.0f} ms |",
             "",
             f"ratio: {result['ratio']:.2f}× (target ≥ {result['target_ratio']}×)",
-            f"worker time by stage: load {share['load']:.0%}, augment {share['augment']:.0%}, send (transport) {share['send']:.0%}",
+            f"worker time by stage (at {result['workers']} workers): load {share['load']:.0%}, augment {share['augment']:.0%}, send (transport) {share['send']:.0%}",
         ]
+        + _scaling_lines(result)
     )
+
+
+def _scaling_lines(result: dict) -> list[str]:
+    if not result.get("scaling"):
+        return []
+    lines = ["", "scaling (images/s to the trainer, medians):", "", "| workers | augserve | DataLoader | ratio |", "|---:|---:|---:|---:|"]
+    for point in result["scaling"]:
+        lines.append(f"| {point['workers']} | {point['augserve_images_per_s']:.0f} | {point['dataloader_images_per_s']:.0f} | {point['ratio']:.2f}× |")
+    return lines

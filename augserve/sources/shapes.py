@@ -28,6 +28,10 @@ _SPLIT_IDS = {"train": 0, "test": 1}
 _LABEL_STREAM = 0x1ABE1  # a 4th SeedSequence word keeps label draws apart from image draws
 _SUBPIXEL_BITS = 4  # cv2 drawing with fixed-point vertices: 1/16-pixel precision
 
+# Images are generated on demand, but epoch plans hold every id: bound what a request can make a
+# daemon allocate (10M ids = 80 MB per permutation).
+MAX_N = 10_000_000
+
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -135,7 +139,7 @@ class ShapesSource(Source):
     def __init__(self, split: str = "train", *, size: int = 64, n: int | None = None, seed: int = 0) -> None:
         split = check_split(split, ("train", "test"), "shapes")
         self.size = _check_int("size", size, 16, 4096)
-        self.n = DEFAULT_N[split] if n is None else _check_int("n", n, 1, 2**31 - 1)
+        self.n = DEFAULT_N[split] if n is None else _check_int("n", n, 1, MAX_N)
         self.seed = _check_int("seed", seed, 0, 2**63 - 1)
         super().__init__("shapes", split, {"size": self.size, "n": self.n, "seed": self.seed})
         self._split_id = _SPLIT_IDS[split]

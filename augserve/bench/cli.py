@@ -1,0 +1,157 @@
+"""The ``augserve bench`` subcommands: ``pipelines``, ``e2e`` and ``trainer``.
+
+``augserve/cli.py`` calls :func:`add_bench_commands` with its ``bench`` sub-parsers. Every handler takes
+the parsed ``args``, raises ValueError (one line) for a user's mistake, and prints either a readable
+table or, with ``--json``, one JSON object per line: the rows first, the summary object last.
+``--plot PATH.png`` also writes a chart (matplotlib, Agg backend).
+
+Heavy imports (torch, OpenCV, albumentations, matplotlib) happen inside the handlers, so building the
+parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _print_rows_and_summary(args, rows: list[dict], summary: dict, text: str) -> None:
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        print(json.dumps(summary))
+    else:
+        print(text)
+
+
+def _progress(args):
+    """Progress lines on stderr in table mode; quiet with --json (stdout stays machine-readable)."""
+    if args.json:
+        return None
+    return lambda text: print(text, file=sys.stderr, flush=True)
+
+
+def _at_least(args, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def _key_values(pairs: list[str] | None, flag: str) -> dict:
+    """``KEY=VALUE`` pairs → dict; values that look like integers become ints."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} must look like KEY=VALUE, got {pair!r}")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
+def _plot_note(path: str | None) -> str:
+    return f"\nwrote {path}" if path else ""
+
+
+# --- handlers ----------------------------------------------------------------------------------------
+
+
+def cmd_bench_pipelines(args) -> int:
+    from .plots import check_png_path
+
+    _at_least(args, 1, "images", "rounds", "threads", "op_rounds")
+    check_png_path(args.plot)
+    from .pipeline_throughput import format_table, json_rows, plot, run_benchmark
+
+    result = run_benchmark(images=args.images, rounds=args.rounds, threads=args.threads, backends=args.backend or None, progress=_progress(args), per_op=args.per_op, op_rounds=args.op_rounds)
+    if args.plot:
+        result["plot"] = plot(result, args.plot)
+    _print_rows_and_summary(args, json_rows(result), result, format_table(result) + _plot_note(args.plot))
+    return 0
+
+
+def cmd_bench_e2e(args) -> int:
+    from .plots import check_png_path
+
+    _at_least(args, 1, "workers", "batch_size", "batches", "rounds", "images")
+    if args.images < args.batch_size:
+        raise ValueError(f"--images ({args.images}) must be at least --batch-size ({args.batch_size})")
+    check_png_path(args.plot)
+    from .e2e import format_table, json_rows, plot, run_e2e
+
+    result = run_e2e(workers=args.workers, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, images=args.images, progress=_progress(args), scaling=args.scaling)
+    if args.plot:
+        result["plot"] = plot(result, args.plot)
+    _print_rows_and_summary(args, json_rows(result), result, format_table(result) + _plot_note(args.plot))
+    return 0
+
+
+def cmd_bench_trainer(args) -> int:
+    from .plots import check_png_path
+
+    _at_least(args, 1, "workers", "batch_size", "steps", "rounds", "threads")
+    _at_least(args, 0, "warmup_steps")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    check_png_path(args.plot)
+    from .trainer_bench import TrainerBenchConfig, format_table, json_rows, plot, run_trainer_bench
+
+    config = TrainerBenchConfig(
+        model=args.model, dataset=args.dataset, dataset_options=_key_values(args.dataset_option, "--dataset-option"),
+        pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
+        workers=args.workers, rounds=args.rounds, backend=args.backend, threads=args.threads, lr=args.lr,
+    )  # fmt: skip
+    result = run_trainer_bench(config, progress=_progress(args))
+    if args.plot:
+        result["plot"] = plot(result, args.plot)
+    _print_rows_and_summary(args, json_rows(result), result, format_table(result) + _plot_note(args.plot))
+    return 0
+
+
+# --- registration ------------------------------------------------------------------------------------
+
+
+def add_bench_commands(bench_kinds, backends: list[str]) -> None:
+    """Register ``pipelines``, ``e2e`` and ``trainer`` under ``augserve bench`` (``bench_kinds``: the
+    ``bench`` parser's sub-parsers; ``backends``: the augmentation backend names)."""
+
+    def common(sub) -> None:
+        sub.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
+        sub.add_argument("--plot", metavar="PATH.png", help="also write a PNG chart")
+
+    pipelines_ = bench_kinds.add_parser("pipelines", help="images/s per core: our backends vs an ordinary albumentations Compose")
+    pipelines_.add_argument("--images", type=int, default=64, help="batch size (256² inputs)")
+    pipelines_.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    pipelines_.add_argument("--threads", type=int, default=1, help="threads per process (1 = per core)")
+    pipelines_.add_argument("--backend", action="append", choices=backends, help="only these backends (repeatable)")
+    pipelines_.add_argument("--per-op", action="store_true", help="also each op alone and each preset, every backend vs its albumentations equivalent")
+    pipelines_.add_argument("--op-rounds", type=int, default=None, help="interleaved rounds of the --per-op pass (default: --rounds, at most 3)")
+    common(pipelines_)
+    pipelines_.set_defaults(func=cmd_bench_pipelines)
+
+    e2e = bench_kinds.add_parser("e2e", help="images/s delivered to a trainer process: augserve vs torch DataLoader")
+    e2e.add_argument("--workers", type=int, default=2, help="worker processes on both sides (with --scaling: the largest count)")
+    e2e.add_argument("--batch-size", type=int, default=64)
+    e2e.add_argument("--batches", type=int, default=30, help="timed batches per run (after 3 warm-up batches)")
+    e2e.add_argument("--rounds", type=int, default=3, help="alternating runs per loader; medians are reported")
+    e2e.add_argument("--images", type=int, default=512, help="images in the 256² source (.npz)")
+    e2e.add_argument("--scaling", action="store_true", help="measure every worker count from 1 to --workers (a scaling curve)")
+    common(e2e)
+    e2e.set_defaults(func=cmd_bench_e2e)
+
+    trainer = bench_kinds.add_parser("trainer", help="a real training step fed by augserve vs by a torch DataLoader: images/s and data stall")
+    trainer.add_argument("--model", default="lenet5_relu", help="a model of trainer.models (e.g. lenet5_relu, resnet18)")
+    trainer.add_argument("--dataset", default="digits", help="built-in name (digits, shapes, photos), a folder of class sub-folders, or a .npz file")
+    trainer.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. size=64 for shapes (repeatable)")
+    trainer.add_argument("--pipeline", default="lenet5", help="preset: lenet5, alexnet, vgg, resnet, inception or mobilenet (the DataLoader side needs its albumentations equivalent)")
+    trainer.add_argument("--batch-size", type=int, default=128)
+    trainer.add_argument("--steps", type=int, default=60, help="timed training steps per run")
+    trainer.add_argument("--warmup-steps", type=int, default=5, help="untimed steps before them")
+    trainer.add_argument("--workers", type=int, default=2, help="augmentation worker processes on both sides")
+    trainer.add_argument("--rounds", type=int, default=2, help="alternating runs per loader; medians are reported")
+    trainer.add_argument("--backend", default="albumentations", choices=backends, help="augserve workers' backend")
+    trainer.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    trainer.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    common(trainer)
+    trainer.set_defaults(func=cmd_bench_trainer)
+

@@ -1,0 +1,7 @@
+"""``python -m augserve.tuning ...`` = ``augserve tune ...``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""The metrics HTTP endpoint, in-process, scraped over loopback with urllib."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from augserve.metrics import DaemonMetrics
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture
+def metrics():
+    m = DaemonMetrics()
+    yield m
+    m.stop()
+
+
+def test_port_0_serves_on_a_free_port_and_scrapes(metrics):
+    port = metrics.start_http(0)
+    assert 0 < port < 65536 and metrics.port == port
+    assert metrics.url == f"http://127.0.0.1:{port}/metrics"
+    metrics.batch_done("s1", "w1", 32, 1, {"load": 0.002, "augment": 0.02, "send": 0.001})
+    metrics.worker_restarted()
+    metrics.update_from_status(
+        {
+            "uptime_s": 1.0, "backend": "torch", "device": "cpu", "protocol": 1,
+            "streams": [{"stream": "s1", "credits": 8, "in_flight": 2, "epoch": 0, "images_per_s": 3.5}],
+            "workers": [{"worker": "w1", "busy": 1, "capacity": 2, "images_per_s": 3.0}],
+            "queue": {"tasks_in_flight": 2, "waiting_reissue": 0},
+        }
+    )  # fmt: skip
+    found = scrape(port)
+    assert found[("augserve_images_total", (("stream", "s1"),))] == 32
+    assert found[("augserve_worker_images_total", (("worker", "w1"),))] == 32
+    assert found[("augserve_skipped_corrupt_total", ())] == 1
+    assert found[("augserve_worker_restarts_total", ())] == 1
+    assert found[("augserve_stage_seconds_count", (("stage", "augment"),))] == 1
+    assert found[("augserve_stream_credits", (("stream", "s1"),))] == 8
+    assert found[("augserve_worker_busy_slots", (("worker", "w1"),))] == 1
+    assert found[("augserve_tasks_in_flight", ())] == 2
+
+    metrics.stream_ended("s1")  # the next scrape no longer has the stream
+    found = scrape(port)
+    assert not any(dict(labels).get("stream") == "s1" for _name, labels in found)
+
+
+def test_port_in_use_is_a_clear_error():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        m = DaemonMetrics()
+        with pytest.raises(ValueError) as error:
+            m.start_http(port)
+        assert str(error.value) == f"cannot serve metrics on port {port}: address in use"
+        m.stop()  # nothing started: a no-op
+
+
+def test_two_endpoints_in_one_process_and_stop_frees_the_port():
+    a, b = DaemonMetrics(), DaemonMetrics()
+    try:
+        port_a, port_b = a.start_http(0), b.start_http(0)
+        assert port_a != port_b
+        a.batch_done("only-in-a", "w", 1, 0, {})
+        assert ("augserve_images_total", (("stream", "only-in-a"),)) in scrape(port_a)
+        assert ("augserve_images_total", (("stream", "only-in-a"),)) not in scrape(port_b)
+        with pytest.raises(RuntimeError, match="already served"):
+            a.start_http(0)
+    finally:
+        a.stop()
+        b.stop()
+    a.stop()  # twice is fine
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port_a}/metrics", timeout=2)
+    again = DaemonMetrics()
+    try:
+        assert again.start_http(port_a) == port_a  # the port is free again
+    finally:
+        again.stop()
+
+
+def test_a_host_that_cannot_be_bound_is_a_value_error():
+    with pytest.raises(ValueError, match="cannot serve metrics on 192.0.2.1:0"):
+        DaemonMetrics().start_http(0, host="192.0.2.1")  # TEST-NET-1: not an address of this machine
