@@ -128,6 +128,7 @@ def cmd_serve(args) -> int:
         "device": args.device,
         "datasets": parse_dataset_pairs(args.dataset) if args.dataset else None,
         "threads_per_worker": args.threads,
+        "metrics_port": args.metrics_port,
         "log_level": args.log_level if args.log_level != "warning" else None,
     }
     config = load_config(args.config, overrides)
@@ -171,6 +172,13 @@ def cmd_worker(args) -> int:
 def cmd_status(args) -> int:
     from .status import fetch_status, format_status
 
+    if args.watch:
+        if args.json:
+            raise ValueError("--watch draws a live view; use --json without --watch for one snapshot")
+        from .watch import watch
+
+        watch(args.address, interval=args.interval)
+        return 0
     status = fetch_status(args.address, timeout=args.timeout)
     _print_result(args, status, format_status(status))
     return 0
@@ -289,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="cpu or cuda:K (default cpu)")
     serve.add_argument("--dataset", action="append", metavar="NAME=PATH", help="serve a folder or .npz file under NAME (repeatable)")
     serve.add_argument("--threads", type=int, help="threads per worker process (default 1)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run one worker that joins a daemon (possibly on another machine)")
@@ -307,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", default="tcp://127.0.0.1:5555")
     status.add_argument("--timeout", type=float, default=5.0)
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true", help="a live terminal view, refreshed every --interval seconds (Ctrl-C ends it)")
+    status.add_argument("--interval", type=float, default=1.0)
     status.set_defaults(func=cmd_status)
 
     bench_e2e = bench_kinds.add_parser("e2e", help="images/s delivered to a trainer process: augserve vs torch DataLoader")

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from . import protocol as P
 from .config import BUILTIN_DATASETS, DaemonConfig
 from .epochs import EpochPlan
+from .metrics import DaemonMetrics, NullMetrics
 from .streams import AttachRequest, RateMeter, StageTimes, Stream
 
 log = logging.getLogger("augserve.daemon")
@@ -75,6 +76,8 @@ class Daemon:
         self.sources: dict[tuple, object] = {}
         self.worker_restarts = 0
         self.skipped_corrupt = 0
+        self.metrics = DaemonMetrics() if config.metrics_port is not None else NullMetrics()
+        self.metrics_port: int | None = None
         self._stopping = False
         self._rotation = 0
         self._started = time.monotonic()
@@ -95,6 +98,14 @@ class Daemon:
             self.socket.close(linger=0)
             raise ValueError(f"cannot bind {self.config.bind}: {exc.strerror}") from None
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.config.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.start_http(self.config.metrics_port)
+            except ValueError:
+                self.socket.close(linger=0)
+                self.socket = None
+                raise
+            log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
         for slot in range(self.config.workers):
             self._spawn(slot)
         log.info("augserve daemon on %s with %d %s worker(s) on %s", self.address, self.config.workers, self.config.backend, self.config.device)
@@ -144,6 +155,7 @@ class Daemon:
 
     def close(self) -> None:
         """Stop workers, close the socket, release everything. Safe to call twice."""
+        self.metrics.stop()
         if self.socket is None:
             return
         for stream in list(self.streams.values()):  # trainers learn at once instead of after batch_timeout
@@ -196,6 +208,7 @@ class Daemon:
                 if state.pid == worker.process.pid:
                     self._forget_worker(identity, "exited")
             self.worker_restarts += 1
+            self.metrics.worker_restarted()
             # Back off a crash loop: a worker that died within a second waits a little before coming back.
             if now - worker.started < 1.0:
                 time.sleep(min(2.0, 0.1 * (worker.restarts + 1)))
@@ -205,6 +218,7 @@ class Daemon:
         state = self.workers.pop(identity, None)
         if state is None:
             return
+        self.metrics.worker_left(identity.decode(errors="replace"))
         requeued = sum(stream.requeue_worker(identity) for stream in self.streams.values())
         log.info("worker %s gone (%s); %d task(s) re-queued", identity.decode(errors="replace"), reason, requeued)
 
@@ -225,6 +239,7 @@ class Daemon:
             if now - stream.last_heard > liveness * 2:
                 log.warning("stream %s: trainer silent for %.1f s; dropping it", stream.id, now - stream.last_heard)
                 self._end_stream(stream)
+        self.metrics.update_from_status(self.status)
 
     def _schedule(self) -> None:
         """Hand out tasks: streams in round-robin order, each task to the least-loaded worker."""
@@ -328,6 +343,7 @@ class Daemon:
             state.times.add(message.get("times", {}))
             skipped = int(message.get("skipped", 0))
             self.skipped_corrupt += skipped
+            self.metrics.batch_done(stream.id if stream is not None else None, identity.decode(errors="replace"), samples, skipped, message.get("times", {}))
             if stream is not None:
                 stream.times.add(message.get("times", {}))
                 stream.skipped_corrupt += skipped
@@ -494,6 +510,7 @@ class Daemon:
 
     def _end_stream(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
+        self.metrics.stream_ended(stream.id)
         for worker in self.workers.values():
             worker.tasks = {t: w for t, w in worker.tasks.items() if w[0] != stream.id}
             if not any(s.request.data == stream.request.data for s in self.streams.values()):

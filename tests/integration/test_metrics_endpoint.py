@@ -93,3 +93,30 @@ def test_two_endpoints_in_one_process_and_stop_frees_the_port():
 def test_a_host_that_cannot_be_bound_is_a_value_error():
     with pytest.raises(ValueError, match="cannot serve metrics on 192.0.2.1:0"):
         DaemonMetrics().start_http(0, host="192.0.2.1")  # TEST-NET-1: not an address of this machine
+
+
+def test_a_running_daemon_exposes_its_metrics(start_daemon):
+    """A real daemon with --metrics-port: after a stream, the scrape shows images per stream and
+    worker, stage latencies, credits and connected workers."""
+    import socket
+    import urllib.request
+
+    from conftest import collect, open_stream
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = start_daemon("--metrics-port", str(port), workers=2)
+    with open_stream(daemon.address, batch_size=16, prefetch=2) as stream:
+        it = iter(stream)
+        next(it)
+        import time
+
+        time.sleep(1.5)  # one housekeeping tick refreshes the gauges
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert f'augserve_stream_credits{{stream="{stream.id}"}} 2.0' in text
+        collect(it)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "augserve_workers_connected 2.0" in text
+    assert 'augserve_stage_seconds_count{stage="augment"}' in text
+    assert "augserve_worker_images_total" in text
