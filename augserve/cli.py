@@ -96,23 +96,13 @@ def cmd_fit_pca(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench.pipeline_throughput import format_table, run_benchmark
+def cmd_bench_gpu(args) -> int:
+    from .bench.gpu import format_table, run_gpu_bench
 
-    backends = args.backend or None
-    result = run_benchmark(images=args.images, rounds=args.rounds, threads=args.threads, backends=backends)
+    result = run_gpu_bench(device=args.device, rounds=args.rounds, batch=args.batch)
     if args.json:
         for row in result["rows"]:
-            print(json.dumps({"benchmark": "pipelines", **row}))
-    _print_result(args, result, format_table(result))
-    return 0
-
-
-def cmd_bench_e2e(args) -> int:
-    from .bench.e2e import format_table, run_e2e
-
-    progress = (lambda text: print(text, file=sys.stderr, flush=True)) if not args.json else None
-    result = run_e2e(workers=args.workers, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, progress=progress)
+            print(json.dumps(row))
     _print_result(args, result, format_table(result))
     return 0
 
@@ -281,13 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks (ours and the baseline side by side)")
     bench_kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    bench_pipelines = bench_kinds.add_parser("pipelines", help="images/s per core: our backends vs an ordinary albumentations Compose")
-    bench_pipelines.add_argument("--images", type=int, default=64, help="batch size (256² inputs)")
-    bench_pipelines.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
-    bench_pipelines.add_argument("--threads", type=int, default=1, help="threads per process (1 = per core)")
-    bench_pipelines.add_argument("--backend", action="append", choices=backends, help="only these backends (repeatable)")
-    bench_pipelines.add_argument("--json", action="store_true")
-    bench_pipelines.set_defaults(func=cmd_bench)
+    from .bench.cli import add_bench_commands
+
+    add_bench_commands(bench_kinds, backends)
+    bench_gpu = bench_kinds.add_parser("gpu", help="GPU backends vs kornia and torchvision v2, and the host-to-device copy (needs CUDA)")
+    bench_gpu.add_argument("--device", default="cuda:0")
+    bench_gpu.add_argument("--rounds", type=int, default=10)
+    bench_gpu.add_argument("--batch", type=int, default=256)
+    bench_gpu.add_argument("--json", action="store_true")
+    bench_gpu.set_defaults(func=cmd_bench_gpu)
 
     serve = commands.add_parser("serve", help="run the daemon and its worker processes")
     serve.add_argument("--config", help="daemon.yaml; every field can also come from AUGSERVE_<FIELD> or a flag")
@@ -319,14 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="a live terminal view, refreshed every --interval seconds (Ctrl-C ends it)")
     status.add_argument("--interval", type=float, default=1.0)
     status.set_defaults(func=cmd_status)
-
-    bench_e2e = bench_kinds.add_parser("e2e", help="images/s delivered to a trainer process: augserve vs torch DataLoader")
-    bench_e2e.add_argument("--workers", type=int, default=2, help="worker processes on both sides")
-    bench_e2e.add_argument("--batch-size", type=int, default=64)
-    bench_e2e.add_argument("--batches", type=int, default=30, help="timed batches per run (after 3 warm-up batches)")
-    bench_e2e.add_argument("--rounds", type=int, default=3, help="alternating runs per loader; medians are reported")
-    bench_e2e.add_argument("--json", action="store_true")
-    bench_e2e.set_defaults(func=cmd_bench_e2e)
 
     schema = commands.add_parser("schema", help="print the JSON schema of a pipeline spec")
     schema.add_argument("--json", action="store_true", help="compact, on one line")

@@ -162,7 +162,7 @@ def plot(result: dict, path: str) -> str:
         for loader in LOADERS
     }
     title = f"augserve bench e2e — {result['pipeline']}, batch {result['batch_size']}, median of {result['rounds']} alternating runs"
-    return scaling_plot(path, counts, curves, title, ratio_of=(LOADERS["augserve"], LOADERS["dataloader"]))
+    return scaling_plot(path, counts, curves, title, ratio_of=(LOADERS["augserve"], LOADERS["dataloader"]), ratio_label="augserve / DataLoader")
 
 
 def _stage_share(status: dict) -> dict:

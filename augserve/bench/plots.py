@@ -111,9 +111,9 @@ def grouped_barh(path: str, panels: list[dict], title: str, log: bool = True) ->
     return _save(fig, path)
 
 
-def scaling_plot(path: str, workers: list[int], curves: dict[str, list[float]], title: str, ratio_of: tuple[str, str] | None = None) -> str:
-    """Images/s against worker count, one line per loader; with ``ratio_of=(a, b)`` a second panel
-    shows a / b per worker count."""
+def scaling_plot(path: str, workers: list[int], curves: dict[str, list[float]], title: str, ratio_of: tuple[str, str] | None = None, ratio_label: str = "ratio") -> str:
+    """Images/s against worker count, one line per loader; with ``ratio_of=(a, b)`` (curve names) a
+    second panel shows a / b per worker count, its axis labelled ``ratio_label``."""
     plt = _pyplot()
     rows = 2 if ratio_of else 1
     fig, axes = plt.subplots(rows, 1, figsize=(7.5, 4.2 + 2.4 * (rows - 1)), gridspec_kw={"height_ratios": [3, 1.6][:rows]}, squeeze=False, sharex=True, layout="constrained")
@@ -134,7 +134,7 @@ def scaling_plot(path: str, workers: list[int], curves: dict[str, list[float]], 
         for x, y in zip(workers, ratios):
             ratio_ax.annotate(f"{y:.2f}×", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7.5)
         ratio_ax.axhline(1.0, color="#999999", linewidth=0.8, linestyle="--")
-        ratio_ax.set_ylabel(f"{a} / {b}", fontsize=8)
+        ratio_ax.set_ylabel(ratio_label)
         ratio_ax.set_ylim(bottom=0, top=max([r for r in ratios if r == r] + [1.0]) * 1.3)
         ratio_ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("worker processes")

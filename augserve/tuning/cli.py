@@ -60,6 +60,7 @@ def add_parser(subcommands) -> argparse.ArgumentParser:
     study.add_argument("--jobs", type=int, help="trials at once, as threads (default: min(2, daemon workers))")
     study.add_argument("--startup-trials", type=int, help="random trials before TPE models the results (default min(10, max(2, trials/3)))")
     study.add_argument("--prune-startup", type=int, help="complete trials before the median pruner acts (default min(5, max(2, trials/4)))")
+    study.add_argument("--prune-from-epoch", type=int, help="earliest epoch after which a trial may be pruned (default: half of --epochs, rounded up)")
     study.add_argument("--no-prune", action="store_true", help="run every trial to its last epoch")
     study.add_argument("--no-baseline", action="store_true", help="do not start a new study with the base spec's own values")
     study.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
@@ -94,7 +95,7 @@ def config_from(args):
         seed=args.seed, jobs=args.jobs, timeout=args.timeout, connect=args.connect, workers=args.workers, backend=args.backend,
         serve_datasets=parse_dataset_pairs(args.serve_dataset or []), device=args.device, threads=args.threads, out=args.out,
         storage=args.storage, study_name=args.study_name, baseline=not args.no_baseline, prune=not args.no_prune,
-        prune_startup=args.prune_startup, startup_trials=args.startup_trials,
+        prune_startup=args.prune_startup, prune_from_epoch=args.prune_from_epoch, startup_trials=args.startup_trials,
     )  # fmt: skip
 
 

@@ -95,6 +95,10 @@ def plot_history(study, path: str, title: str) -> None:
             best = max(best, trial.value)
             xs.append(trial.number)
             ys.append(best)
+        last = max(t.number for t in study.get_trials(deepcopy=False))
+        if last > xs[-1]:
+            xs.append(last)
+            ys.append(best)
         axes.step(xs, ys, where="post", color="tab:red", label="best so far")
     if pruned:
         axes.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned], marker="x", color="tab:grey", label="pruned (last epoch reported)", zorder=3)
@@ -111,7 +115,7 @@ def plot_history(study, path: str, title: str) -> None:
     axes.set_title(title, fontsize=10)
     axes.grid(True, alpha=0.3)
     if complete or pruned:
-        axes.legend(loc="lower right", fontsize=8)
+        axes.legend(loc="best", fontsize=8, framealpha=0.6)
     figure.tight_layout()
     figure.savefig(path)
 

@@ -11,8 +11,11 @@ How a study runs
   on that same split, so it is an optimistic estimate of the tuned recipe; confirm it with a longer run.)
 * **Pruning** — a MedianPruner: after every epoch the trial reports its held-out accuracy and is stopped
   when that falls below the median of earlier trials at the same epoch (never after its last epoch:
-  a finished trial's value is kept). Disabled for the first ``prune_startup`` complete trials (default
-  ``min(5, max(2, trials // 4))``) and altogether with ``prune=False``.
+  a finished trial's value is kept). Not before epoch ``prune_from_epoch`` (default: half the epochs,
+  rounded up): stronger augmentation typically learns *slower* at first and ends better, so judging
+  trials on their first epoch would bias the study towards weak augmentation. Disabled for the first
+  ``prune_startup`` complete trials (default ``min(5, max(2, trials // 4))``) and altogether with
+  ``prune=False``.
 * **Trials are in-process training runs** (:class:`trainer.run.Run`, subclassed as :class:`TrialRun` to
   report each epoch to Optuna and raise ``TrialPruned``), attached to one daemon for the whole study:
   ``connect`` or an embedded one (``trainer.data.embedded_daemon``). In-process rather than one
@@ -29,8 +32,11 @@ How a study runs
   depend on which trial ends first (and models with dropout share torch's global generator), so it is not.
 * **Storage and resuming** — SQLite (``DIR/study.db``) or any Optuna RDB URL, ``load_if_exists``. The
   trials that count are complete + pruned ones: running the same command again runs only the missing
-  ones to reach ``trials`` in total. A trial left RUNNING by a killed tuner is marked failed by Optuna's
-  heartbeat after ``HEARTBEAT_GRACE_S`` and does not count. A stored study made with other settings
+  ones to reach ``trials`` in total. Ctrl-C stops the trials in flight at their next batch (they end
+  FAIL, do not count, and run again on resume); a trial left RUNNING by a killed tuner is marked failed
+  by Optuna's heartbeat once ``HEARTBEAT_GRACE_S`` have passed and does not count either. The enqueued
+  base-spec trial runs alone before any concurrency (two threads can pop the same enqueued trial on
+  SQLite, optuna/optuna#4002). A stored study made with other settings
   (model, dataset, base spec, search space, epochs, batch size, lr, seed) is refused rather than mixed.
 * **Outputs** (``out``) — ``best.yaml`` (the best trial's spec; ``--pipeline best.yaml`` trains with
   it), ``trials.csv``, ``history.png``, ``importances.png``, and ``trials/trial-NNNN.yaml`` (each trial's
@@ -41,18 +47,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .params import Param, apply_values, baseline_values, build_search_space
 
-log = logging.getLogger("augserve.tune")
+if TYPE_CHECKING:
+    from pipelines import PipelineSpec
 
 HEARTBEAT_INTERVAL_S = 10
 HEARTBEAT_GRACE_S = 40
@@ -89,6 +98,7 @@ class TuneConfig:
     baseline: bool = True
     prune: bool = True
     prune_startup: int | None = None
+    prune_from_epoch: int | None = None
     startup_trials: int | None = None
 
 
@@ -97,7 +107,7 @@ class Plan:
     """What :func:`prepare` settled before any daemon is contacted."""
 
     config: TuneConfig
-    base: "object"  # PipelineSpec
+    base: "PipelineSpec"
     pipeline_name: str
     params: list[Param]
     out: str
@@ -132,6 +142,7 @@ def prepare(config: TuneConfig) -> Plan:
         (config.threads >= 1, f"--threads must be >= 1, got {config.threads}"),
         (config.workers >= 1 or config.connect, f"--workers must be >= 1, got {config.workers}"),
         (config.prune_startup is None or config.prune_startup >= 0, f"--prune-startup must be >= 0, got {config.prune_startup}"),
+        (config.prune_from_epoch is None or config.prune_from_epoch >= 1, f"--prune-from-epoch must be >= 1, got {config.prune_from_epoch}"),
         (config.startup_trials is None or config.startup_trials >= 1, f"--startup-trials must be >= 1, got {config.startup_trials}"),
     ]
     for ok, message in checks:
@@ -213,6 +224,49 @@ def daemon_workers(address: str) -> int:
 # --- one trial ---------------------------------------------------------------------------------------
 
 
+class _Stoppable:
+    """A stream that raises KeyboardInterrupt at its next batch once ``stop`` is set: Ctrl-C reaches only
+    the main thread, and trials running in worker threads must not train on to their end."""
+
+    def __init__(self, stream, stop: threading.Event) -> None:
+        self._stream = stream
+        self._stop = stop
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def __iter__(self):
+        for batch in self._stream:
+            if self._stop.is_set():
+                raise KeyboardInterrupt
+            yield batch
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(stop: threading.Event):
+    """While optimizing: Ctrl-C sets ``stop`` (so running trials end at their next batch, as FAIL, and
+    are run again on resume) and raises KeyboardInterrupt in the main thread as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        stop.set()
+        raise KeyboardInterrupt
+
+    def quiet_once_stopped(record: logging.LogRecord) -> bool:
+        return not stop.is_set()  # no traceback per interrupted trial; one line says "interrupted"
+
+    previous = signal.signal(signal.SIGINT, handler)
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where optuna logs each failed trial
+    optuna_log.addFilter(quiet_once_stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        optuna_log.removeFilter(quiet_once_stopped)
+
+
 def _trial_run_class():
     import optuna
     import torch
@@ -223,9 +277,13 @@ def _trial_run_class():
         """A :class:`~trainer.run.Run` that reports each epoch's held-out accuracy to an Optuna trial and
         stops (``optuna.TrialPruned``) when the pruner says so."""
 
-        def __init__(self, config, trial) -> None:
+        def __init__(self, config, trial, stop: threading.Event | None = None) -> None:
             super().__init__(config)
             self.trial = trial
+            self.stop = stop
+
+        def _train(self, stream, metrics) -> None:
+            super()._train(_Stoppable(stream, self.stop) if self.stop is not None else stream, metrics)
 
         def _make_model(self, stream):
             with _INIT_LOCK:
@@ -244,7 +302,7 @@ def _trial_run_class():
     return TrialRun
 
 
-def make_objective(plan: Plan, address: str) -> Callable:
+def make_objective(plan: Plan, address: str, stop: threading.Event | None = None) -> Callable:
     from trainer.run import TrainConfig
 
     TrialRun = _trial_run_class()
@@ -265,7 +323,7 @@ def make_objective(plan: Plan, address: str) -> Callable:
             batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device, connect=address, out=None,
             tensorboard=False, progress=False,
         )  # fmt: skip
-        run = TrialRun(config, trial)
+        run = TrialRun(config, trial, stop)
         try:
             summary = run.fit()
         finally:
@@ -290,7 +348,9 @@ def open_study(plan: Plan, n_total: int):
     sampler = optuna.samplers.TPESampler(seed=c.seed, n_startup_trials=startup)
     if c.prune:
         prune_startup = c.prune_startup if c.prune_startup is not None else min(5, max(2, n_total // 4))
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=prune_startup, n_warmup_steps=0)
+        # Trials report step = epoch number (1, 2, ...); the earliest prune is at step == n_warmup_steps.
+        prune_from = c.prune_from_epoch if c.prune_from_epoch is not None else max(1, math.ceil(c.epochs / 2))
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=prune_startup, n_warmup_steps=prune_from)
     else:
         pruner = optuna.pruners.NopPruner()
     engine_kwargs = {"connect_args": {"timeout": 60}} if plan.storage.startswith("sqlite") else None
@@ -298,6 +358,9 @@ def open_study(plan: Plan, n_total: int):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(plan.storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=HEARTBEAT_GRACE_S)
     study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=plan.study_name, direction="maximize", load_if_exists=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # RUNNING trials of a killed tuner, silent for HEARTBEAT_GRACE_S
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ValueError(f"study {plan.study_name!r} in {plan.storage} minimizes; a tuning study maximizes held-out accuracy (use another --study-name)")
     wanted = settings_of(plan)
@@ -369,17 +432,19 @@ def run_study(config: TuneConfig, progress: Callable | None = None) -> dict:
                 callbacks = [optuna.study.MaxTrialsCallback(config.trials, states=done_states), lambda _s, t: finished.append(t.number) if t.state in done_states else None]
                 if progress is not None:
                     callbacks.append(progress)
-                objective = make_objective(plan, address)
+                stop = threading.Event()
+                objective = make_objective(plan, address, stop)
                 deadline = None if config.timeout is None else time.monotonic() + config.timeout
                 # Enqueued (WAITING) trials run one at a time: on SQLite, two threads can pop the same
                 # waiting trial (no SELECT ... FOR UPDATE; optuna/optuna#4002) and then both tell it.
                 waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-                if waiting and jobs > 1:
-                    study.optimize(objective, n_trials=min(waiting, remaining), timeout=config.timeout, n_jobs=1, callbacks=callbacks)
-                left = config.trials - counted(study)
-                time_left = None if deadline is None else deadline - time.monotonic()
-                if left > 0 and (time_left is None or time_left > 0):
-                    study.optimize(objective, n_trials=left, timeout=time_left, n_jobs=jobs, callbacks=callbacks)
+                with _stop_on_interrupt(stop):
+                    if waiting and jobs > 1:
+                        study.optimize(objective, n_trials=min(waiting, remaining), timeout=config.timeout, n_jobs=1, callbacks=callbacks)
+                    left = config.trials - counted(study)
+                    time_left = None if deadline is None else deadline - time.monotonic()
+                    if left > 0 and (time_left is None or time_left > 0):
+                        study.optimize(objective, n_trials=left, timeout=time_left, n_jobs=jobs, callbacks=callbacks)
                 ran = len(finished)
     finally:
         torch.set_num_threads(threads)

@@ -87,7 +87,9 @@ def test_a_resumed_study_must_keep_its_settings(daemon_address, tmp_path):
     assert "was made with other settings (params)" in proc.stderr
 
 
-def test_user_mistakes_end_in_one_line(daemon_address, tmp_path):
+def test_user_mistakes_end_in_one_line(daemon_address, tmp_path, capsys):
+    from augserve.tuning.cli import main
+
     cases = [
         (["--model", "lenet9", "--dataset", "digits"], "unknown model 'lenet9'"),
         (["--model", "lenet5_relu", "--dataset", "digits", "--param", "twirl.degrees=0:10"], "has no 'twirl' op"),
@@ -95,10 +97,12 @@ def test_user_mistakes_end_in_one_line(daemon_address, tmp_path):
         (["--model", "lenet5_relu", "--dataset", "digits", "--param", "rotate.degrees=9:1"], "bad range"),
         (["--model", "lenet5_relu", "--dataset", "photos", "--connect", daemon_address], "no held-out (test) split"),
         (["--model", "lenet5_relu", "--dataset", "nothing", "--connect", daemon_address], "unknown dataset 'nothing'"),
+        (["--model", "lenet5_relu", "--dataset", "digits", "--pipeline", "alexnet", "--connect", daemon_address], "pca_color needs RGB images"),
     ]
     for args, fragment in cases:
-        proc = tune(*args, "--out", str(tmp_path / "x"), "--trials", "1")
-        assert proc.returncode == 2, (args, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("augserve: error: ") and fragment in lines[0], (args, proc.stderr)
-    assert not (tmp_path / "x" / "study.db").exists()  # nothing was stored
+        code = main(["tune", *args, "--out", str(tmp_path / "x"), "--trials", "1"])
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("augserve: error: ") and fragment in lines[0], (args, err)
+    assert not (tmp_path / "x").exists()  # nothing was created or stored

@@ -256,3 +256,25 @@ def test_trials_table_csv_and_importances_note(tmp_path):
     assert note is None and set(importances) == {"rotate.degrees"}
     report.plot_history(study, str(tmp_path / "h.png"), "t")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_add_parser_registers_tune_on_a_command():
+    import argparse
+
+    from augserve.tuning.cli import add_parser, config_from, run_command
+
+    parser = argparse.ArgumentParser(prog="augserve")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_parser(commands)
+    args = parser.parse_args(["tune", "--model", "lenet5_relu", "--dataset", "digits", "--param", "rotate.degrees=0:30", "--dataset-option", "size=64", "--trials", "5", "--json"])
+    assert args.func is run_command and args.command == "tune"
+    config = config_from(args)
+    assert (config.model, config.trials, config.params, config.dataset_options, config.baseline, config.prune) == ("lenet5_relu", 5, ["rotate.degrees=0:30"], {"size": 64}, True, True)
+
+
+def test_main_turns_mistakes_into_one_line_and_status_2(capsys):
+    from augserve.tuning.cli import main
+
+    assert main(["--model", "lenet5_relu", "--dataset", "digits", "--param", "rotate.degrees=0:999"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("augserve: error: --param rotate.degrees=0:999 breaks the spec's bounds") and "\n" not in err

@@ -1,0 +1,120 @@
+"""``augserve bench pipelines | e2e | trainer`` as a user runs them: real processes, tiny settings.
+
+Each run uses ``--json`` (rows, one JSON object per line, then the summary on the last line) and
+``--plot`` into tmp_path. Speeds are never asserted: the machine is shared and these runs are far too
+short to mean anything; only the shape of the output is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from augserve.bench.pipeline_throughput import PER_OP, TRANSLATED_PRESETS
+
+pytestmark = pytest.mark.slow
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUGSERVE_")}
+    env.update(NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "augserve", "bench", *args], capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def json_lines(proc: subprocess.CompletedProcess) -> tuple[list[dict], dict]:
+    """(rows, summary): every stdout line is one JSON object, the summary is the last."""
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert lines, "no output"
+    return lines[:-1], lines[-1]
+
+
+def assert_png(path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_pipelines_per_op_rows_summary_and_plot(tmp_path):
+    plot = tmp_path / "pipelines.png"
+    proc = bench("pipelines", "--images", "4", "--rounds", "1", "--op-rounds", "1", "--backend", "albumentations", "--per-op", "--json", "--plot", str(plot))
+    rows, summary = json_lines(proc)
+    assert summary["benchmark"] == "pipelines" and summary["ratio_fused_cpu_vs_compose"] > 0
+    assert summary["plot"] == str(plot)
+    assert all(row["benchmark"] == "pipelines" for row in rows)
+
+    chain = [row for row in rows if row["kind"] == "chain"]
+    assert {row["name"] for row in chain} == {row["name"] for row in summary["rows"]}
+    assert "albumentations Compose (baseline)" in {row["name"] for row in chain}
+
+    per_op = [row for row in rows if row["kind"] == "op"]
+    implementations = {"albumentations", "augserve albumentations"}
+    assert {(row["op"], row["implementation"]) for row in per_op} == {(label, impl) for label, _ in PER_OP for impl in implementations}
+    for row in per_op:
+        assert set(row) >= {"benchmark", "op", "implementation", "images_per_s", "vs_albumentations"}
+        assert row["images_per_s"] > 0 and row["vs_albumentations"] > 0
+        if row["implementation"] == "albumentations":
+            assert row["vs_albumentations"] == 1.0
+
+    per_pipeline = [row for row in rows if row["kind"] == "pipeline"]
+    assert {row["pipeline"] for row in per_pipeline} >= set(TRANSLATED_PRESETS)
+    assert {row["implementation"] for row in per_pipeline} == implementations
+    assert summary["per_op"] == per_op and summary["per_pipeline"] == per_pipeline
+    assert_png(plot)
+
+
+def test_e2e_scaling_rows_summary_and_plot(tmp_path):
+    plot = tmp_path / "e2e.png"
+    proc = bench("e2e", "--workers", "2", "--scaling", "--batch-size", "8", "--batches", "2", "--rounds", "1", "--images", "32", "--json", "--plot", str(plot))
+    rows, summary = json_lines(proc)
+    assert {(row["loader"], row["workers"]) for row in rows} == {(loader, w) for loader in ("augserve", "dataloader") for w in (1, 2)}
+    for row in rows:
+        assert row["benchmark"] == "e2e" and row["images_per_s"] > 0 and len(row["runs"]) == 1
+    assert summary["benchmark"] == "e2e" and summary["workers"] == 2
+    assert [point["workers"] for point in summary["scaling"]] == [1, 2]
+    assert all(point["ratio"] > 0 for point in summary["scaling"])
+    assert summary["ratio"] > 0 and set(summary["worker_stage_share"]) == {"load", "augment", "send"}
+    assert_png(plot)
+
+
+def test_trainer_rows_summary_and_plot(tmp_path):
+    plot = tmp_path / "trainer.png"
+    proc = bench("trainer", "--model", "lenet5_relu", "--dataset", "digits", "--pipeline", "lenet5", "--batch-size", "16", "--steps", "3", "--warmup-steps", "1", "--workers", "1", "--rounds", "1", "--json", "--plot", str(plot))
+    rows, summary = json_lines(proc)
+    assert [row["loader"] for row in rows] == ["augserve", "dataloader", "none"]
+    for row in rows:
+        assert row["benchmark"] == "trainer" and row["images_per_s"] > 0
+        assert 0.0 <= row["stall_pct"] <= 100.0
+    assert summary["benchmark"] == "trainer" and summary["input"] == "1×32×32"
+    assert summary["ratio"] > 0 and summary["model_only_images_per_s"] > 0
+    assert summary["augserve_stall_pct"] == rows[0]["stall_pct"]
+    assert_png(plot)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pipeline", "SPEC"], "no albumentations equivalent for pipeline"),
+        (["--model", "alexnet"], "cannot take 1×32×32 inputs"),
+        (["--plot", "out.jpg"], "--plot must name a .png file"),
+        (["--dataset-option", "size"], "--dataset-option must look like KEY=VALUE"),
+    ],
+)
+def test_trainer_mistakes_end_in_one_line(tmp_path, args, message):
+    spec = tmp_path / "custom.yaml"
+    spec.write_text("ops:\n  - {op: mirror}\n")
+    proc = bench("trainer", *[str(spec) if a == "SPEC" else a for a in args], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
