@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=1.0)
     status.set_defaults(func=cmd_status)
 
+    from .tuning.cli import add_parser as add_tune_parser
+
+    add_tune_parser(commands)
+
     schema = commands.add_parser("schema", help="print the JSON schema of a pipeline spec")
     schema.add_argument("--json", action="store_true", help="compact, on one line")
     schema.set_defaults(func=cmd_schema)

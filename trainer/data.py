@@ -22,6 +22,16 @@ from pipelines.spec import CenterCrop, PipelineSpec, RandomCrop, RandomResizedCr
 EVAL_CROP_FRACTION = 0.875
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the trainer dies, even by SIGKILL,
+    so an embedded daemon is never left behind (the daemon stops cleanly on SIGTERM)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -38,7 +48,7 @@ def embedded_daemon(workers: int = 2, backend: str = "albumentations", device: s
     for name, path in (datasets or {}).items():
         command += ["--dataset", f"{name}={path}"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=_die_with_parent)
     try:
         deadline = time.monotonic() + timeout
         while True:
