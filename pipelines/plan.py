@@ -60,17 +60,23 @@ class SamplePlan:
     def channels(self) -> int:
         return self.in_shape[2]
 
-    def integer_window(self) -> tuple[int, int] | None:
-        """(top, left) when the geometry is a plain window copy (pure integer translation, same scale),
-        so a backend may slice instead of resampling; else ``None``."""
+    def pixel_copy(self) -> tuple[int, int, bool, bool] | None:
+        """(top, left, flip_x, flip_y) when every output pixel is exactly one input pixel — an integer
+        window, possibly mirrored — so a backend may slice instead of resampling; else ``None``.
+
+        The window's top-left (in input pixels) is where output pixel (0, 0) comes from before mirroring."""
         if self.inverse is None:
             return None
         (a, b, tx), (c, d, ty) = self.inverse[0].tolist(), self.inverse[1].tolist()  # plain floats: cheap
-        if abs(a - 1.0) > 1e-12 or abs(d - 1.0) > 1e-12 or abs(b) > 1e-12 or abs(c) > 1e-12:
+        if abs(b) > 1e-12 or abs(c) > 1e-12 or abs(abs(a) - 1.0) > 1e-12 or abs(abs(d) - 1.0) > 1e-12:
             return None
-        if abs(tx - round(tx)) > 1e-9 or abs(ty - round(ty)) > 1e-9:
+        out_h, out_w = self.out_hw
+        # Continuous source span of the output along x: [tx, tx + a * out_w] (reversed when a < 0).
+        left = tx if a > 0 else tx - out_w
+        top = ty if d > 0 else ty - out_h
+        if abs(left - round(left)) > 1e-9 or abs(top - round(top)) > 1e-9:
             return None
-        return int(round(ty)), int(round(tx))
+        return int(round(top)), int(round(left)), a < 0, d < 0
 
 
 def _forward_matrix(record: dict, hw: tuple[int, int]) -> tuple[np.ndarray | None, tuple[int, int]]:

@@ -37,7 +37,7 @@ class AlbumentationsBackend(Backend):
             for index, (image, plan) in enumerate(zip(images, plans)):
                 self.apply_one(image, plan, out=out[index])
             return torch.from_numpy(out)
-        return [torch.from_numpy(self.apply_one(image, plan)) for image, plan in zip(images, plans)]
+        return [torch.from_numpy(np.ascontiguousarray(self.apply_one(image, plan))) for image, plan in zip(images, plans)]
 
     # --- one image -----------------------------------------------------------------------------------
 
@@ -56,12 +56,14 @@ class AlbumentationsBackend(Backend):
 
     def _geometry(self, image: np.ndarray, plan: SamplePlan, out: np.ndarray | None) -> np.ndarray:
         out_h, out_w = plan.out_hw
-        window = plan.integer_window()
-        if window is not None:
-            top, left = window
+        copy = plan.pixel_copy()
+        if copy is not None:
+            top, left, flip_x, flip_y = copy
             height, width = image.shape[:2]
             if 0 <= top and 0 <= left and top + out_h <= height and left + out_w <= width:
-                return image[top : top + out_h, left : left + out_w]
+                # Crops and mirrors move whole pixels: a (strided) slice is exact and ~10× cheaper.
+                window = image[top : top + out_h, left : left + out_w]
+                return window[::-1 if flip_y else 1, ::-1 if flip_x else 1]
         fill = (float(self.fill),) * image.shape[2]
         border = _BORDERS[self.border]
         if plan.inverse is not None:

@@ -100,3 +100,12 @@ def test_color_shift_adds_its_offsets(rgb_batch, backend):
 def test_pca_color_refuses_grey_images():
     with pytest.raises(ValueError, match="pca_color needs RGB images"):
         pipelines.build({"ops": [{"op": "pca_color"}]})(np.zeros((2, 8, 8, 1), np.uint8))
+
+
+def test_crop_and_mirror_chains_are_exact_pixel_copies(rgb_batch):
+    """A crop followed by flips moves whole pixels: every backend must return exactly those pixels."""
+    spec = {"ops": [{"op": "center_crop", "size": [40, 50]}, {"op": "mirror", "horizontal": 1.0, "vertical": 1.0}]}
+    expected = rgb_batch[:, 12:52, 15:65][:, ::-1, ::-1]
+    for backend in BACKENDS:
+        out, _ = run(spec, rgb_batch, backend)
+        np.testing.assert_array_equal(out, expected, err_msg=backend)
