@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test test-gpu bench bench-pipelines clean
+.PHONY: demo test test-gpu bench bench-pipelines bench-e2e bench-trainer degradation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The main job: a daemon with two augmentation workers feeds a LeNet-5 trainer (digits, 30 epochs).
 demo: $(VENV)/.installed
 	mkdir -p out
-	$(VENV)/bin/augserve preview --pipeline alexnet --dataset photos --out out/preview-alexnet.png
 	$(VENV)/bin/augserve preview --pipeline lenet5 --dataset digits --out out/preview-lenet5.png
+	$(PY) -m trainer train --model lenet5 --dataset digits --pipeline lenet5 --epochs 30 --batch-size 64 \
+		--lr 0.05 --workers 2 --out out/demo-lenet5
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -27,10 +29,20 @@ test: $(VENV)/.installed
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q tests/gpu
 
-bench: bench-pipelines
+bench: bench-pipelines bench-e2e bench-trainer
 
 bench-pipelines: $(VENV)/.installed
 	$(VENV)/bin/augserve bench pipelines
+
+bench-e2e: $(VENV)/.installed
+	$(VENV)/bin/augserve bench e2e
+
+bench-trainer: $(VENV)/.installed
+	$(VENV)/bin/augserve bench trainer
+
+# The ResNet paper's degradation figure in miniature (plain vs residual, 20 vs 56 layers).
+degradation: $(VENV)/.installed
+	$(PY) -m trainer.experiments.degradation --depths 20 56 --epochs 8 --out out/degradation.png
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
