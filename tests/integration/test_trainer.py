@@ -135,3 +135,17 @@ def test_ddp_ranks_see_every_sample_exactly_once(start_daemon, tmp_path):
     assert steps[0] == steps[1] == 2 * 5  # 1,438 digits over 2 ranks → 5 full batches of 128 each
     for epoch in (0, 1):
         assert len(seen[epoch]) == len(set(seen[epoch])) == 2 * 5 * 128
+
+
+def test_degradation_experiment_writes_its_figure(tmp_path):
+    """The miniature degradation experiment runs end to end (one short epoch per net) and plots."""
+    out = tmp_path / "degradation.png"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    command = [sys.executable, "-m", "trainer.experiments.degradation", "--depths", "20", "--epochs", "1", "--dataset", "digits", "--workers", "1", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import cv2
+
+    assert cv2.imread(str(out)) is not None
+    curves = json.loads((tmp_path / "degradation" / "curves.json").read_text())
+    assert set(curves) == {"plain20", "resnet20"} and all(len(v) == 1 for v in curves.values())

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[20, 56], help="6n+2 depths (20, 32, 44, 56, 110)")
     parser.add_argument("--dataset", default="shapes")
-    parser.add_argument("--dataset-option", action="append", default=["size=32", "n=2000"], metavar="KEY=VALUE")
+    parser.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE", help="default for shapes: size=32 n=2000")
     parser.add_argument("--pipeline", default="lenet5-free", help="preset or spec; the default is random crop with padding + mirror")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -83,14 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     for depth in args.depths:
         if depth < 8 or (depth - 2) % 6:
             parser.error(f"--depths takes 6n+2 values (20, 32, 44, 56, 110), got {depth}")
-    options = {}
+    options = {"size": 32, "n": 2000} if args.dataset == "shapes" else {}
     for pair in args.dataset_option:
         key, _, value = pair.partition("=")
         options[key] = int(value) if value.isdigit() else value
     pipeline = args.pipeline
     if pipeline == "lenet5-free":  # CIFAR-style augmentation of the paper: 4-pixel padding + crop, mirror
-        size = int(options.get("size", 32))
-        pipeline = {"name": "cifar", "ops": [{"op": "random_crop", "size": size, "padding": 4}, {"op": "mirror"}, {"op": "normalize", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}]}
+        size = int(options.get("size", 32))  # digits are 32×32 too
+        mirror = [] if args.dataset == "digits" else [{"op": "mirror"}]  # a mirrored digit is another symbol
+        channels = 1 if args.dataset == "digits" else 3
+        pipeline = {"name": "cifar", "ops": [{"op": "random_crop", "size": size, "padding": 4}, *mirror, {"op": "normalize", "mean": [0.5] * channels, "std": [0.25] * channels}]}
     out_dir = os.path.splitext(args.out)[0]
     os.makedirs(out_dir, exist_ok=True)
     curves = run(args.depths, args.dataset, pipeline, args.epochs, args.batch_size, args.lr, args.workers, options, out_dir)
