@@ -20,21 +20,11 @@ from pydantic import ValidationError  # noqa: E402
 log = logging.getLogger("augserve")
 
 
-def _dataset_options(pairs: list[str]) -> dict:
-    """``--option key=value`` pairs → dict, numbers parsed as int when they look like one."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"dataset option must look like key=value, got {pair!r}")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
-    return options
-
-
 def _open_source(args):
+    from .config import parse_options
     from .sources import open_dataset
 
-    return open_dataset(args.dataset, split=args.split, **_dataset_options(args.option))
+    return open_dataset(args.dataset, split=args.split, **parse_options(args.option, "--option"))
 
 
 def _print_result(args, result: dict, text: str) -> None:

@@ -105,6 +105,18 @@ def parse_dataset_pairs(pairs: list[str]) -> dict[str, str]:
     return datasets
 
 
+def parse_options(pairs: list[str] | None, what: str = "--dataset-option") -> dict[str, int | str]:
+    """``["size=64", "n=500"]`` → ``{"size": 64, "n": 500}`` (integers parsed, the rest kept as text);
+    a malformed pair is an error naming the flag."""
+    options: dict[str, int | str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must look like KEY=VALUE, got {pair!r}")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
 def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> DaemonConfig:
     """Defaults < ``path`` (YAML) < ``AUGSERVE_*`` environment < ``overrides`` (flags set by the user)."""
     values: dict[str, Any] = {}

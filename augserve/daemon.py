@@ -474,8 +474,6 @@ class Daemon:
         return {"ref": ref, "split": request.split, "options": dict(request.dataset_options)}
 
     def _make_stream(self, identity: bytes, request: AttachRequest) -> Stream:
-        import pipelines
-
         if len(self.streams) >= self.config.max_streams:
             raise ValueError(f"this daemon already serves {len(self.streams)} streams (max_streams={self.config.max_streams})")
         if request.batch_size > self.config.max_batch_size:
@@ -550,7 +548,7 @@ class Daemon:
         }
 
 
-def _spec_from_request(value) -> "pipelines.PipelineSpec":
+def _spec_from_request(value):
     """A spec sent by a peer: a preset name, a dict or YAML/JSON text — never a path the daemon would open."""
     import pipelines
 

@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi

@@ -12,16 +12,6 @@ import sys
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def _pairs(values: list[str] | None, what: str) -> dict:
-    result = {}
-    for pair in values or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} must look like KEY=VALUE, got {pair!r}")
-        result[key] = int(value) if value.lstrip("-").isdigit() else value
-    return result
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Train the reference CNNs from an augserve stream.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from(args):
-    from augserve.config import parse_dataset_pairs
+    from augserve.config import parse_dataset_pairs, parse_options
 
     from .run import TrainConfig
 
     return TrainConfig(
-        model=args.model, dataset=args.dataset, dataset_options=_pairs(args.dataset_option, "--dataset-option"), pipeline=args.pipeline,
+        model=args.model, dataset=args.dataset, dataset_options=parse_options(args.dataset_option), pipeline=args.pipeline,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         optimizer=args.optimizer, schedule=args.schedule, warmup_epochs=args.warmup_epochs, step_epochs=args.step_epochs, gamma=args.gamma,
         label_smoothing=args.label_smoothing, amp=args.amp, channels_last=args.channels_last, device=args.device, connect=args.connect,

@@ -7,70 +7,15 @@ held-out pipeline (resize + centre crop + the same normalize) from a training sp
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from typing import Iterator
-
+from augserve.local import local_daemon
 from pipelines.spec import CenterCrop, PipelineSpec, RandomCrop, RandomResizedCrop, Resize
 
 # The usual ratio between the evaluation resize and the crop (256 → 224).
 EVAL_CROP_FRACTION = 0.875
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the trainer dies, even by SIGKILL,
-    so an embedded daemon is never left behind (the daemon stops cleanly on SIGTERM)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def embedded_daemon(workers: int = 2, backend: str = "albumentations", device: str = "cpu", datasets: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[str]:
-    """Run a daemon for the duration of the ``with`` block; yields its address."""
-    from augserve.status import fetch_status
-
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    command = [sys.executable, "-m", "augserve", "serve", "--bind", address, "--workers", str(workers), "--backend", backend, "--device", device]
-    for name, path in (datasets or {}).items():
-        command += ["--dataset", f"{name}={path}"]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=_die_with_parent)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the embedded daemon exited: {process.stderr.read().decode(errors='replace')[-1500:]}")
-            try:
-                if len(fetch_status(address, timeout=1.0)["workers"]) >= workers:
-                    break
-            except ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the embedded daemon's {workers} worker(s) did not start within {timeout:.0f} s")
-            time.sleep(0.1)
-        yield address
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+# The embedded default of `python -m trainer train`: a daemon of its own for the run.
+embedded_daemon = local_daemon
 
 
 def output_size(spec: PipelineSpec) -> tuple[int, int] | None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..config import parse_options
+
 
 def _print_rows_and_summary(args, rows: list[dict], summary: dict, text: str) -> None:
     if args.json:
@@ -36,17 +38,6 @@ def _at_least(args, minimum: int, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-
-
-def _key_values(pairs: list[str] | None, flag: str) -> dict:
-    """``KEY=VALUE`` pairs → dict; values that look like integers become ints."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} must look like KEY=VALUE, got {pair!r}")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
-    return options
 
 
 def _plot_note(path: str | None) -> str:
@@ -97,7 +88,7 @@ def cmd_bench_trainer(args) -> int:
     from .trainer_bench import TrainerBenchConfig, format_table, json_rows, plot, run_trainer_bench
 
     config = TrainerBenchConfig(
-        model=args.model, dataset=args.dataset, dataset_options=_key_values(args.dataset_option, "--dataset-option"),
+        model=args.model, dataset=args.dataset, dataset_options=parse_options(args.dataset_option),
         pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
         workers=args.workers, rounds=args.rounds, backend=args.backend, threads=args.threads, lr=args.lr,
     )  # fmt: skip

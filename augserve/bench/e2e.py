@@ -14,17 +14,16 @@ per count, for a curve of images/s against workers on both sides.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
+from ..local import local_daemon
 from ..status import fetch_status
 from .plots import cpu_name
 
@@ -46,38 +45,9 @@ def _run_trainer(mode: str, args: list[str], timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _daemon(source: str, workers: int):
-    """``augserve serve --workers N`` serving ``source`` as dataset ``bench``; yields its address."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "augserve", "serve", "--bind", address, "--workers", str(workers), "--dataset", f"bench={source}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
-    try:
-        _wait_for_workers(address, workers, daemon)
-        yield address
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-
-
 def _measure(source: str, workers: int, batch_size: int, batches: int, rounds: int, progress=None) -> tuple[dict[str, list[dict]], dict]:
     """Alternating runs of both loaders with ``workers`` worker processes; returns (runs, daemon status)."""
-    with _daemon(source, workers) as address:
+    with local_daemon(workers, datasets={"bench": source}) as address:
         common = ["--batch-size", str(batch_size), "--batches", str(batches)]
         runs: dict[str, list[dict]] = {"augserve": [], "dataloader": []}
         for round_index in range(rounds):
@@ -173,20 +143,6 @@ def _stage_share(status: dict) -> dict:
             totals[key] += worker["stage_ms"][key] * max(worker["batches"], 0)
     whole = sum(totals.values()) or 1.0
     return {key: round(value / whole, 3) for key, value in totals.items()}
-
-
-def _wait_for_workers(address: str, workers: int, daemon: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"the daemon exited: {daemon.stderr.read().decode()[-2000:]}")
-        try:
-            if len(fetch_status(address, timeout=1.0)["workers"]) >= workers:
-                return
-        except ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{workers} worker(s) did not join within {timeout:.0f} s")
 
 
 def format_table(result: dict) -> str:

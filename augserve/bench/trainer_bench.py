@@ -121,14 +121,14 @@ def _run_child(mode: str, config: TrainerBenchConfig, address: str | None, seed:
 
 def run_trainer_bench(config: TrainerBenchConfig, progress=None) -> dict:
     """Measure and return the result dict (rows per loader, medians, ratio)."""
-    from trainer.data import embedded_daemon
+    from ..local import local_daemon
 
     from .plots import cpu_name
 
     info = check(config)
     served = {} if _builtin(config.dataset) else {SERVED_NAME: os.path.abspath(config.dataset)}
     runs: dict[str, list[dict]] = {"augserve": [], "dataloader": []}
-    with embedded_daemon(config.workers, config.backend, "cpu", served) as address:
+    with local_daemon(config.workers, config.backend, "cpu", served) as address:
         for round_index in range(config.rounds):
             order = ["augserve", "dataloader"] if round_index % 2 == 0 else ["dataloader", "augserve"]
             for mode in order:

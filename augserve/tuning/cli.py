@@ -28,16 +28,6 @@ warp.magnitude (0-0.1) -- for the ops the base spec has. Running the same comman
 study stored in --storage and runs only the trials still missing to reach --trials."""
 
 
-def _pairs(values: list[str] | None, what: str) -> dict:
-    result = {}
-    for pair in values or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} must look like KEY=VALUE, got {pair!r}")
-        result[key] = int(value) if value.lstrip("-").isdigit() else value
-    return result
-
-
 def add_parser(subcommands) -> argparse.ArgumentParser:
     """Register ``tune`` on ``subcommands`` (an ``add_subparsers()`` result); returns its parser."""
     tune = subcommands.add_parser(
@@ -85,13 +75,13 @@ def add_parser(subcommands) -> argparse.ArgumentParser:
 
 
 def config_from(args):
-    from augserve.config import parse_dataset_pairs
+    from augserve.config import parse_dataset_pairs, parse_options
 
     from .study import TuneConfig
 
     return TuneConfig(
         model=args.model, dataset=args.dataset, trials=args.trials, params=list(args.param or []), pipeline=args.pipeline,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dataset_options=_pairs(args.dataset_option, "--dataset-option"),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dataset_options=parse_options(args.dataset_option),
         seed=args.seed, jobs=args.jobs, timeout=args.timeout, connect=args.connect, workers=args.workers, backend=args.backend,
         serve_datasets=parse_dataset_pairs(args.serve_dataset or []), device=args.device, threads=args.threads, out=args.out,
         storage=args.storage, study_name=args.study_name, baseline=not args.no_baseline, prune=not args.no_prune,

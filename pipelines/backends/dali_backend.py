@@ -28,7 +28,7 @@ Local warps (``plan.chain``): ``fn.experimental.remap`` exists for the GPU only;
 whose output has the *input's* shape and which leaves pixels whose source falls outside the image
 unwritten (measured on an H200: garbage, not the documented constant 0). On the GPU the image is
 therefore placed on a canvas with a one-pixel ring of ``fill`` that also holds the output, the dense
-map (:func:`source_map_torch`, the torch twin of :func:`pipelines.plan.source_map`, computed on the
+map (:func:`pipelines.plan.source_map` with a torch device, computed on the
 GPU) is clamped into that canvas — which reproduces OpenCV's constant border exactly, or clamps into
 the image for ``replicate`` — and the output window is cropped. **On the CPU** DALI has no remap:
 those samples are resampled on the host with OpenCV's ``cv2.remap`` — the same kernel the
@@ -52,8 +52,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from .. import geometry as G
-from ..plan import AffineStep, SamplePlan, source_map
+from ..plan import SamplePlan, source_map
 from .base import Backend
 
 THREADS_ENV = "AUGSERVE_DALI_THREADS"
@@ -254,7 +253,7 @@ class DaliBackend(Backend):
             height, width = image.shape[:2]
             out_h, out_w = plan.out_hw
             canvas_h, canvas_w = max(height + 3, out_h), max(width + 3, out_w)
-            x, y = source_map_torch(plan, self.device)
+            x, y = source_map(plan, device=self.device)
             u, v = x - 0.5, y - 0.5  # integer pixel centres
             if self.border == "replicate":
                 u, v = u.clamp(0.0, width - 1.0), v.clamp(0.0, height - 1.0)
@@ -308,26 +307,6 @@ class DaliBackend(Backend):
         if all(t.shape == tensors[0].shape for t in tensors):
             return torch.stack(tensors)
         return tensors
-
-
-def source_map_torch(plan: SamplePlan, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pipelines.plan.source_map` evaluated with torch on ``device`` (float64): the source
-    coordinates (x, y), continuous convention, of every output pixel centre — (out_h, out_w) each.
-    The numpy version costs ~20 ms per 224² warp on a CPU core; here it stays on the GPU."""
-    out_h, out_w = plan.out_hw
-    xs = torch.arange(out_w, dtype=torch.float64, device=device) + 0.5
-    ys = torch.arange(out_h, dtype=torch.float64, device=device) + 0.5
-    x, y = xs.expand(out_h, out_w), ys[:, None].expand(out_h, out_w)
-    steps = plan.chain if plan.chain is not None else [AffineStep(plan.inverse)]
-    for step in steps:
-        if isinstance(step, AffineStep):
-            m = step.inverse
-            x, y = m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2]
-        else:
-            control = torch.as_tensor(step.control, dtype=torch.float64, device=device)
-            dx, dy = G.warp_displacement(x, y, control, step.kind, step.height, step.width)
-            x, y = x + dx, y + dy
-    return x, y
 
 
 def _window(plan: SamplePlan, shape: tuple[int, ...], border: str) -> tuple[tuple[int, int], int, int] | None:

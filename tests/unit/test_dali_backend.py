@@ -289,7 +289,6 @@ def test_cuda_without_cuda_is_refused():
 def test_gpu_remap_inputs_stay_inside_the_fill_ring(build, images):
     """The GPU remap path (NPP leaves out-of-image pixels unwritten) must only ever sample inside the
     canvas: its maps are built here on the CPU and checked, and the torch map equals the numpy one."""
-    from pipelines.backends.dali_backend import source_map_torch
     from pipelines.plan import source_map
 
     spec = {"ops": [{"op": "rotate", "degrees": 40}, {"op": "warp", "magnitude": 0.08}, {"op": "resize", "short_side": 90}], "fill": 9}
@@ -298,7 +297,7 @@ def test_gpu_remap_inputs_stay_inside_the_fill_ring(build, images):
     inputs = pipe.backend._remap_inputs(list(images), plans)
     leaves = []
     for k, plan in enumerate(plans):
-        x, y = source_map_torch(plan, "cpu")
+        x, y = source_map(plan, device="cpu")
         ref_x, ref_y = source_map(plan, dtype=np.float64)
         np.testing.assert_allclose(x.numpy(), ref_x, atol=1e-9)
         np.testing.assert_allclose(y.numpy(), ref_y, atol=1e-9)

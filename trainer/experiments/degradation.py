@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     for depth in args.depths:
         if depth < 8 or (depth - 2) % 6:
             parser.error(f"--depths takes 6n+2 values (20, 32, 44, 56, 110), got {depth}")
-    options = {"size": 32, "n": 2000} if args.dataset == "shapes" else {}
-    for pair in args.dataset_option:
-        key, _, value = pair.partition("=")
-        options[key] = int(value) if value.isdigit() else value
+    from augserve.config import parse_options
+
+    options = {**({"size": 32, "n": 2000} if args.dataset == "shapes" else {}), **parse_options(args.dataset_option)}
     pipeline = args.pipeline
     if pipeline == "lenet5-free":  # CIFAR-style augmentation of the paper: 4-pixel padding + crop, mirror
         size = int(options.get("size", 32))  # digits are 32×32 too
