@@ -89,7 +89,15 @@ def cmd_fit_pca(args) -> int:
 def cmd_bench_gpu(args) -> int:
     from .bench.gpu import format_table, run_gpu_bench
 
+    if args.plot:
+        from .bench.plots import check_png_path
+
+        check_png_path(args.plot)
     result = run_gpu_bench(device=args.device, rounds=args.rounds, batch=args.batch)
+    if args.plot:
+        from .bench.gpu import plot
+
+        plot(result, args.plot)
     if args.json:
         for row in result["rows"]:
             print(json.dumps(row))
@@ -268,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_gpu.add_argument("--device", default="cuda:0")
     bench_gpu.add_argument("--rounds", type=int, default=10)
     bench_gpu.add_argument("--batch", type=int, default=256)
+    bench_gpu.add_argument("--plot", metavar="PNG", help="also draw the images/s per implementation")
     bench_gpu.add_argument("--json", action="store_true")
     bench_gpu.set_defaults(func=cmd_bench_gpu)
 

@@ -123,6 +123,20 @@ def run_gpu_bench(device: str = "cuda:0", rounds: int = 10, batch: int = 256) ->
     }
 
 
+def plot(result: dict, path: str) -> str:
+    """Bar chart of images/s per implementation (log scale) to ``path``."""
+    from .plots import grouped_barh
+
+    rows = [r for r in result["rows"] if r["images_per_s"]]
+    panel = {
+        "title": f"{result['batch']} on {result['device']}",
+        "groups": [r["name"] for r in rows],
+        "series": ["images/s"],
+        "values": {(r["name"], "images/s"): r["images_per_s"] for r in rows},
+    }
+    return grouped_barh(path, [panel], "augserve bench gpu")
+
+
 def format_table(result: dict) -> str:
     lines = [f"GPU benchmark on {result['device']} — {result['batch']}, median of {result['rounds']} rounds", "", "| implementation | images/s | × kornia | note |", "|---|---:|---:|---|"]
     for row in result["rows"]:
