@@ -50,14 +50,15 @@ class MetricsLog:
 
     FIELDS = ["epoch", "step", "train_loss", "train_accuracy", "val_accuracy", "lr", "img_per_s", "stall_pct", "elapsed_s"]
 
-    def __init__(self, folder: str | None, tensorboard: bool = True) -> None:
+    def __init__(self, folder: str | None, tensorboard: bool = True, fresh: bool = True) -> None:
+        """``fresh``: a new run starts a new ``metrics.csv``; a resumed run (``fresh=False``) appends."""
         self.folder = folder
         self.writer = None
         if folder is None:
             return
         os.makedirs(folder, exist_ok=True)
         self.csv_path = os.path.join(folder, "metrics.csv")
-        if not os.path.exists(self.csv_path):
+        if fresh or not os.path.exists(self.csv_path):
             with open(self.csv_path, "w", newline="", encoding="utf-8") as handle:
                 csv.writer(handle).writerow(self.FIELDS)
         if tensorboard:

@@ -172,7 +172,7 @@ class Run:
         config = self.config
         torch.manual_seed(config.seed)
         started = time.perf_counter()
-        metrics = MetricsLog(config.out if self.world.is_main else None, tensorboard=config.tensorboard)
+        metrics = MetricsLog(config.out if self.world.is_main else None, tensorboard=config.tensorboard, fresh=config.resume is None)
         resume_payload = ckpt.load(config.resume) if config.resume else None
         with self._daemon() as address:
             self.address = address
