@@ -17,15 +17,20 @@ import cv2
 import numpy as np
 import torch
 
+import pipelines
+from pipelines.normalize import normalize_images
+
 WARMUP = 3
 
 
 class CompatDataset(torch.utils.data.Dataset):
     """The ``alexnet`` preset the ordinary way: an albumentations Compose per image, plus the AlexNet
-    PCA offset as a numpy float add, then normalize and HWC→CHW."""
+    PCA offset as a numpy float add, then normalize and HWC→CHW. With ``ship_uint8`` the workers stop
+    before normalize and return uint8 H×W×C (the trainer normalizes, as augserve's client does)."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, ship_uint8: bool = False) -> None:
         self.source = source
+        self.ship_uint8 = ship_uint8
         self.images = None
 
     def __len__(self) -> int:
@@ -50,6 +55,8 @@ class CompatDataset(torch.utils.data.Dataset):
         image = self.compose(image=self.images[index])["image"]
         offset = self.eigvec @ (self.rng.normal(0.0, 0.1, 3) * self.eigval) * 255.0
         image = np.clip(image.astype(np.float32) + offset.astype(np.float32), 0, 255).astype(np.uint8)
+        if self.ship_uint8:
+            return torch.from_numpy(image), int(self.labels[index])
         image = self.normalize(image=image)["image"]
         return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(self.labels[index])
 
@@ -61,13 +68,16 @@ def _worker_init(_):
 
 def batches_from_dataloader(args):
     cv2.setNumThreads(0)  # before forking workers (see README: fork + OpenCV thread pool deadlock)
+    ship_uint8 = args.mode == "dataloader-uint8"
     loader = torch.utils.data.DataLoader(
-        CompatDataset(args.source), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+        CompatDataset(args.source, ship_uint8), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
         worker_init_fn=_worker_init, drop_last=True, persistent_workers=False, prefetch_factor=4,
     )  # fmt: skip
+    normalize = pipelines.load_preset("alexnet").normalize
     while True:
         for images, labels in loader:
-            yield images, labels
+            # The uint8 variant normalizes here, with the same function augserve's client uses.
+            yield (normalize_images(images, normalize) if ship_uint8 else images), labels
 
 
 def batches_from_augserve(args):
@@ -83,7 +93,7 @@ def batches_from_augserve(args):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["augserve", "dataloader"])
+    parser.add_argument("mode", choices=["augserve", "dataloader", "dataloader-uint8"])
     parser.add_argument("--address")
     parser.add_argument("--source")
     parser.add_argument("--workers", type=int, default=2)

@@ -78,12 +78,12 @@ def test_e2e_scaling_rows_summary_and_plot(tmp_path):
     plot = tmp_path / "e2e.png"
     proc = bench("e2e", "--workers", "2", "--scaling", "--batch-size", "8", "--batches", "2", "--rounds", "1", "--images", "32", "--json", "--plot", str(plot))
     rows, summary = json_lines(proc)
-    assert {(row["loader"], row["workers"]) for row in rows} == {(loader, w) for loader in ("augserve", "dataloader") for w in (1, 2)}
+    assert {(row["loader"], row["workers"]) for row in rows} == {(loader, w) for loader in ("augserve", "dataloader", "dataloader-uint8") for w in (1, 2)}
     for row in rows:
         assert row["benchmark"] == "e2e" and row["images_per_s"] > 0 and len(row["runs"]) == 1
     assert summary["benchmark"] == "e2e" and summary["workers"] == 2
     assert [point["workers"] for point in summary["scaling"]] == [1, 2]
-    assert all(point["ratio"] > 0 for point in summary["scaling"])
+    assert all(point["ratio"] > 0 and point["ratio_vs_uint8"] > 0 for point in summary["scaling"])
     assert summary["ratio"] > 0 and set(summary["worker_stage_share"]) == {"load", "augment", "send"}
     assert_png(plot)
 
