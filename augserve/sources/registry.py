@@ -8,33 +8,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from pipelines.registry import Registry
+
 if TYPE_CHECKING:
     from .base import Source
 
 Builder = Callable[..., "Source"]
 
-_BUILTINS: dict[str, Builder] = {}
+_BUILTINS: Registry[Builder] = Registry("dataset")
 
 
 def register_builtin(name: str) -> Callable[[Builder], Builder]:
     """Decorator that registers ``builder`` under ``name``; a second registration raises."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"dataset name must be a non-empty str, got {name!r}")
-
-    def decorator(builder: Builder) -> Builder:
-        if name in _BUILTINS:
-            raise ValueError(f"dataset {name!r} is already registered (by {_BUILTINS[name].__module__})")
-        _BUILTINS[name] = builder
-        return builder
-
-    return decorator
+    return _BUILTINS.register(name)
 
 
 def builtin_names() -> list[str]:
     """Names of the built-in datasets, sorted."""
-    return sorted(_BUILTINS)
+    return _BUILTINS.names()
 
 
 def get_builtin(name: str) -> Builder | None:
     """The builder registered under ``name``, or None."""
-    return _BUILTINS.get(name)
+    return _BUILTINS.get(name) if name in _BUILTINS else None

@@ -7,52 +7,27 @@ registry, so a silent overwrite would drop a model from the tests).
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 
 from torch import nn
+
+from pipelines.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 
 __all__ = ["ModelBuilder", "ModelRegistry", "create", "get_builder", "list_models", "register_model"]
 
 
-class ModelRegistry:
-    """A name → builder mapping that refuses duplicates."""
+class ModelRegistry(Registry[ModelBuilder]):
+    """A name → builder mapping that refuses duplicates, and builds models by name."""
 
     def __init__(self) -> None:
-        self._builders: dict[str, ModelBuilder] = {}
+        super().__init__("model")
 
-    def register(self, name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-        """Decorator registering ``builder`` under ``name``; returns the builder unchanged."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"model name must be a non-empty string, got {name!r}")
-
-        def decorator(builder: ModelBuilder) -> ModelBuilder:
-            if not callable(builder):
-                raise TypeError(f"builder for model {name!r} must be callable, got {type(builder).__name__}")
-            if name in self._builders:
-                old = self._builders[name]
-                raise ValueError(
-                    f"model {name!r} is already registered "
-                    f"(by {old.__module__}.{getattr(old, '__qualname__', old)})"
-                )
-            self._builders[name] = builder
-            return builder
-
-        return decorator
-
-    def get(self, name: str) -> ModelBuilder:
-        try:
-            return self._builders[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown model {name!r}; known models: {', '.join(self.names())}"
-            ) from None
-
-    def names(self, pattern: str | None = None) -> list[str]:
-        names = sorted(self._builders)
-        return names if pattern is None else fnmatch.filter(names, pattern)
+    def add(self, name: str, builder: ModelBuilder) -> ModelBuilder:
+        if not callable(builder):
+            raise TypeError(f"builder for model {name!r} must be callable, got {type(builder).__name__}")
+        return super().add(name, builder)
 
     def create(self, name: str, num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
         builder = self.get(name)
@@ -60,12 +35,6 @@ class ModelRegistry:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
         return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._builders
-
-    def __len__(self) -> int:
-        return len(self._builders)
 
 
 _REGISTRY = ModelRegistry()
