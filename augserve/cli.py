@@ -86,25 +86,6 @@ def cmd_fit_pca(args) -> int:
     return 0
 
 
-def cmd_bench_gpu(args) -> int:
-    from .bench.gpu import format_table, run_gpu_bench
-
-    if args.plot:
-        from .bench.plots import check_png_path
-
-        check_png_path(args.plot)
-    result = run_gpu_bench(device=args.device, rounds=args.rounds, batch=args.batch)
-    if args.plot:
-        from .bench.gpu import plot
-
-        plot(result, args.plot)
-    if args.json:
-        for row in result["rows"]:
-            print(json.dumps(row))
-    _print_result(args, result, format_table(result))
-    return 0
-
-
 def cmd_serve(args) -> int:
     from .config import load_config, parse_dataset_pairs
     from .daemon import Daemon
@@ -272,13 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import add_bench_commands
 
     add_bench_commands(bench_kinds, backends)
-    bench_gpu = bench_kinds.add_parser("gpu", help="GPU backends vs kornia and torchvision v2, and the host-to-device copy (needs CUDA)")
-    bench_gpu.add_argument("--device", default="cuda:0")
-    bench_gpu.add_argument("--rounds", type=int, default=10)
-    bench_gpu.add_argument("--batch", type=int, default=256)
-    bench_gpu.add_argument("--plot", metavar="PNG", help="also draw the images/s per implementation")
-    bench_gpu.add_argument("--json", action="store_true")
-    bench_gpu.set_defaults(func=cmd_bench_gpu)
 
     serve = commands.add_parser("serve", help="run the daemon and its worker processes")
     serve.add_argument("--config", help="daemon.yaml; every field can also come from AUGSERVE_<FIELD> or a flag")

@@ -22,7 +22,7 @@ import zmq
 from pydantic import ValidationError
 
 from . import protocol as P
-from .config import BUILTIN_DATASETS, DaemonConfig
+from .config import BUILTIN_DATASETS, DaemonConfig, check_address
 from .epochs import EpochPlan
 from .metrics import DaemonMetrics, NullMetrics
 from .streams import AttachRequest, RateMeter, StageTimes, Stream
@@ -478,7 +478,7 @@ class Daemon:
             raise ValueError(f"this daemon already serves {len(self.streams)} streams (max_streams={self.config.max_streams})")
         if request.batch_size > self.config.max_batch_size:
             raise ValueError(f"batch_size {request.batch_size} exceeds this daemon's max_batch_size {self.config.max_batch_size}")
-        P_check_data_address(request.data)
+        check_address(request.data, "data address")  # the trainer's bound endpoint: a concrete port
         dataset = self._resolve_dataset(request)
         spec = _spec_from_request(request.pipeline)
         source = self._open(dataset)
@@ -555,12 +555,6 @@ def _spec_from_request(value):
     if isinstance(value, str) and "\n" not in value and value.strip().endswith((".yaml", ".yml", ".json")):
         raise ValueError("the daemon does not open spec files; send the spec itself (connect() reads a local file for you)")
     return pipelines.resolve(value)
-
-
-def P_check_data_address(address: str) -> None:
-    from .config import check_address
-
-    check_address(address, "data address")  # the trainer's bound endpoint: a concrete port
 
 
 def _parse_resume(state: dict, epochs: int, batches_per_epoch: int) -> tuple[int, set[int]]:

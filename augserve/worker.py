@@ -9,6 +9,7 @@ run single-threaded here unless told otherwise: parallelism comes from processes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -26,7 +27,8 @@ from .sources import CorruptImageError, SkipStats, iter_images, open_dataset
 
 log = logging.getLogger("augserve.worker")
 
-SEND_TIMEOUT_S = 30.0  # a trainer that cannot take a batch for this long is treated as gone
+SEND_TIMEOUT_S = 30.0
+PIPELINE_CACHE_SIZE = 8  # built pipelines kept per worker (a DALI pipeline takes a while to build)  # a trainer that cannot take a batch for this long is treated as gone
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Worker:
         self.control: zmq.Socket | None = None
         self.outputs: dict[str, zmq.Socket] = {}  # data address -> PUSH socket
         self.sources: dict[tuple, object] = {}
-        self.pipelines: dict[tuple, object] = {}
+        self.pipelines: dict[str, object] = {}  # spec JSON -> built pipeline, oldest first
         self.parent = os.getppid()
         self.last_sent = 0.0
         self.last_heard = time.monotonic()
@@ -194,13 +196,18 @@ class Worker:
     def _pipeline(self, pipeline: dict):
         import pipelines
 
-        key = (pipeline["stream"], pipeline["version"])
-        if key not in self.pipelines:
+        # Keyed by the spec itself, not the stream: a trainer's held-out stream attaches anew every epoch
+        # with the same spec, and other streams often share one. Least recently used first out.
+        key = json.dumps(pipeline["spec"], sort_keys=True)
+        built = self.pipelines.pop(key, None)
+        if built is None:
             # Workers ship uint8; the trainer's client applies `normalize` on its own device.
             spec = pipelines.PipelineSpec.model_validate(pipeline["spec"]).without_normalize()
-            self.pipelines = {k: v for k, v in self.pipelines.items() if k[0] != pipeline["stream"]}
-            self.pipelines[key] = pipelines.build(spec, backend=self.options.backend, device=self.options.device)
-        return self.pipelines[key]
+            built = pipelines.build(spec, backend=self.options.backend, device=self.options.device)
+            while len(self.pipelines) >= PIPELINE_CACHE_SIZE:
+                self.pipelines.pop(next(iter(self.pipelines)))
+        self.pipelines[key] = built  # re-inserted: dicts keep insertion order, so this is the newest
+        return built
 
     def _run_task(self, message: P.Message) -> tuple[str, dict] | None:
         """Load, augment and send one batch; returns the report for the daemon (``done``/``failed``)."""

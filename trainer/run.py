@@ -116,6 +116,7 @@ class Run:
         self.stream_state = None
         self.history: list[dict] = []
         self.summary_extra: dict = {}
+        self._started = time.perf_counter()  # reset when fit() starts; elapsed_s counts from there
         self.has_test: bool | None = None  # learnt on the first evaluation (the daemon knows the splits)
 
     # --- set-up ----------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class Run:
     def fit(self) -> dict:
         config = self.config
         torch.manual_seed(config.seed)
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
         metrics = MetricsLog(config.out if self.world.is_main else None, tensorboard=config.tensorboard, fresh=config.resume is None)
         resume_payload = ckpt.load(config.resume) if config.resume else None
         with self._daemon() as address:
@@ -283,7 +284,7 @@ class Run:
             "lr": self.optimizer.param_groups[0]["lr"],
             "img_per_s": stats.timer.images_per_s,
             "stall_pct": stats.timer.stall_pct,
-            "elapsed_s": time.perf_counter() - self._started if hasattr(self, "_started") else None,
+            "elapsed_s": time.perf_counter() - self._started,
         }
         self.history.append(row)
         metrics.epoch(row)

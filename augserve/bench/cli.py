@@ -47,6 +47,20 @@ def _plot_note(path: str | None) -> str:
 # --- handlers ----------------------------------------------------------------------------------------
 
 
+def cmd_bench_gpu(args) -> int:
+    from .plots import check_png_path
+
+    _at_least(args, 1, "rounds", "batch")
+    check_png_path(args.plot)
+    from .gpu import format_table, plot, run_gpu_bench
+
+    result = run_gpu_bench(device=args.device, rounds=args.rounds, batch=args.batch)
+    if args.plot:
+        result["plot"] = plot(result, args.plot)
+    _print_rows_and_summary(args, result["rows"], result, format_table(result) + _plot_note(args.plot))
+    return 0
+
+
 def cmd_bench_pipelines(args) -> int:
     from .plots import check_png_path
 
@@ -103,7 +117,7 @@ def cmd_bench_trainer(args) -> int:
 
 
 def add_bench_commands(bench_kinds, backends: list[str]) -> None:
-    """Register ``pipelines``, ``e2e`` and ``trainer`` under ``augserve bench`` (``bench_kinds``: the
+    """Register ``pipelines``, ``e2e``, ``trainer`` and ``gpu`` under ``augserve bench`` (``bench_kinds``: the
     ``bench`` parser's sub-parsers; ``backends``: the augmentation backend names)."""
 
     def common(sub) -> None:
@@ -145,4 +159,11 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     trainer.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
     common(trainer)
     trainer.set_defaults(func=cmd_bench_trainer)
+
+    gpu = bench_kinds.add_parser("gpu", help="GPU backends vs kornia and torchvision v2, and the host-to-device copy (needs CUDA)")
+    gpu.add_argument("--device", default="cuda:0")
+    gpu.add_argument("--rounds", type=int, default=10, help="timed rounds; medians are reported")
+    gpu.add_argument("--batch", type=int, default=256, help="images per batch (256² inputs)")
+    common(gpu)
+    gpu.set_defaults(func=cmd_bench_gpu)
 
