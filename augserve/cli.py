@@ -99,6 +99,8 @@ def cmd_serve(args) -> int:
         "threads_per_worker": args.threads,
         "metrics_port": args.metrics_port,
         "log_level": args.log_level if args.log_level != "warning" else None,
+        "keys_dir": args.keys_dir,
+        "insecure": args.insecure,
     }
     config = load_config(args.config, overrides)
     logging.getLogger().setLevel(config.log_level.upper())
@@ -128,6 +130,8 @@ def cmd_worker(args) -> int:
         capacity=args.capacity,
         name=args.name,
         exit_with_parent=args.local,
+        keys_dir=args.keys_dir,
+        insecure=args.insecure,
     )
     import signal
 
@@ -263,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dataset", action="append", metavar="NAME=PATH", help="serve a folder or .npz file under NAME (repeatable)")
     serve.add_argument("--threads", type=int, help="threads per worker process (default 1)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
+    serve.add_argument("--keys-dir", help="CurveZMQ keys (default $AUGSERVE_KEYS_DIR or ~/.config/augserve/keys; created on first use)")
+    serve.add_argument("--insecure", action="store_true", default=None, help="no authentication: anyone who reaches the address is trusted")
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run one worker that joins a daemon (possibly on another machine)")
@@ -274,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--heartbeat-interval", type=float, default=1.0)
     worker.add_argument("--heartbeat-liveness", type=int, default=5)
     worker.add_argument("--name", help="worker id (default host-pid-random)")
+    worker.add_argument("--keys-dir", help="CurveZMQ keys with the daemon's public key and a worker key pair (see `augserve keys export`)")
+    worker.add_argument("--insecure", action="store_true", help="talk to a daemon started with --insecure")
     worker.add_argument("--local", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
@@ -288,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tuning.cli import add_parser as add_tune_parser
 
     add_tune_parser(commands)
+    from .keys_cli import add_parser as add_keys_parser
+
+    add_keys_parser(commands)
 
     schema = commands.add_parser("schema", help="print the JSON schema of a pipeline spec")
     schema.add_argument("--json", action="store_true", help="compact, on one line")

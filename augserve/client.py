@@ -1,11 +1,15 @@
 """The trainer side: ``connect(...)`` attaches to a daemon and returns an iterable :class:`Stream`.
 
-A background I/O thread owns both sockets — the control DEALER (attach, credits/acks, heartbeats) and the
-data PULL socket that workers push batches into — so the training loop never stalls the protocol. It
-wraps each arriving frame as a tensor without copying, drops duplicates (a batch re-issued after a worker
-died may arrive twice), restores plan order when ``ordered=True``, and hands batches over through a
-queue bounded by the credit window. A batch is acknowledged when the training loop takes it; the ack
-returns its credit to the daemon.
+``connect`` opens the sockets and attaches (the one blocking exchange); the :class:`Stream` it returns
+runs a background I/O thread that owns both sockets — the control DEALER (credits, acks, receipts,
+heartbeats) and the data PULL socket that workers push batches into — so the training loop never
+stalls the protocol. The thread wraps each arriving frame as a tensor without copying, checks it
+belongs to this stream's plan, and hands it to a pure :class:`~augserve.reorder.Reorderer`, which drops
+duplicates (a re-issued batch may arrive twice) and decides when each batch may go to the training loop.
+A batch is acknowledged when the training loop takes it; the ack returns its credit to the daemon.
+
+With keys (the default) both sockets are CurveZMQ-authenticated: the control socket presents this
+user's client key, and the data socket admits only the worker keys the daemon vouches for.
 """
 
 from __future__ import annotations
@@ -14,20 +18,25 @@ import logging
 import os
 import queue
 import socket as host_socket
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import zmq
+from pydantic import ValidationError
 
 from pipelines.normalize import normalize_images
 
 from . import protocol as P
+from . import security
 from .config import check_address
+from .control import Credentials, control_socket, silence_reason
+from .epochs import EpochPlan
+from .reorder import Reorderer
 
 log = logging.getLogger("augserve.client")
 
@@ -63,221 +72,196 @@ class Batch:
 def _data_address(daemon: str) -> str:
     """Where this trainer receives batches: same transport as the daemon, any free port/path."""
     if daemon.startswith("ipc://"):
-        return f"ipc://{tempfile.gettempdir()}/augserve-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+        return f"ipc://{security.private_ipc_dir()}/data-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
     host = daemon[len("tcp://") :].rpartition(":")[0]
     if host in ("127.0.0.1", "localhost", "[::1]", "::1"):
         return "tcp://127.0.0.1:*"
     return "tcp://0.0.0.0:*"
 
 
-class Stream(torch.utils.data.IterableDataset):
-    """Batches from a daemon. Iterate it (or hand it to ``DataLoader(stream, batch_size=None)``)."""
+def _advertised(endpoint: str) -> str:
+    if endpoint.startswith("tcp://0.0.0.0:"):
+        return f"tcp://{host_socket.gethostbyname(host_socket.gethostname())}:{endpoint.rsplit(':', 1)[1]}"
+    return endpoint
 
-    def __init__(
-        self,
-        address: str,
-        dataset: str,
-        pipeline: Any,
-        batch_size: int,
-        seed: int = 0,
-        epochs: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
-        prefetch: int = 8,
-        ordered: bool = False,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        split: str = "train",
-        dataset_options: dict | None = None,
-        resume: dict | None = None,
-        device: str | torch.device = "cpu",
-        pin_memory: bool = False,
-        on_error: str = "skip",
-        timeout: float = 10.0,
-        batch_timeout: float = 120.0,
-        heartbeat_interval: float = 1.0,
-        data_address: str | None = None,
-    ) -> None:
-        super().__init__()
-        check_address(address, "daemon address")
-        if timeout <= 0 or batch_timeout <= 0:
-            raise ValueError("timeout and batch_timeout must be > 0 seconds")
+
+class _Link:
+    """The sockets of one stream: control DEALER to the daemon, data PULL for batches, and the data
+    socket's gatekeeper. Owned by :func:`connect` until the stream's I/O thread takes them over."""
+
+    def __init__(self, address: str, credentials: Credentials, data_address: str | None, prefetch: int) -> None:
         self.address = address
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for but CUDA is not available")
-        self.pin_memory = pin_memory or self.device.type == "cuda"
-        self.timeout = timeout
+        self.credentials = credentials
+        self.context = zmq.Context()
+        self.gatekeeper: security.Gatekeeper | None = None
+        self.control = self.monitor = None
+        self.data = self.context.socket(zmq.PULL)
+        try:
+            self.data.setsockopt(zmq.LINGER, 0)
+            self.data.setsockopt(zmq.RCVHWM, max(4, 2 * prefetch))
+            self.data_key: str | None = None
+            keyring = credentials.keyring
+            if keyring is not None:
+                # Workers are admitted by key: this user's own, then those the daemon vouches for.
+                self.gatekeeper = security.Gatekeeper(self.context, {"worker": keyring.allowed("worker")}).start()
+                security.secure_server(self.data, keyring.client)
+                self.data_key = keyring.client.public.decode()
+            self.data.bind(data_address or _data_address(address))
+            self.data_endpoint = self.data.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.data_endpoint.startswith("ipc://"):
+                os.chmod(self.data_endpoint[len("ipc://") :], 0o600)
+            self.control, self.monitor = control_socket(self.context, address, credentials)
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self, request: P.Attach, timeout: float) -> P.Attached:
+        """The one blocking exchange: send ``attach``, wait for ``attached`` or a refusal."""
+        self.control.send_multipart(P.encode(request))
+        if not self.control.poll(timeout=int(timeout * 1000)):
+            raise ConnectionError(silence_reason(self.monitor, self.address, timeout, self.credentials))
+        try:
+            reply = P.decode(self.control.recv_multipart(), {"attached", "error"})
+        except P.ProtocolError as exc:
+            raise ConnectionError(f"the peer at {self.address} is not a compatible augserve daemon: {exc}") from None
+        if reply.type == "error":
+            raise ValueError(f"daemon refused the stream: {reply.body.message}")
+        attached = reply.body
+        if self.gatekeeper is not None and attached.worker_keys:
+            self.gatekeeper.allow("worker", [k.encode() for k in attached.worker_keys])
+        # A frame bigger than any batch this daemon allows is cut off by libzmq before it is buffered.
+        self.data.setsockopt(zmq.MAXMSGSIZE, attached.max_batch_bytes + (1 << 20))
+        return attached
+
+    def close(self, detach_linger_ms: int = 0) -> None:
+        endpoint = getattr(self, "data_endpoint", None)
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
+        if self.control is not None:
+            self.control.close(linger=detach_linger_ms)
+        self.data.close(linger=0)
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
+        self.context.term()
+        if endpoint and endpoint.startswith("ipc://"):
+            try:
+                os.unlink(endpoint[len("ipc://") :])
+            except OSError:
+                pass
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Batches from a daemon. Made by :func:`connect`; iterate it (or hand it to
+    ``DataLoader(stream, batch_size=None)``)."""
+
+    def __init__(self, link: _Link, request: P.Attach, attached: P.Attached, device: torch.device, pin_memory: bool,
+                 batch_timeout: float, heartbeat_interval: float) -> None:  # fmt: skip
+        super().__init__()
+        self._link = link
+        self.address = link.address
+        self.device = device
+        self.pin_memory = pin_memory
         self.batch_timeout = batch_timeout
         self.heartbeat_interval = heartbeat_interval
-        self._spec_payload = _pipeline_payload(pipeline)
-        self._request = {
-            "dataset": dataset,
-            "split": split,
-            "dataset_options": dict(dataset_options or {}),
-            "pipeline": self._spec_payload,
-            "batch_size": batch_size,
-            "seed": seed,
-            "epochs": epochs,
-            "rank": rank,
-            "world_size": world_size,
-            "prefetch": prefetch,
-            "ordered": ordered,
-            "shuffle": shuffle,
-            "drop_last": drop_last,
-            "on_error": on_error,
-            "resume": resume,
-            "client": f"{host_socket.gethostname()}:{os.getpid()}",
-        }
-        self._context = zmq.Context()
-        self._control = self._context.socket(zmq.DEALER)
-        self._data = self._context.socket(zmq.PULL)
-        for sock in (self._control, self._data):
-            sock.setsockopt(zmq.LINGER, 0)
-        self._data.setsockopt(zmq.RCVHWM, max(4, 2 * prefetch))
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        try:
-            self._data.bind(data_address or _data_address(address))
-            self._request["data"] = self._advertised(self._data.getsockopt_string(zmq.LAST_ENDPOINT))
-            self._control.connect(address)
-            self._attach()
-        except BaseException:
-            self._close_sockets()
-            raise
+        self._request = request
+        self.id = attached.stream
+        self.batches_per_epoch = attached.batches_per_epoch
+        self.samples_per_epoch = attached.samples_per_epoch
+        self.dataset_info = attached.dataset.model_dump()
+        self.classes = list(attached.dataset.classes)
+        self.pipeline_version = attached.pipeline_version
+        self.spec = attached.spec
+        self.fingerprint = attached.fingerprint
+        self.epochs = request.epochs
+        self._epoch = self._epoch_at_start = attached.start_epoch
+        self._consumed_at_start = frozenset(attached.skip)
+        self._consumed: set[int] = set(self._consumed_at_start)  # written by the consumer
+        self._remaining = max(0, (self.epochs - self._epoch) * self.batches_per_epoch - len(self._consumed))
+        self._plan = EpochPlan(attached.num_samples, request.batch_size, request.seed, request.rank, request.world_size, request.shuffle, request.drop_last)
+        self._plan_cache: tuple[int, np.ndarray] | None = None
+        from pipelines import PipelineSpec
+
+        self._normalize_by_version = {self.pipeline_version: PipelineSpec.model_validate(self.spec).normalize}
+        self.version_starts = {self.pipeline_version: (self._epoch, 0)}
+        self.duplicates_dropped = 0
+        self.rejected_batches = 0
         self._queue: queue.Queue = queue.Queue()
         self._acks: list[tuple[int, int, int]] = []
         self._acks_lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._closed = False
         self._requests: queue.Queue = queue.Queue()  # (request id, payload, reply queue) for the I/O thread
         self._pending: dict[str, queue.Queue] = {}
         self._thread = threading.Thread(target=self._io_loop, name=f"augserve-stream-{self.id}", daemon=True)
         self._thread.start()
 
-    # --- attach ----------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _advertised(endpoint: str) -> str:
-        if endpoint.startswith("tcp://0.0.0.0:"):
-            return f"tcp://{host_socket.gethostbyname(host_socket.gethostname())}:{endpoint.rsplit(':', 1)[1]}"
-        return endpoint
-
-    def _attach(self) -> None:
-        self._control.send_multipart(P.encode("attach", self._request))
-        if not self._control.poll(timeout=int(self.timeout * 1000)):
-            raise ConnectionError(f"no augserve daemon answered at {self.address} within {self.timeout:g} s (is `augserve serve` running there?)")
-        try:
-            reply = P.decode(self._control.recv_multipart(), {"attached", "error"})
-        except P.ProtocolError as exc:
-            raise ConnectionError(f"the peer at {self.address} is not a compatible augserve daemon: {exc}") from None
-        if reply.type == "error":
-            raise ValueError(f"daemon refused the stream: {reply.get('message')}")
-        self.id = reply.require("stream")[0]
-        self.batches_per_epoch = int(reply.require("batches_per_epoch")[0])
-        self.samples_per_epoch = int(reply.get("samples_per_epoch", 0))
-        self.dataset_info = reply.get("dataset", {})
-        self.classes = self.dataset_info.get("classes", [])
-        self.pipeline_version = int(reply.get("pipeline_version", 1))
-        self.spec = reply.get("spec", {})
-        self.epochs = int(self._request["epochs"])
-        self._epoch = self._epoch_at_start = int(reply.get("start_epoch", 0))
-        self._consumed_at_start = frozenset(int(i) for i in reply.get("skip", []))  # read by the I/O thread
-        self._consumed: set[int] = set(self._consumed_at_start)  # written by the consumer
-        self._remaining = max(0, (self.epochs - self._epoch) * self.batches_per_epoch - len(self._consumed))
-        from pipelines import PipelineSpec
-
-        self._normalize_by_version = {self.pipeline_version: PipelineSpec.model_validate(self.spec).normalize}
-        self.version_starts = {self.pipeline_version: (self._epoch, 0)}
-
     # --- the I/O thread --------------------------------------------------------------------------------
 
     def _io_loop(self) -> None:
+        link = self._link
         poller = zmq.Poller()
-        poller.register(self._control, zmq.POLLIN)
-        poller.register(self._data, zmq.POLLIN)
+        poller.register(link.control, zmq.POLLIN)
+        poller.register(link.data, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
-        ordered = self._request["ordered"]
-        seen: set[tuple[int, int]] = set()  # (epoch, index) received: drops duplicates of re-issued tasks
-        pending: dict[tuple[int, int], Batch] = {}  # ordered: batches waiting for their predecessors
-        held: dict[int, list[Batch]] = {}  # unordered: batches of later epochs, until this epoch is complete
-        next_key = self._next_ordered_key(self._epoch, -1)
-        gate_epoch, delivered_in_gate = self._epoch_at_start, 0
-        to_deliver = self._remaining
-        delivered = 0
+        reorder: Reorderer[Batch] = Reorderer(
+            self.batches_per_epoch, self.epochs, self._epoch_at_start, self._consumed_at_start, self._request.ordered, max_held=self._request.prefetch
+        )
+        receipts: list[tuple[int, int]] = []
         last_sent = 0.0
         last_batch = time.monotonic()
-
-        def expected(epoch: int) -> int:
-            return self.batches_per_epoch - (len(self._consumed_at_start) if epoch == self._epoch_at_start else 0)
-
         try:
-            while not self._stop.is_set() and delivered < to_deliver:
+            while not self._stop.is_set() and not reorder.done:
                 events = dict(poller.poll(timeout=int(self.heartbeat_interval * 500)))
                 now = time.monotonic()
                 if self._wake_read in events:
-                    os.read(self._wake_read, 4096)
+                    self._drain_wakeups()
                     self._send_requests()
-                if self._control in events:
+                if link.control in events:
                     self._drain_control()
-                if self._data in events:
+                if link.data in events:
                     for _ in range(64):
                         try:
-                            frames = self._data.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                            frames = link.data.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         batch = self._unpack(frames)
                         if batch is None:
                             continue
-                        key = (batch.epoch, batch.index)
-                        if key in seen or (batch.epoch == self._epoch_at_start and batch.index in self._consumed_at_start):
-                            continue  # a duplicate of a re-issued task
-                        seen.add(key)
+                        if reorder.seen(batch.epoch, batch.index):
+                            self.duplicates_dropped += 1  # a copy of a re-issued task
+                            continue
+                        try:
+                            released = reorder.offer(batch.epoch, batch.index, batch)
+                        except ValueError as exc:
+                            self.rejected_batches += 1
+                            log.warning("dropping a batch: %s", exc)
+                            continue
+                        receipts.append((batch.epoch, batch.index))
                         last_batch = now
-                        if ordered:
-                            pending[key] = batch
-                            while next_key in pending:
-                                self._queue.put(pending.pop(next_key))
-                                delivered += 1
-                                next_key = self._next_ordered_key(*next_key)
-                            current = next_key[0]
-                        else:
-                            # Whole epochs in turn: a batch of epoch e+1 that overtook the last ones of
-                            # epoch e waits (within the credit window), so a checkpoint's position always
-                            # lies in one epoch and a resume loses nothing.
-                            held.setdefault(batch.epoch, []).append(batch)
-                            while held.get(gate_epoch):
-                                self._queue.put(held[gate_epoch].pop())
-                                delivered += 1
-                                delivered_in_gate += 1
-                                if delivered_in_gate >= expected(gate_epoch):
-                                    held.pop(gate_epoch, None)
-                                    gate_epoch, delivered_in_gate = gate_epoch + 1, 0
-                            current = gate_epoch
-                        if len(seen) > 4 * self.batches_per_epoch:  # forget epochs long finished
-                            seen = {k for k in seen if k[0] >= current - 1}
+                        for item in released:
+                            self._queue.put(item)
                 with self._acks_lock:
                     acks, self._acks = self._acks, []
-                if acks or now - last_sent >= self.heartbeat_interval:
-                    self._control.send_multipart(P.encode("credit", {"stream": self.id, "acks": acks}), flags=zmq.NOBLOCK)
-                    last_sent = now
+                if acks or receipts or now - last_sent >= self.heartbeat_interval:
+                    link.control.send_multipart(P.encode(P.Credit(stream=self.id, acks=acks, received=receipts)), flags=zmq.NOBLOCK)
+                    receipts, last_sent = [], now
                 if now - last_batch > self.batch_timeout and self._queue.qsize() == 0:
-                    raise TimeoutError(f"no batch from the daemon at {self.address} for {self.batch_timeout:g} s")
+                    gate = reorder.gate_epoch
+                    waiting = reorder.missing(gate)[:8] if gate < self.epochs else []
+                    raise TimeoutError(f"no batch from the daemon at {self.address} for {self.batch_timeout:g} s (epoch {gate} is waiting for batches {waiting})")
         except BaseException as exc:  # surfaced in the consumer's thread
             self._error = exc if not isinstance(exc, P.ProtocolError) else StreamError(str(exc))
         finally:
             self._queue.put(_END)
 
-    def _next_ordered_key(self, epoch: int, index: int) -> tuple[int, int]:
-        index += 1
-        while True:
-            if index >= self.batches_per_epoch:
-                epoch, index = epoch + 1, 0
-            if epoch == self._epoch_at_start and index in self._consumed_at_start:
-                index += 1
-                continue
-            return epoch, index
+    def _drain_wakeups(self) -> None:
+        try:
+            os.read(self._wake_read, 4096)
+        except BlockingIOError:
+            pass
 
     def _send_requests(self) -> None:
         while True:
@@ -286,54 +270,71 @@ class Stream(torch.utils.data.IterableDataset):
             except queue.Empty:
                 return
             self._pending[request_id] = reply
-            self._control.send_multipart(P.encode("update", {"stream": self.id, "request": request_id, **payload}), flags=zmq.NOBLOCK)
+            self._link.control.send_multipart(P.encode(P.Update(stream=self.id, request=request_id, **payload)), flags=zmq.NOBLOCK)
 
     def _drain_control(self) -> None:
         while True:
             try:
-                frames = self._control.recv_multipart(flags=zmq.NOBLOCK)
+                frames = self._link.control.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._on_control(P.decode(frames, P.DAEMON_TO_CLIENT))
 
     def _on_control(self, message: P.Message) -> None:
-        waiting = self._pending.pop(message.get("request"), None) if message.get("request") else None
+        body = message.body
+        request = getattr(body, "request", None)
+        waiting = self._pending.pop(request, None) if request else None
         if message.type == "updated":
             from pipelines import PipelineSpec
 
-            version = int(message.require("version")[0])
-            self._normalize_by_version[version] = PipelineSpec.model_validate(message.get("spec")).normalize
-            self.version_starts[version] = (int(message.get("from_epoch")), int(message.get("from_index")))
+            self._normalize_by_version[body.version] = PipelineSpec.model_validate(body.spec).normalize
+            self.version_starts[body.version] = (body.from_epoch, body.from_index)
             if waiting is not None:
-                waiting.put(message.fields)
+                waiting.put(body)
         elif message.type == "error" and waiting is not None:
-            waiting.put(ValueError(str(message.get("message"))))  # a refused update leaves the stream running
+            waiting.put(ValueError(body.message))  # a refused update leaves the stream running
         elif message.type in ("stream_error", "error"):
-            raise StreamError(f"stream {self.id}: {message.get('message')}")
+            raise StreamError(f"stream {self.id}: {body.message}")
+
+    def _expected_ids(self, epoch: int, index: int) -> np.ndarray:
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            self._plan_cache = (epoch, self._plan.shard(epoch))  # one permutation per epoch
+        size = self._plan.batch_size
+        return self._plan_cache[1][index * size : (index + 1) * size]
 
     def _unpack(self, frames) -> Batch | None:
+        """The batch in ``frames``, or ``None`` (logged) when it is malformed or not of this stream's plan."""
         try:
             message = P.decode(frames, P.WORKER_TO_CLIENT)
-            if message.get("stream") != self.id:
+            header = message.body
+            if header.stream != self.id:
                 return None  # a late batch of an earlier stream on a reused address
-            tensors = P.frames_to_tensors(message.require("tensors")[0], message.buffers)
-        except P.ProtocolError as exc:
+            tensors = P.frames_to_tensors(header.tensors, message.buffers)
+            images, labels, ids = tensors["images"], tensors["labels"], tensors["sample_ids"]
+            if not header.index < self.batches_per_epoch:
+                raise P.ProtocolError(f"batch index {header.index} outside [0, {self.batches_per_epoch})")
+            if labels.shape != ids.shape or labels.ndim != 1 or images.shape[0] != ids.shape[0]:
+                raise P.ProtocolError(f"images {list(images.shape)}, labels {list(labels.shape)} and sample ids {list(ids.shape)} disagree")
+            # Corrupt files may be left out, but a batch never carries a sample its plan does not name.
+            if not np.isin(ids.numpy(), self._expected_ids(header.epoch, header.index)).all():
+                raise P.ProtocolError(f"batch {header.index} of epoch {header.epoch} carries sample ids outside its plan")
+        except (P.ProtocolError, KeyError) as exc:
+            self.rejected_batches += 1
             log.warning("dropping a malformed batch: %s", exc)
             return None
-        images = tensors["images"]
         if self.pin_memory and images.numel() and torch.cuda.is_available():
             images = images.pin_memory()  # the one copy: frame -> pinned host memory
         if self.device.type == "cuda":
             images = images.to(self.device, non_blocking=True)
-        version = int(message.get("pipeline_version", 1))
+        version = header.pipeline_version
         if version not in self._normalize_by_version:
-            self._control.poll(timeout=1000)  # the daemon announced the version before issuing it
+            self._link.control.poll(timeout=1000)  # the daemon announced the version before issuing it
             self._drain_control()
         normalize = self._normalize_by_version.get(version, self._normalize_by_version[max(self._normalize_by_version)])
         if normalize is not None and images.numel():
             # Here, on the I/O thread, so it overlaps the training step (torch releases the GIL).
             images = normalize_images(images, normalize)
-        return Batch(images, tensors["labels"], tensors["sample_ids"], int(message.get("epoch")), int(message.get("index")), version, list(message.get("skipped", [])))
+        return Batch(images, labels, ids, header.epoch, header.index, version, list(header.skipped))
 
     # --- the consumer side -----------------------------------------------------------------------------
 
@@ -356,7 +357,7 @@ class Stream(torch.utils.data.IterableDataset):
     def _hand_over(self, batch: Batch) -> Batch:
         with self._acks_lock:
             self._acks.append((batch.epoch, batch.index, len(batch)))
-        os.write(self._wake_write, b"a")
+        self._wake()
         if batch.epoch != self._epoch:
             self._epoch, self._consumed = batch.epoch, set()
         self._consumed.add(batch.index)
@@ -379,14 +380,14 @@ class Stream(torch.utils.data.IterableDataset):
             payload = {"spec": _pipeline_payload(spec_or_changes)}
         reply: queue.Queue = queue.Queue()
         self._requests.put((uuid.uuid4().hex, payload, reply))
-        os.write(self._wake_write, b"u")
+        self._wake()
         try:
             result = reply.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"the daemon did not answer the update within {timeout:g} s") from None
         if isinstance(result, BaseException):
             raise result
-        return {k: result[k] for k in ("version", "from_epoch", "from_index", "spec")}
+        return {"version": result.version, "from_epoch": result.from_epoch, "from_index": result.from_index, "spec": result.spec}
 
     def state_dict(self) -> dict:
         """Where this stream stands — put it in the trainer's checkpoint; ``connect(..., resume=state)``
@@ -394,7 +395,8 @@ class Stream(torch.utils.data.IterableDataset):
         epoch, consumed = self._epoch, set(self._consumed)
         if len(consumed) >= self.batches_per_epoch:
             epoch, consumed = epoch + 1, set()
-        return {"epoch": epoch, "delivered": sorted(consumed), "stream": dict(self._request, data=None, resume=None)}
+        request = self._request.model_dump(exclude={"data", "data_key", "resume"})
+        return {"epoch": epoch, "delivered": sorted(consumed), "fingerprint": self.fingerprint, "stream": request}
 
     def __len__(self) -> int:
         return self._remaining
@@ -411,41 +413,32 @@ class Stream(torch.utils.data.IterableDataset):
 
     # --- teardown --------------------------------------------------------------------------------------
 
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"w")
+        except (BlockingIOError, OSError):
+            pass  # the I/O thread is awake already (pipe full) or gone
+
     def close(self) -> None:
         """Detach and release sockets. Safe to call twice; also runs at garbage collection."""
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
-            self._stop.set()
-            os.write(self._wake_write, b"x")
-            if self._thread is not threading.current_thread():
-                self._thread.join(timeout=5)
-            try:
-                with self._acks_lock:
-                    acks = self._acks
-                self._control.send_multipart(P.encode("credit", {"stream": self.id, "acks": acks}), flags=zmq.NOBLOCK)
-                self._control.send_multipart(P.encode("detach", {"stream": self.id}), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            os.close(self._wake_read)
-            os.close(self._wake_write)
-        self._close_sockets()
-
-    def _close_sockets(self) -> None:
-        endpoint = None
+        self._stop.set()
+        self._wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         try:
-            endpoint = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
+            with self._acks_lock:
+                acks, self._acks = self._acks, []
+            control = self._link.control
+            control.send_multipart(P.encode(P.Credit(stream=self.id, acks=acks)), flags=zmq.NOBLOCK)
+            control.send_multipart(P.encode(P.Detach(stream=self.id)), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        self._control.close(linger=200)  # give the detach a moment to leave
-        self._data.close(linger=0)
-        self._context.term()
-        if endpoint and endpoint.startswith("ipc://"):
-            try:
-                os.unlink(endpoint[len("ipc://") :])
-            except OSError:
-                pass
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        self._link.close(detach_linger_ms=200)  # give the detach a moment to leave
 
     def __enter__(self) -> "Stream":
         return self
@@ -473,6 +466,68 @@ def _pipeline_payload(pipeline: Any):
     raise TypeError(f"pipeline must be a preset name, PipelineSpec, dict, YAML text or spec file, got {type(pipeline).__name__}")
 
 
-def connect(address: str, dataset: str, pipeline: Any, batch_size: int, **options) -> Stream:
-    """Attach to the daemon at ``address`` and return the stream of batches (see :class:`Stream`)."""
-    return Stream(address, dataset, pipeline, batch_size, **options)
+def connect(
+    address: str,
+    dataset: str,
+    pipeline: Any,
+    batch_size: int,
+    seed: int = 0,
+    epochs: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    prefetch: int = 8,
+    ordered: bool = False,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    split: str = "train",
+    dataset_options: dict | None = None,
+    resume: dict | None = None,
+    device: str | torch.device = "cpu",
+    pin_memory: bool = False,
+    on_error: str = "skip",
+    timeout: float = 10.0,
+    batch_timeout: float = 120.0,
+    heartbeat_interval: float = 1.0,
+    data_address: str | None = None,
+    keys_dir: str | None = None,
+    insecure: bool = False,
+) -> Stream:
+    """Attach to the daemon at ``address`` and return the stream of batches (see :class:`Stream`).
+
+    ``resume``: a :meth:`Stream.state_dict` of the same run; the daemon refuses one saved by a run with
+    another dataset, split, pipeline, seed, batch size or world size, naming the difference.
+    ``keys_dir``: the keyring (default ``$AUGSERVE_KEYS_DIR`` or ``~/.config/augserve/keys``, created
+    on first use); ``insecure=True`` talks to a daemon started with ``--insecure``.
+    """
+    check_address(address, "daemon address")
+    if timeout <= 0 or batch_timeout <= 0:
+        raise ValueError("timeout and batch_timeout must be > 0 seconds")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
+    fields = {
+        "dataset": dataset, "split": split, "dataset_options": dict(dataset_options or {}), "pipeline": _pipeline_payload(pipeline),
+        "batch_size": batch_size, "seed": seed, "epochs": epochs, "rank": rank, "world_size": world_size, "prefetch": prefetch,
+        "ordered": ordered, "shuffle": shuffle, "drop_last": drop_last, "on_error": on_error, "resume": _resume_state(resume),
+        "client": f"{host_socket.gethostname()}:{os.getpid()}"[:256],
+    }  # fmt: skip
+    link = _Link(address, Credentials.load(keys_dir, insecure), data_address, prefetch if isinstance(prefetch, int) else 8)
+    try:
+        try:
+            request = P.Attach(**fields, data=_advertised(link.data_endpoint), data_key=link.data_key)
+        except ValidationError as exc:
+            raise ValueError(f"invalid stream request: {P.describe_validation_error(exc)}") from None
+        attached = link.attach(request, timeout)
+        return Stream(link, request, attached, device, pin_memory or device.type == "cuda", batch_timeout, heartbeat_interval)
+    except BaseException:
+        link.close()
+        raise
+
+
+def _resume_state(resume: dict | None) -> dict | None:
+    """A :meth:`Stream.state_dict` reduced to what the daemon checks (position and fingerprint)."""
+    if resume is None:
+        return None
+    if not isinstance(resume, dict) or "epoch" not in resume:
+        raise ValueError("resume must be a stream's state_dict(): {'epoch': int, 'delivered': [...], 'fingerprint': {...}}")
+    return {"epoch": resume["epoch"], "delivered": list(resume.get("delivered", [])), "fingerprint": resume.get("fingerprint")}

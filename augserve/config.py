@@ -30,11 +30,24 @@ class DaemonConfig(BaseModel):
     heartbeat_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
     heartbeat_liveness: Annotated[int, Field(ge=2, le=100)] = 5
     tasks_per_worker: Annotated[int, Field(ge=1, le=16)] = 2
-    max_streams: Annotated[int, Field(ge=1, le=10_000)] = 64
-    max_batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 65_536
     threads_per_worker: Annotated[int, Field(ge=1, le=64)] = 1
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Trust: CurveZMQ keys (see augserve.security). Without keys only loopback and ipc binds start.
+    keys_dir: str | None = Field(None, description="key directory (default $AUGSERVE_KEYS_DIR or ~/.config/augserve/keys)")
+    insecure: bool = Field(False, description="no authentication or encryption: any peer that reaches the port is trusted")
+    # Limits: each, when hit, refuses that request with a message naming it.
+    max_streams: Annotated[int, Field(ge=1, le=100_000)] = 256
+    max_streams_per_client: Annotated[int, Field(ge=1, le=100_000)] = 32
+    max_batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 65_536
+    max_batch_bytes: Annotated[int, Field(ge=1024, le=1 << 40)] = 1 << 30
+    max_ops: Annotated[int, Field(ge=1, le=1024)] = 64
+    max_pending_admissions: Annotated[int, Field(ge=1, le=1024)] = 32
+    source_cache: Annotated[int, Field(ge=1, le=1024)] = 16
+    # Deadlines and attempts (seconds; counts).
+    task_timeout: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    delivery_timeout: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 4
 
     @field_validator("bind")
     @classmethod

@@ -1,13 +1,15 @@
-"""The wire format — the one place where augserve messages are encoded and decoded.
+"""The wire format — the one place where augserve messages are defined, encoded and decoded.
 
 Every message is a ZeroMQ multipart message:
 
     frame 0   header: a msgpack map {"proto": "augserve", "v": PROTOCOL_VERSION, "type": <str>, ...fields}
     frame 1…  raw buffers (tensor bytes), sent with ``copy=False`` and described in the header
 
-Never pickle: a header is plain data, a buffer is bytes. A peer speaking another protocol version gets a
-clear refusal (:class:`ProtocolError` naming both versions); malformed or truncated messages raise
-:class:`ProtocolError` instead of crashing the receiver.
+Never pickle: a header is plain data, a buffer is bytes. Each message type has one frozen pydantic
+model below (:data:`MESSAGES`); :func:`decode` checks the envelope (protocol, version, size, nesting
+depth, number of frames) and validates the fields into that model, so a handler only ever sees a typed,
+bounded body: numbers finite and in range, strings and lists of capped length, no unknown fields.
+Anything else is a :class:`ProtocolError` naming the problem — never another exception.
 
 Tensors travel as ``{"name", "dtype", "shape"}`` descriptors in the header plus one frame each; the
 receiver wraps each frame as a tensor without copying (:func:`frames_to_tensors`).
@@ -16,62 +18,347 @@ receiver wraps each frame as a tensor without copying (:func:`frames_to_tensors`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Sequence
 
 import msgpack
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL = "augserve"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: headers carry ids and settings, never pixel data
-
-# Message types, by direction. The set is closed: anything else is refused.
-CLIENT_TO_DAEMON = {"attach", "credit", "detach", "status", "update"}
-DAEMON_TO_CLIENT = {"attached", "error", "status_reply", "stream_error", "updated"}
-WORKER_TO_DAEMON = {"ready", "heartbeat", "done", "failed", "bye"}
-DAEMON_TO_WORKER = {"task", "drop", "stop", "ping"}
-WORKER_TO_CLIENT = {"batch"}
-MESSAGE_TYPES = CLIENT_TO_DAEMON | DAEMON_TO_CLIENT | WORKER_TO_DAEMON | DAEMON_TO_WORKER | WORKER_TO_CLIENT
+MAX_DEPTH = 24  # nesting of maps/lists in a header: a spec needs about 6; a hostile peer sends thousands
+MAX_BUFFERS = 8  # raw frames after the header (a batch carries 3)
 
 # dtypes allowed on the wire; "bfloat16" has no numpy dtype and is carried as raw 2-byte words.
-WIRE_DTYPES = {"uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bfloat16", "bool"}
+WIRE_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bfloat16", "bool")
 
 
 class ProtocolError(ValueError):
     """A message that is not a valid augserve message of this version."""
 
 
+# --- bounded field types ------------------------------------------------------------------------------
+
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+Name = Annotated[str, Field(max_length=256)]
+Text = Annotated[str, Field(max_length=4096)]
+Address = Annotated[str, Field(min_length=6, max_length=512)]
+PublicKey = Annotated[str, Field(min_length=40, max_length=40, pattern=r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")]
+Epoch = Annotated[int, Field(ge=0, le=1_000_000)]
+Index = Annotated[int, Field(ge=0, lt=1 << 31)]
+Count = Annotated[int, Field(ge=0, lt=1 << 40)]
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
+Seconds = Annotated[float, Field(ge=0, le=1e6)]
+Version = Annotated[int, Field(ge=1, lt=1 << 31)]
+MAX_IDS = 1 << 20  # sample ids per task
+MAX_LISTED = 1 << 18  # acks, receipts, delivered indices per message
+Spec = dict[str, Any]  # validated as a PipelineSpec by whoever uses it; bounded here by size and depth
+PipelineText = Annotated[str, Field(min_length=1, max_length=65_536)]
+
+
+class Body(BaseModel):
+    """Fields of one message type. Frozen, unknown fields refused, no NaN or infinity anywhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    type: ClassVar[str]
+
+
+class Empty(Body):
+    pass
+
+
+# --- trainer -> daemon ------------------------------------------------------------------------------------
+
+
+class ResumeState(Body):
+    """Where a stream stood: batches of ``epoch`` already consumed, and the run that wrote it."""
+
+    epoch: Epoch
+    delivered: Annotated[list[Index], Field(max_length=MAX_LISTED)] = Field(default_factory=list)
+    fingerprint: dict[str, Any] | None = None
+
+
+class Attach(Body):
+    type: ClassVar[str] = "attach"
+    dataset: Annotated[str, Field(min_length=1, max_length=200)]
+    split: Literal["train", "test"] = "train"
+    dataset_options: Annotated[dict[Annotated[str, Field(max_length=64)], int | Annotated[str, Field(max_length=256)]], Field(max_length=32)] = Field(default_factory=dict)
+    pipeline: PipelineText | Spec
+    batch_size: Annotated[int, Field(ge=1, le=1 << 20)]
+    seed: Seed = 0
+    epochs: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    rank: Annotated[int, Field(ge=0, lt=65_536)] = 0
+    world_size: Annotated[int, Field(ge=1, le=65_536)] = 1
+    prefetch: Annotated[int, Field(ge=1, le=1024)] = 8
+    ordered: bool = False
+    shuffle: bool = True
+    drop_last: bool = False
+    on_error: Literal["skip", "raise"] = "skip"
+    data: Address
+    data_key: PublicKey | None = None  # the trainer's CURVE server key for its data socket
+    resume: ResumeState | None = None
+    client: Name = ""
+
+
+class Credit(Body):
+    """Heartbeat of a stream: batches consumed (``acks``: epoch, index, samples), batches that arrived at
+    the trainer (``received``: epoch, index), and ``final`` once the trainer has everything."""
+
+    type: ClassVar[str] = "credit"
+    stream: Id
+    acks: Annotated[list[tuple[Epoch, Index, Count]], Field(max_length=MAX_LISTED)] = Field(default_factory=list)
+    received: Annotated[list[tuple[Epoch, Index]], Field(max_length=MAX_LISTED)] = Field(default_factory=list)
+    final: bool = False
+
+
+class Detach(Body):
+    type: ClassVar[str] = "detach"
+    stream: Id
+
+
+class Status(Empty):
+    type: ClassVar[str] = "status"
+
+
+class Update(Body):
+    """Live re-tuning: a whole ``spec`` or ``changes`` by path (``{"rotate.degrees": 20}``)."""
+
+    type: ClassVar[str] = "update"
+    stream: Id
+    request: Id | None = None
+    spec: PipelineText | Spec | None = None
+    changes: Annotated[dict[Annotated[str, Field(max_length=200)], Any], Field(max_length=64)] | None = None
+
+
+# --- daemon -> trainer ------------------------------------------------------------------------------------
+
+
+class DatasetInfo(Body):
+    name: Name
+    split: Literal["train", "test"]
+    classes: Annotated[list[Name], Field(max_length=1 << 20)]
+    channels: Annotated[int, Field(ge=1, le=4)]
+
+
+class Attached(Body):
+    type: ClassVar[str] = "attached"
+    stream: Id
+    batches_per_epoch: Annotated[int, Field(ge=1, lt=1 << 31)]
+    samples_per_epoch: Count
+    num_samples: Count
+    start_epoch: Epoch
+    skip: Annotated[list[Index], Field(max_length=MAX_LISTED)] = Field(default_factory=list)
+    pipeline_version: Version
+    spec: Spec
+    dataset: DatasetInfo
+    fingerprint: dict[str, Any]
+    worker_keys: Annotated[list[PublicKey], Field(max_length=4096)] = Field(default_factory=list)
+    max_batch_bytes: Annotated[int, Field(ge=1)]
+
+
+class Error(Body):
+    type: ClassVar[str] = "error"
+    message: Text
+    code: Annotated[str, Field(max_length=32)] = "error"
+    stream: Id | None = None
+    request: Id | None = None
+
+
+class StatusReply(Body):
+    type: ClassVar[str] = "status_reply"
+    status: dict[str, Any]
+
+
+class StreamError(Body):
+    type: ClassVar[str] = "stream_error"
+    stream: Id
+    message: Text
+    kind: Annotated[str, Field(max_length=32)] = "error"
+
+
+class Updated(Body):
+    type: ClassVar[str] = "updated"
+    stream: Id
+    version: Version
+    from_epoch: Epoch
+    from_index: Index
+    spec: Spec
+    request: Id | None = None
+
+
+# --- worker -> daemon -------------------------------------------------------------------------------------
+
+
+class Hello(Body):
+    """Who a worker is: sent with ``ready`` and every ``heartbeat``, so a restarted daemon re-learns it."""
+
+    worker: Id
+    pid: Annotated[int, Field(ge=0, lt=1 << 32)]
+    host: Name
+    backend: Annotated[str, Field(max_length=32)]
+    device: Annotated[str, Field(max_length=32)]
+    capacity: Annotated[int, Field(ge=1, le=64)]
+
+
+class Ready(Hello):
+    type: ClassVar[str] = "ready"
+
+
+class Heartbeat(Hello):
+    type: ClassVar[str] = "heartbeat"
+
+
+class StageTimes(Body):
+    """Seconds a batch spent loading, augmenting and sending."""
+
+    load: Seconds = 0.0
+    augment: Seconds = 0.0
+    send: Seconds = 0.0
+
+
+class Done(Body):
+    type: ClassVar[str] = "done"
+    worker: Id
+    task: Id
+    stream: Id
+    epoch: Epoch
+    index: Index
+    samples: Count
+    skipped: Count = 0
+    skipped_paths: Annotated[list[Text], Field(max_length=1024)] = Field(default_factory=list)
+    bytes: Count = 0
+    times: StageTimes = StageTimes()
+
+
+FailureKind = Literal["corrupt", "error", "unreachable"]
+
+
+class Failed(Body):
+    """A task that did not complete. ``corrupt``: an unreadable image under ``on_error="raise"`` (ends the
+    stream); ``error``: an exception (retried elsewhere up to the attempt limit); ``unreachable``: the
+    trainer did not take the batch in time (retried)."""
+
+    type: ClassVar[str] = "failed"
+    worker: Id
+    task: Id
+    stream: Id
+    message: Text
+    kind: FailureKind = "error"
+
+
+class Bye(Body):
+    type: ClassVar[str] = "bye"
+    worker: Id
+
+
+# --- daemon -> worker -------------------------------------------------------------------------------------
+
+
+class DatasetRef(Body):
+    """What a worker opens: a built-in name or a path from the daemon's own config (never a client's)."""
+
+    ref: Annotated[str, Field(min_length=1, max_length=4096)]
+    split: Literal["train", "test"] = "train"
+    options: dict[str, int | str] = Field(default_factory=dict)
+
+
+class PipelineRef(Body):
+    stream: Id
+    version: Version
+    spec: Spec
+
+
+class Task(Body):
+    type: ClassVar[str] = "task"
+    task: Id
+    stream: Id
+    epoch: Epoch
+    index: Index
+    ids: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 40)]], Field(max_length=MAX_IDS)]
+    seed: Seed
+    dataset: DatasetRef
+    pipeline: PipelineRef
+    data: Address
+    data_key: PublicKey | None = None
+    on_error: Literal["skip", "raise"] = "skip"
+
+
+class Drop(Body):
+    type: ClassVar[str] = "drop"
+    data: Address
+
+
+class Stop(Empty):
+    type: ClassVar[str] = "stop"
+
+
+class Ping(Empty):
+    type: ClassVar[str] = "ping"
+
+
+# --- worker -> trainer ------------------------------------------------------------------------------------
+
+
+class TensorDescriptor(Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    dtype: Literal[WIRE_DTYPES]  # type: ignore[valid-type]
+    shape: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 40)]], Field(max_length=8)]
+
+
+class BatchHeader(Body):
+    type: ClassVar[str] = "batch"
+    stream: Id
+    task: Id
+    epoch: Epoch
+    index: Index
+    pipeline_version: Version
+    skipped: Annotated[list[Text], Field(max_length=1024)] = Field(default_factory=list)
+    worker: Id
+    tensors: Annotated[list[TensorDescriptor], Field(max_length=MAX_BUFFERS)]
+
+
+# --- the registry -----------------------------------------------------------------------------------------
+
+_BY_DIRECTION: dict[str, tuple[type[Body], ...]] = {
+    "client_to_daemon": (Attach, Credit, Detach, Status, Update),
+    "daemon_to_client": (Attached, Error, StatusReply, StreamError, Updated),
+    "worker_to_daemon": (Ready, Heartbeat, Done, Failed, Bye),
+    "daemon_to_worker": (Task, Drop, Stop, Ping, Error),
+    "worker_to_client": (BatchHeader,),
+}
+MESSAGES: dict[str, type[Body]] = {model.type: model for models in _BY_DIRECTION.values() for model in models}
+CLIENT_TO_DAEMON = frozenset(m.type for m in _BY_DIRECTION["client_to_daemon"])
+DAEMON_TO_CLIENT = frozenset(m.type for m in _BY_DIRECTION["daemon_to_client"])
+WORKER_TO_DAEMON = frozenset(m.type for m in _BY_DIRECTION["worker_to_daemon"])
+DAEMON_TO_WORKER = frozenset(m.type for m in _BY_DIRECTION["daemon_to_worker"])
+WORKER_TO_CLIENT = frozenset(m.type for m in _BY_DIRECTION["worker_to_client"])
+MESSAGE_TYPES = frozenset(MESSAGES)
+_CARRIES_BUFFERS = frozenset({"batch"})
+
+
 @dataclass
 class Message:
-    """A decoded message: its ``type``, its header ``fields`` and its raw ``buffers`` (zmq frames or bytes)."""
+    """A decoded message: its ``type``, its typed ``body`` and its raw ``buffers`` (zmq frames or bytes)."""
 
     type: str
-    fields: dict[str, Any] = field(default_factory=dict)
+    body: Body
     buffers: list[Any] = field(default_factory=list)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.fields.get(key, default)
 
-    def require(self, *keys: str) -> tuple:
-        """The values of ``keys``; a missing one is a :class:`ProtocolError` naming it."""
-        missing = [k for k in keys if k not in self.fields]
-        if missing:
-            raise ProtocolError(f"'{self.type}' message lacks field(s): {', '.join(missing)}")
-        return tuple(self.fields[k] for k in keys)
-
-
-def encode(message_type: str, fields: dict[str, Any] | None = None, buffers: Sequence[Any] = ()) -> list[Any]:
+def encode(body: Body, buffers: Sequence[Any] = ()) -> list[Any]:
     """Frames of one message: ``[header, *buffers]``. Buffers go out as they are (no copy)."""
-    if message_type not in MESSAGE_TYPES:
-        raise ValueError(f"unknown message type {message_type!r}")
-    header = {"proto": PROTOCOL, "v": PROTOCOL_VERSION, "type": message_type, **(fields or {})}
+    if not isinstance(getattr(type(body), "type", None), str):
+        raise ValueError(f"{type(body).__name__} is not a message type")
+    header = {"proto": PROTOCOL, "v": PROTOCOL_VERSION, "type": body.type, **body.model_dump(mode="json", exclude_defaults=True)}
     return [msgpack.packb(header, use_bin_type=True), *buffers]
 
 
-def decode(frames: Sequence[Any], expected: set[str] | None = None) -> Message:
-    """Parse frames (bytes or zmq.Frame) into a :class:`Message`, checking protocol and version.
+def decode(frames: Sequence[Any], expected: frozenset[str] | set[str] | None = None) -> Message:
+    """Parse frames (bytes or zmq.Frame) into a typed :class:`Message`.
 
-    ``expected``: the message types acceptable here; others are refused.
+    ``expected``: the message types acceptable here; others are refused. Every failure is a
+    :class:`ProtocolError` whose text names the problem (for a bad field: its path and value).
     """
     if not frames:
         raise ProtocolError("empty message")
@@ -80,8 +367,8 @@ def decode(frames: Sequence[Any], expected: set[str] | None = None) -> Message:
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types for garbage and truncation
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several types for garbage, truncation and deep nesting
         raise ProtocolError(f"malformed header ({type(exc).__name__}): not an augserve message") from None
     if not isinstance(header, dict) or header.get("proto") != PROTOCOL:
         raise ProtocolError("malformed header: not an augserve message")
@@ -89,21 +376,81 @@ def decode(frames: Sequence[Any], expected: set[str] | None = None) -> Message:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {version!r}: this peer speaks version {PROTOCOL_VERSION}")
     message_type = header.get("type")
-    if message_type not in MESSAGE_TYPES or (expected is not None and message_type not in expected):
-        raise ProtocolError(f"unexpected message type {message_type!r}")
+    if not isinstance(message_type, str) or message_type not in MESSAGES or (expected is not None and message_type not in expected):
+        raise ProtocolError(f"unexpected message type {_short(message_type)}")
+    buffers = list(frames[1:])
+    limit = MAX_BUFFERS if message_type in _CARRIES_BUFFERS else 0
+    if len(buffers) > limit:
+        raise ProtocolError(f"'{message_type}' message has {len(buffers)} extra frame(s); at most {limit} allowed")
+    depth = _depth(header)
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"'{message_type}' header nests more than {MAX_DEPTH} levels deep")
     fields = {k: v for k, v in header.items() if k not in ("proto", "v", "type")}
-    return Message(message_type, fields, list(frames[1:]))
+    try:
+        body = MESSAGES[message_type].model_validate(fields)
+    except ValidationError as exc:
+        raise ProtocolError(f"bad '{message_type}' message: {describe_validation_error(exc)}") from None
+    return Message(message_type, body, buffers)
+
+
+def describe_validation_error(error: ValidationError, limit: int = 3) -> str:
+    """One line naming each bad field (path = value: reason), values shortened, at most ``limit`` of them."""
+    parts = []
+    for item in error.errors()[:limit]:
+        path = ".".join(str(p) for p in item["loc"]) or "message"
+        if item["type"] == "missing":
+            parts.append(f"{path}: missing")
+        else:
+            parts.append(f"{path} = {_short(item.get('input'))}: {item['msg']}")
+    more = len(error.errors()) - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded header, without recursion (so no depth can overflow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            items = item.values()
+        elif isinstance(item, list):
+            items = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in items)
+    return deepest
+
+
+def text_depth(text: str) -> int:
+    """Deepest bracket nesting of YAML/JSON text (a quick over-estimate: quoted brackets count too), so a
+    spec string of thousands of ``[`` is refused before a parser recurses into it."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 # --- tensors ----------------------------------------------------------------------------------------
 
 
-def describe(name: str, array) -> dict:
+def describe(name: str, array) -> TensorDescriptor:
     """Header descriptor of a numpy array or torch tensor (must be C-contiguous on the host)."""
     dtype = str(array.dtype).removeprefix("torch.")
     if dtype not in WIRE_DTYPES:
         raise ValueError(f"dtype {dtype} of tensor {name!r} cannot travel on the wire")
-    return {"name": name, "dtype": dtype, "shape": list(array.shape)}
+    return TensorDescriptor(name=name, dtype=dtype, shape=list(array.shape))
 
 
 def tensor_buffer(array):
@@ -125,32 +472,27 @@ def tensor_buffer(array):
     return memoryview(array).cast("B")
 
 
-def frames_to_tensors(descriptors: list[dict], buffers: Sequence[Any]) -> dict:
+def frames_to_tensors(descriptors: Sequence[TensorDescriptor], buffers: Sequence[Any]) -> dict:
     """Wrap received frames as torch tensors without copying; checks every size against its header."""
+    import warnings
+
     import torch
 
     if len(descriptors) != len(buffers):
         raise ProtocolError(f"header describes {len(descriptors)} tensors but {len(buffers)} frames arrived")
     tensors = {}
     for descriptor, frame in zip(descriptors, buffers):
-        try:
-            name, dtype, shape = descriptor["name"], descriptor["dtype"], [int(v) for v in descriptor["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError(f"malformed tensor descriptor {descriptor!r}") from None
-        if dtype not in WIRE_DTYPES:
-            raise ProtocolError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+        name, dtype, shape = descriptor.name, descriptor.dtype, list(descriptor.shape)
         buffer = frame.buffer if hasattr(frame, "buffer") else frame
         torch_dtype = getattr(torch, dtype)
         itemsize = torch.empty((), dtype=torch_dtype).element_size()
-        expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+        expected = int(np.prod(shape, dtype=np.int64)) * itemsize if shape else itemsize
         size = memoryview(buffer).nbytes
         if size != expected:
             raise ProtocolError(f"tensor {name!r}: frame has {size} bytes, header says {expected} ({dtype} {shape})")
         if expected == 0:
             tensors[name] = torch.empty(shape, dtype=torch_dtype)
             continue
-        import warnings
-
         with warnings.catch_warnings():  # zmq frames are read-only; we never write into them
             warnings.simplefilter("ignore", UserWarning)
             tensors[name] = torch.frombuffer(buffer, dtype=torch_dtype).reshape(shape)

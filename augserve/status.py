@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import zmq
-
 from . import protocol as P
-from .config import check_address
+from .control import Credentials, request
 
 
-def fetch_status(address: str, timeout: float = 5.0) -> dict:
+def fetch_status(address: str, timeout: float = 5.0, credentials: Credentials | None = None) -> dict:
     """The daemon's status dict; ConnectionError when nothing answers within ``timeout`` seconds."""
-    check_address(address, "daemon address")
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(address)
-        sock.send_multipart(P.encode("status", {}))
-        if not sock.poll(timeout=int(timeout * 1000)):
-            raise ConnectionError(f"no augserve daemon answered at {address} within {timeout:g} s")
-        reply = P.decode(sock.recv_multipart(), {"status_reply", "error"})
-        if reply.type == "error":
-            raise ConnectionError(f"daemon at {address} refused the status request: {reply.get('message')}")
-        return reply.require("status")[0]
-    except P.ProtocolError as exc:
-        raise ConnectionError(f"the peer at {address} is not a compatible augserve daemon: {exc}") from None
-    finally:
-        sock.close(linger=0)
-        context.term()
+    reply = request(address, P.Status(), {"status_reply"}, timeout, credentials)
+    if reply.type == "error":
+        raise ConnectionError(f"daemon at {address} refused the status request: {reply.body.message}")
+    return reply.body.status
 
 
 def format_status(status: dict) -> str:

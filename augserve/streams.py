@@ -1,122 +1,73 @@
-"""A trainer's stream as the daemon sees it: its request, its epoch plan, credits and in-flight batches.
+"""A trainer's stream as the daemon sees it: its request, its epoch plan, credits and tasks in flight.
 
 Flow control is a window of ``prefetch`` credits: a batch counts against the window from the moment it
 is issued to a worker until the trainer acknowledges it, so the daemon never has more than ``prefetch``
 batches of a stream in flight and the trainer never holds more than that many — however slow it is.
-A task re-issued after a worker died keeps its place in the window (it was already counted), so it is
-sent as soon as a worker is free, never blocked behind later batches.
+A task re-issued (its worker died, its deadline passed, its batch was lost on the way) keeps its place
+in the window (it was already counted), so it goes out as soon as a worker is free.
+
+A task's life: issued to a worker → ``done`` (the worker sent the batch) → received (the trainer's
+receipt) → acknowledged (the training loop took it; the credit returns). Each step can be lost; the
+:class:`~augserve.scheduler.Scheduler` watches the times and re-issues.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from . import protocol as P
 from .epochs import EpochPlan
+from .meters import RateMeter, StageTotals
 
-
-class AttachRequest(BaseModel):
-    """What a trainer asks for when it attaches (the fields of the ``attach`` message)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: Annotated[str, Field(min_length=1, max_length=200)]
-    split: Literal["train", "test"] = "train"
-    dataset_options: dict[str, int | str] = Field(default_factory=dict)
-    pipeline: str | dict[str, Any]
-    batch_size: Annotated[int, Field(ge=1)]
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    epochs: Annotated[int, Field(ge=1, le=1_000_000)] = 1
-    rank: Annotated[int, Field(ge=0)] = 0
-    world_size: Annotated[int, Field(ge=1, le=65_536)] = 1
-    prefetch: Annotated[int, Field(ge=1, le=1024)] = 8
-    ordered: bool = False
-    shuffle: bool = True
-    drop_last: bool = False
-    on_error: Literal["skip", "raise"] = "skip"
-    data: Annotated[str, Field(min_length=6, max_length=500)]
-    resume: dict[str, Any] | None = None
-    client: str = ""
+Key = tuple[int, int]  # (epoch, batch index)
 
 
 @dataclass
-class InFlight:
-    """One issued batch: which worker has it (``None`` while waiting to be re-issued)."""
+class TaskState:
+    """One batch in flight. ``worker`` is ``None`` while it waits to be (re-)issued."""
 
     task: str
-    worker: bytes | None
-    issued_at: float
-    version: int = 1  # the pipeline version this batch was first issued with (a re-issue keeps it)
+    version: int  # the pipeline version it was first issued with (a re-issue keeps it)
+    worker: bytes | None = None
+    last_worker: bytes | None = None  # who held it before a re-issue (a retry prefers another worker)
+    issued_at: float = 0.0
+    attempts: int = 0  # times handed to a worker
+    done_at: float | None = None  # when a worker reported it sent
+    received: bool = False  # the trainer said it arrived
+    last_error: str = ""
 
 
 @dataclass
-class StageTimes:
-    """Running totals of seconds per stage over the batches a worker reported."""
+class StreamState:
+    """Daemon-side state of one attached trainer stream.
 
-    load: float = 0.0
-    augment: float = 0.0
-    send: float = 0.0
-    batches: int = 0
-
-    def add(self, times: dict) -> None:
-        self.load += float(times.get("load", 0.0))
-        self.augment += float(times.get("augment", 0.0))
-        self.send += float(times.get("send", 0.0))
-        self.batches += 1
-
-    def mean_ms(self) -> dict:
-        n = max(self.batches, 1)
-        return {"load": 1000 * self.load / n, "augment": 1000 * self.augment / n, "send": 1000 * self.send / n}
-
-
-class RateMeter:
-    """Items per second over the last ``window`` seconds."""
-
-    def __init__(self, window: float = 10.0) -> None:
-        self.window = window
-        self.events: deque[tuple[float, int]] = deque()
-
-    def add(self, count: int, now: float | None = None) -> None:
-        self.events.append((time.monotonic() if now is None else now, count))
-
-    def rate(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        while self.events and now - self.events[0][0] > self.window:
-            self.events.popleft()
-        if not self.events:
-            return 0.0
-        span = max(now - self.events[0][0], 1e-3)
-        return sum(c for _, c in self.events) / span if len(self.events) > 1 else 0.0
-
-
-@dataclass
-class Stream:
-    """Daemon-side state of one attached trainer."""
+    ``owner``: who may update or detach it (the authenticated client key, or the connection when the
+    daemon runs without keys). ``identity``: the ROUTER routing id replies go to.
+    """
 
     id: str
-    client: bytes
-    request: AttachRequest
+    owner: str
+    identity: bytes
+    request: P.Attach
     plan: EpochPlan
-    dataset: dict  # {"ref", "split", "options"} as workers open it
+    dataset: P.DatasetRef
     spec: dict
-    pipeline_version: int = 1
-    versions: dict[int, dict] = field(default_factory=dict)  # version -> spec dict
-    version_starts: dict[int, tuple[int, int]] = field(default_factory=dict)  # version -> first (epoch, index)
+    fingerprint: dict = field(default_factory=dict)
     start_epoch: int = 0
-    skip: set[int] = field(default_factory=set)  # batch indices of start_epoch already consumed (resume)
+    skip: frozenset[int] = frozenset()  # batch indices of start_epoch consumed before a resume
+    pipeline_version: int = 1
+    versions: dict[int, dict] = field(default_factory=dict)  # version -> spec, for versions still in use
     epoch: int = 0
     next_index: int = 0
-    inflight: dict[tuple[int, int], InFlight] = field(default_factory=dict)
+    inflight: dict[Key, TaskState] = field(default_factory=dict)
     reissue: deque = field(default_factory=deque)
     acked: int = 0
+    reissued: int = 0
     skipped_corrupt: int = 0
-    last_heard: float = field(default_factory=time.monotonic)
-    created: float = field(default_factory=time.monotonic)
-    times: StageTimes = field(default_factory=StageTimes)
+    last_heard: float = 0.0
+    times: StageTotals = field(default_factory=StageTotals)
     rate: RateMeter = field(default_factory=RateMeter)
     _shard_epoch: int = -1
     _shard: Any = None
@@ -125,7 +76,8 @@ class Stream:
         self.epoch = self.start_epoch
         self._advance_past_skipped()
         self.versions.setdefault(self.pipeline_version, self.spec)
-        self.version_starts.setdefault(self.pipeline_version, (self.epoch, self.next_index))
+
+    # --- re-tuning -------------------------------------------------------------------------------------
 
     def update_spec(self, spec: dict) -> tuple[int, int, int]:
         """Make ``spec`` the pipeline of every batch not yet issued. Returns (version, epoch, index) of
@@ -133,8 +85,13 @@ class Stream:
         self.pipeline_version += 1
         self.spec = spec
         self.versions[self.pipeline_version] = spec
-        self.version_starts[self.pipeline_version] = (self.epoch, self.next_index)
+        self._forget_unused_versions()
         return self.pipeline_version, self.epoch, self.next_index
+
+    def _forget_unused_versions(self) -> None:
+        in_use = {task.version for task in self.inflight.values()} | {self.pipeline_version}
+        for version in [v for v in self.versions if v not in in_use]:
+            del self.versions[version]
 
     # --- issuing ---------------------------------------------------------------------------------------
 
@@ -152,23 +109,23 @@ class Stream:
         """A task can be sent now: a re-issue, or a new batch within the credit window."""
         return bool(self.reissue) or (not self.issued_everything() and len(self.inflight) < self.request.prefetch)
 
-    def next_task(self, now: float) -> tuple[int, int, list[int], str, int] | None:
-        """(epoch, index, sample ids, task id, pipeline version) of the next batch to send, or ``None``."""
+    def next_task(self, now: float) -> tuple[Key, TaskState] | None:
+        """The next batch to hand to a worker (a re-issue first), or ``None``."""
         while self.reissue:
             key = self.reissue.popleft()
-            entry = self.inflight.get(key)
-            if entry is None:  # acknowledged meanwhile
+            state = self.inflight.get(key)
+            if state is None or state.worker is not None:  # acknowledged or re-issued meanwhile
                 continue
-            entry.issued_at = now
-            return (*key, self.ids(*key), entry.task, entry.version)
+            state.issued_at, state.done_at, state.received = now, None, False
+            return key, state
         if self.issued_everything() or len(self.inflight) >= self.request.prefetch:
             return None
         key = (self.epoch, self.next_index)
-        task = f"{self.id}:{key[0]}:{key[1]}"
-        self.inflight[key] = InFlight(task, None, now, self.pipeline_version)
+        state = TaskState(f"{self.id}:{key[0]}:{key[1]}", self.pipeline_version, issued_at=now)
+        self.inflight[key] = state
         self.next_index += 1
         self._advance_past_skipped()
-        return (*key, self.ids(*key), task, self.pipeline_version)
+        return key, state
 
     def _advance_past_skipped(self) -> None:
         while not self.issued_everything():
@@ -186,30 +143,52 @@ class Stream:
         size = self.plan.batch_size
         return self._shard[index * size : (index + 1) * size].tolist()
 
-    def assign(self, key: tuple[int, int], worker: bytes) -> None:
-        if key in self.inflight:
-            self.inflight[key].worker = worker
+    def task(self, epoch: int, index: int, state: TaskState, data_key: str | None) -> P.Task:
+        """The ``task`` message for batch (epoch, index)."""
+        return P.Task(
+            task=state.task,
+            stream=self.id,
+            epoch=epoch,
+            index=index,
+            ids=self.ids(epoch, index),
+            seed=self.request.seed,
+            dataset=self.dataset,
+            pipeline=P.PipelineRef(stream=self.id, version=state.version, spec=self.versions[state.version]),
+            data=self.request.data,
+            data_key=data_key,
+            on_error=self.request.on_error,
+        )
 
-    # --- acknowledgements and faults -------------------------------------------------------------------
+    # --- the trainer's side ----------------------------------------------------------------------------
 
-    def ack(self, epoch: int, index: int, samples: int = 0) -> bool:
+    def ack(self, epoch: int, index: int, samples: int, now: float) -> bool:
         """The trainer consumed batch (epoch, index): free its credit. False for unknown/duplicate acks."""
-        entry = self.inflight.pop((int(epoch), int(index)), None)
-        if entry is None:
+        state = self.inflight.pop((epoch, index), None)
+        if state is None:
             return False
         self.acked += 1
-        self.rate.add(samples)
+        self.rate.add(samples, now)
+        if state.version != self.pipeline_version:
+            self._forget_unused_versions()
         return True
 
-    def requeue_worker(self, worker: bytes) -> int:
-        """Tasks the (dead) ``worker`` held go back to the front of the queue; returns how many."""
-        keys = sorted(k for k, v in self.inflight.items() if v.worker == worker)
-        for key in keys:
-            self.inflight[key].worker = None
-            self.reissue.append(key)
-        return len(keys)
+    def receive(self, epoch: int, index: int) -> None:
+        """The trainer has batch (epoch, index) in hand (not yet consumed)."""
+        state = self.inflight.get((epoch, index))
+        if state is not None:
+            state.received = True
 
-    def status(self) -> dict:
+    def requeue(self, key: Key) -> None:
+        """Put an in-flight batch back in line for another worker."""
+        state = self.inflight.get(key)
+        if state is None:
+            return
+        state.last_worker = state.worker or state.last_worker
+        state.worker, state.done_at, state.received = None, None, False
+        self.reissue.append(key)
+        self.reissued += 1
+
+    def status(self, now: float) -> dict:
         return {
             "stream": self.id,
             "dataset": self.request.dataset,
@@ -227,7 +206,8 @@ class Stream:
             "credits": self.request.prefetch,
             "credits_free": max(0, self.request.prefetch - len(self.inflight)),
             "waiting_reissue": len(self.reissue),
-            "images_per_s": round(self.rate.rate(), 1),
+            "reissued": self.reissued,
+            "images_per_s": round(self.rate.rate(now), 1),
             "skipped_corrupt": self.skipped_corrupt,
             "stage_ms": {k: round(v, 2) for k, v in self.times.mean_ms().items()},
             "client": self.request.client,

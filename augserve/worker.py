@@ -23,12 +23,17 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from . import security
+from .lru import LRUCache
 from .sources import CorruptImageError, SkipStats, iter_images, open_dataset
 
 log = logging.getLogger("augserve.worker")
 
-SEND_TIMEOUT_S = 30.0
-PIPELINE_CACHE_SIZE = 8  # built pipelines kept per worker (a DALI pipeline takes a while to build)  # a trainer that cannot take a batch for this long is treated as gone
+SEND_TIMEOUT_S = 30.0  # a trainer that cannot take a batch for this long is reported unreachable
+PIPELINE_CACHE_SIZE = 8  # built pipelines kept per worker (a DALI pipeline takes a while to build)
+SOURCE_CACHE_SIZE = 8  # opened datasets kept per worker
+OUTPUT_CACHE_SIZE = 64  # sockets to trainers kept open
+MAX_REPORTED_PATHS = 64  # corrupt-file paths quoted in one report
 
 
 @dataclass
@@ -42,6 +47,8 @@ class WorkerOptions:
     capacity: int = 2
     name: str | None = None
     exit_with_parent: bool = False  # local workers stop when their daemon process is gone
+    keys_dir: str | None = None
+    insecure: bool = False  # no CurveZMQ: only for a daemon started with --insecure
 
 
 def _limit_threads(threads: int) -> None:
@@ -60,11 +67,13 @@ class Worker:
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
         self.id = options.name or f"{host_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.keyring = None if options.insecure else security.Keyring.load(options.keys_dir, create=False)
         self.context = zmq.Context.instance()
         self.control: zmq.Socket | None = None
-        self.outputs: dict[str, zmq.Socket] = {}  # data address -> PUSH socket
-        self.sources: dict[tuple, object] = {}
-        self.pipelines: dict[str, object] = {}  # spec JSON -> built pipeline, oldest first
+        # Sockets to trainers, keyed by (address, server key); the task thread alone uses them.
+        self.outputs: LRUCache = LRUCache(OUTPUT_CACHE_SIZE, on_evict=lambda _key, sock: sock.close(linger=0))
+        self.sources: LRUCache = LRUCache(SOURCE_CACHE_SIZE)
+        self.pipelines: LRUCache = LRUCache(PIPELINE_CACHE_SIZE)  # spec JSON -> built pipeline
         self.parent = os.getppid()
         self.last_sent = 0.0
         self.last_heard = time.monotonic()
@@ -85,8 +94,11 @@ class Worker:
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.ROUTING_ID, self.id.encode())
+        self.control.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES + 4096)
+        if self.keyring is not None:
+            security.secure_client(self.control, self.keyring.worker, self.keyring.daemon.public)
         self.control.connect(self.options.connect)
-        self._send_control("ready", self.hello)
+        self._send_control(P.Ready(**self.hello))
         self.last_heard = time.monotonic()
 
     @property
@@ -95,7 +107,7 @@ class Worker:
         return {
             "worker": self.id,
             "pid": os.getpid(),
-            "host": host_socket.gethostname(),
+            "host": host_socket.gethostname()[:256],
             "backend": self.options.backend,
             "device": self.options.device,
             "capacity": self.options.capacity,
@@ -103,7 +115,7 @@ class Worker:
 
     def _close(self) -> None:
         try:
-            self._send_control("bye", {"worker": self.id})
+            self._send_control(P.Bye(worker=self.id))
         except zmq.ZMQError:
             pass
         if self.control is not None:
@@ -128,10 +140,10 @@ class Worker:
                     os.read(self._wake_read, 4096)
                 while True:
                     try:
-                        message_type, fields = self.reports.get_nowait()
+                        report = self.reports.get_nowait()
                     except queue.Empty:
                         break
-                    self._send_control(message_type, fields)
+                    self._send_control(report)
                 if self.control in events:
                     self.last_heard = time.monotonic()
                     try:
@@ -142,11 +154,13 @@ class Worker:
                     if message.type == "stop":
                         log.info("worker %s: stop requested", self.id)
                         return 0
-                    if message.type in ("task", "drop"):
-                        self.tasks.put(message)  # in order: a drop follows the tasks sent before it
+                    if message.type == "error":
+                        log.error("worker %s: the daemon refused a message: %s", self.id, message.body.message)
+                    elif message.type in ("task", "drop"):
+                        self.tasks.put(message.body)  # in order: a drop follows the tasks sent before it
                 now = time.monotonic()
                 if now - self.last_sent >= interval:
-                    self._send_control("heartbeat", self.hello)
+                    self._send_control(P.Heartbeat(**self.hello))
                 if self.options.exit_with_parent and os.getppid() != self.parent:
                     log.warning("worker %s: daemon process is gone; exiting", self.id)
                     return 0
@@ -167,70 +181,57 @@ class Worker:
     def _task_thread(self) -> None:
         """Runs tasks one after another; owns the PUSH sockets to trainers."""
         while True:
-            message = self.tasks.get()
-            if message is None:
+            body = self.tasks.get()
+            if body is None:
                 break
-            if message.type == "drop":
-                self._drop(message.get("data"))
+            if isinstance(body, P.Drop):
+                self._drop(body.data)
                 continue
-            report = self._run_task(message)
-            if report is not None:
-                self.reports.put(report)
-                os.write(self._wake_write, b"r")
-        for sock in self.outputs.values():
-            sock.close(linger=0)
-        self.outputs.clear()
+            self.reports.put(self._run_task(body))
+            os.write(self._wake_write, b"r")
+        self.outputs.clear()  # closes every socket (on_evict)
 
-    def _send_control(self, message_type: str, fields: dict) -> None:
-        self.control.send_multipart(P.encode(message_type, fields), flags=zmq.NOBLOCK)
+    def _send_control(self, body: P.Body) -> None:
+        self.control.send_multipart(P.encode(body), flags=zmq.NOBLOCK)
         self.last_sent = time.monotonic()
 
     # --- tasks ---------------------------------------------------------------------------------------
 
-    def _source(self, dataset: dict):
-        key = (dataset["ref"], dataset.get("split", "train"), tuple(sorted(dataset.get("options", {}).items())))
-        if key not in self.sources:
-            self.sources[key] = open_dataset(dataset["ref"], split=key[1], **dataset.get("options", {}))
-        return self.sources[key]
+    def _source(self, dataset: P.DatasetRef):
+        key = (dataset.ref, dataset.split, tuple(sorted(dataset.options.items())))
+        return self.sources.get_or_create(key, lambda: open_dataset(dataset.ref, split=dataset.split, **dataset.options))
 
-    def _pipeline(self, pipeline: dict):
+    def _pipeline(self, pipeline: P.PipelineRef):
         import pipelines
 
         # Keyed by the spec itself, not the stream: a trainer's held-out stream attaches anew every epoch
-        # with the same spec, and other streams often share one. Least recently used first out.
-        key = json.dumps(pipeline["spec"], sort_keys=True)
-        built = self.pipelines.pop(key, None)
-        if built is None:
+        # with the same spec, and other streams often share one.
+        def build():
             # Workers ship uint8; the trainer's client applies `normalize` on its own device.
-            spec = pipelines.PipelineSpec.model_validate(pipeline["spec"]).without_normalize()
-            built = pipelines.build(spec, backend=self.options.backend, device=self.options.device)
-            while len(self.pipelines) >= PIPELINE_CACHE_SIZE:
-                self.pipelines.pop(next(iter(self.pipelines)))
-        self.pipelines[key] = built  # re-inserted: dicts keep insertion order, so this is the newest
-        return built
+            spec = pipelines.PipelineSpec.model_validate(pipeline.spec).without_normalize()
+            return pipelines.build(spec, backend=self.options.backend, device=self.options.device)
 
-    def _run_task(self, message: P.Message) -> tuple[str, dict] | None:
-        """Load, augment and send one batch; returns the report for the daemon (``done``/``failed``)."""
+        return self.pipelines.get_or_create(json.dumps(pipeline.spec, sort_keys=True), build)
+
+    def _run_task(self, task: P.Task) -> P.Done | P.Failed:
+        """Load, augment and send one batch; returns the report for the daemon."""
         started = time.perf_counter()
+        stats = SkipStats()
+
+        def failed(message: str, kind: str) -> P.Failed:
+            return P.Failed(worker=self.id, task=task.task, stream=task.stream, message=message[:4000], kind=kind)
+
         try:
-            task, stream, epoch, index, ids, seed = message.require("task", "stream", "epoch", "index", "ids", "seed")
-            dataset, pipeline, data = message.require("dataset", "pipeline", "data")
-        except P.ProtocolError as exc:
-            log.error("bad task: %s", exc)
-            return None
-        on_error = message.get("on_error", "skip")
-        try:
-            source = self._source(dataset)
-            stats = SkipStats()
+            source = self._source(task.dataset)
             kept_ids, images, labels = [], [], []
-            for sample_id, image, label in iter_images(source, ids, on_error=on_error, stats=stats):
+            for sample_id, image, label in iter_images(source, task.ids, on_error=task.on_error, stats=stats):
                 kept_ids.append(sample_id)
                 images.append(image)
                 labels.append(label)
             loaded = time.perf_counter()
             if images:
-                pipe = self._pipeline(pipeline)
-                out = pipe(images, seed=seed, epoch=epoch, sample_ids=kept_ids)
+                pipe = self._pipeline(task.pipeline)
+                out = pipe(images, seed=task.seed, epoch=task.epoch, sample_ids=kept_ids)
                 if isinstance(out, list):
                     raise ValueError("augmented images differ in size; add a crop or resize op to the pipeline so a batch can be stacked")
                 out = out.cpu()
@@ -239,56 +240,54 @@ class Worker:
             augmented = time.perf_counter()
             labels_array = np.asarray(labels, dtype=np.int64)
             ids_array = np.asarray(kept_ids, dtype=np.int64)
-            header = {
-                "stream": stream,
-                "task": task,
-                "epoch": epoch,
-                "index": index,
-                "pipeline_version": pipeline["version"],
-                "skipped": stats.paths,
-                "worker": self.id,
-                "tensors": [P.describe("images", out), P.describe("labels", labels_array), P.describe("sample_ids", ids_array)],
-            }
-            frames = P.encode("batch", header, [P.tensor_buffer(out), P.tensor_buffer(labels_array), P.tensor_buffer(ids_array)])
-            self._send_batch(data, frames)
+            header = P.BatchHeader(
+                stream=task.stream, task=task.task, epoch=task.epoch, index=task.index, pipeline_version=task.pipeline.version,
+                skipped=[p[:4000] for p in stats.paths[:MAX_REPORTED_PATHS]], worker=self.id,
+                tensors=[P.describe("images", out), P.describe("labels", labels_array), P.describe("sample_ids", ids_array)],
+            )  # fmt: skip
+            buffers = [P.tensor_buffer(out), P.tensor_buffer(labels_array), P.tensor_buffer(ids_array)]
+            self._send_batch(task, P.encode(header, buffers))
             sent = time.perf_counter()
         except CorruptImageError as exc:
-            return "failed", {"worker": self.id, "task": task, "stream": stream, "message": str(exc), "kind": "corrupt"}
-        except Exception as exc:  # a bad batch must not kill the worker; the daemon reports it to the stream
-            log.exception("task %s failed", task)
-            return "failed", {"worker": self.id, "task": task, "stream": stream, "message": f"{type(exc).__name__}: {exc}", "kind": "error"}
-        return (
-            "done",
-            {
-                "worker": self.id,
-                "task": task,
-                "stream": stream,
-                "epoch": epoch,
-                "index": index,
-                "samples": len(kept_ids),
-                "skipped": stats.skipped,
-                "skipped_paths": stats.paths,
-                "bytes": int(sum(memoryview(f).nbytes for f in frames[1:])),
-                "times": {"load": loaded - started, "augment": augmented - loaded, "send": sent - augmented},
-            },
-        )
+            return failed(str(exc), "corrupt")
+        except TrainerUnreachable as exc:
+            return failed(str(exc), "unreachable")
+        except Exception as exc:  # a bad batch must not kill the worker; the daemon retries it elsewhere
+            log.exception("task %s failed", task.task)
+            return failed(f"{type(exc).__name__}: {exc}", "error")
+        return P.Done(
+            worker=self.id, task=task.task, stream=task.stream, epoch=task.epoch, index=task.index, samples=len(kept_ids),
+            skipped=stats.skipped, skipped_paths=[p[:4000] for p in stats.paths[:MAX_REPORTED_PATHS]],
+            bytes=int(sum(memoryview(b).nbytes for b in buffers)),
+            times=P.StageTimes(load=loaded - started, augment=augmented - loaded, send=sent - augmented),
+        )  # fmt: skip
 
-    def _send_batch(self, address: str, frames: list) -> None:
-        sock = self.outputs.get(address)
+    def _send_batch(self, task: P.Task, frames: list) -> None:
+        key = (task.data, task.data_key)
+        sock = self.outputs.get(key)
         if sock is None:
             sock = self.context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 64)
-            sock.connect(address)
-            self.outputs[address] = sock
+            if self.keyring is not None:
+                if task.data_key is None:
+                    raise ValueError("the trainer sent no data key, and this worker only talks to authenticated trainers")
+                security.secure_client(sock, self.keyring.worker, task.data_key.encode())
+            sock.connect(task.data)
+            self.outputs.put(key, sock)
         if not sock.poll(timeout=int(SEND_TIMEOUT_S * 1000), flags=zmq.POLLOUT):
-            raise ConnectionError(f"trainer at {address} did not take a batch within {SEND_TIMEOUT_S:.0f} s")
+            raise TrainerUnreachable(f"trainer at {task.data} did not take a batch within {SEND_TIMEOUT_S:.0f} s")
         sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
 
-    def _drop(self, address: str | None) -> None:
-        sock = self.outputs.pop(address, None) if address else None
-        if sock is not None:
-            sock.close(linger=0)
+    def _drop(self, address: str) -> None:
+        for key in [k for k in self.outputs.keys() if k[0] == address]:
+            sock = self.outputs.pop(key)
+            if sock is not None:
+                sock.close(linger=0)
+
+
+class TrainerUnreachable(ConnectionError):
+    """The trainer's data socket did not take a batch in time."""
 
 
 def run_worker(options: WorkerOptions) -> int:

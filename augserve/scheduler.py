@@ -1,0 +1,307 @@
+"""The scheduler: streams × workers × tasks, with deadlines and attempts. Pure: no sockets, no clock.
+
+The daemon feeds it events (a worker joined, reported, went silent; a trainer acknowledged or received
+batches) with the current time, and asks it what to send. Every decision is made here, so every rule of
+delivery can be tested without a process or a socket:
+
+- **Fair shares.** Streams take turns (round robin over those with work); each task goes to the worker
+  with the most free capacity.
+- **Deadlines.** A task not reported within ``task_timeout`` is re-issued to another worker (a worker
+  that heartbeats but never finishes cannot hold a stream hostage). A batch reported sent but not
+  received by its trainer within ``delivery_timeout`` was lost on the way and is re-issued too.
+- **Attempts.** Each hand-out counts. A task whose attempts reach ``max_attempts`` — it killed that
+  many workers, or failed on them — ends its stream with a message naming the batch and the last error,
+  instead of crash-looping the pool.
+- **Exactly once** is kept by the trainer: it drops duplicates that re-issues may cause.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from . import protocol as P
+from .meters import RateMeter, StageTotals
+from .streams import Key, StreamState, TaskState
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """Seconds and counts that bound how long anything may take."""
+
+    task_timeout: float = 300.0
+    delivery_timeout: float = 30.0
+    max_attempts: int = 4
+    worker_liveness: float = 5.0  # silence after which a worker is written off
+    stream_liveness: float = 10.0  # silence after which a trainer is written off
+
+
+@dataclass
+class WorkerState:
+    """A connected worker: who it says it is, and the tasks it holds (task id -> (stream, key))."""
+
+    identity: bytes
+    hello: P.Hello
+    last_heard: float
+    tasks: dict[str, tuple[str, Key]] = field(default_factory=dict)
+    done: int = 0
+    samples: int = 0
+    rate: RateMeter = field(default_factory=RateMeter)
+    times: StageTotals = field(default_factory=StageTotals)
+
+    @property
+    def free(self) -> int:
+        return self.hello.capacity - len(self.tasks)
+
+    @property
+    def name(self) -> str:
+        return self.identity.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Send ``task`` (a ``P.Task``) of ``stream`` to ``worker``."""
+
+    worker: bytes
+    stream: str
+    key: Key
+    message: P.Task
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    """End ``stream`` and tell its trainer ``message``."""
+
+    stream: str
+    message: str
+    kind: str = "error"
+
+
+@dataclass
+class Expired:
+    """What :meth:`Scheduler.expire` found: workers written off, tasks re-issued, streams to end."""
+
+    silent_workers: list[WorkerState] = field(default_factory=list)
+    reissued: int = 0
+    silent_streams: list[str] = field(default_factory=list)
+    failures: list[StreamFailure] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits | None = None) -> None:
+        self.limits = limits or SchedulerLimits()
+        self.streams: dict[str, StreamState] = {}
+        self.workers: dict[bytes, WorkerState] = {}
+        self.reissued_total = 0
+        self._rotation = 0
+
+    # --- membership ------------------------------------------------------------------------------------
+
+    def add_stream(self, stream: StreamState) -> None:
+        if stream.id in self.streams:
+            raise ValueError(f"stream {stream.id} exists")
+        self.streams[stream.id] = stream
+
+    def remove_stream(self, stream_id: str) -> tuple[StreamState | None, list[tuple[bytes, str]]]:
+        """Forget a stream. Returns it and the (worker, data address) pairs no other stream still uses,
+        so those workers can close their sockets to that trainer."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return None, []
+        for worker in self.workers.values():
+            worker.tasks = {t: w for t, w in worker.tasks.items() if w[0] != stream_id}
+        if any(s.request.data == stream.request.data for s in self.streams.values()):
+            return stream, []
+        return stream, [(identity, stream.request.data) for identity in self.workers]
+
+    def add_worker(self, identity: bytes, hello: P.Hello, now: float) -> WorkerState:
+        worker = self.workers.get(identity)
+        if worker is None:
+            worker = self.workers[identity] = WorkerState(identity, hello, now)
+        worker.last_heard = now
+        return worker
+
+    def heard(self, identity: bytes, now: float) -> WorkerState | None:
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_heard = now
+        return worker
+
+    def remove_worker(self, identity: bytes, reason: str) -> tuple[int, list[StreamFailure]]:
+        """A worker died or left: its tasks go back in line (each death counts as an attempt).
+        Returns how many were re-queued, and the streams whose task ran out of attempts."""
+        worker = self.workers.pop(identity, None)
+        if worker is None:
+            return 0, []
+        requeued, failures = 0, []
+        for stream_id, key in worker.tasks.values():
+            failure = self._retry(stream_id, key, identity, f"its worker {worker.name} {reason}")
+            if failure is not None:
+                failures.append(failure)
+            elif stream_id in self.streams:
+                requeued += 1
+        return requeued, _unique(failures)
+
+    # --- hand-out --------------------------------------------------------------------------------------
+
+    def assign(self, now: float) -> Iterator[Assignment]:
+        """Tasks to send now: streams in turn, each task to the least-loaded worker. The caller sends
+        each one before taking the next, and calls :meth:`unreachable` when a send fails."""
+        while self.workers:
+            streams = [s for s in self.streams.values() if s.has_work()]
+            if not streams:
+                return
+            self._rotation = (self._rotation + 1) % len(streams)
+            progress = False
+            for stream in streams[self._rotation :] + streams[: self._rotation]:
+                if not self.workers:
+                    return
+                if max(w.free for w in self.workers.values()) <= 0:
+                    return
+                if stream.id not in self.streams:  # ended by an earlier failure of this round
+                    continue
+                picked = stream.next_task(now)
+                if picked is None:
+                    continue
+                key, state = picked
+                worker = self._pick_worker(avoid=state.last_worker)
+                state.worker, state.attempts = worker.identity, state.attempts + 1
+                worker.tasks[state.task] = (stream.id, key)
+                progress = True
+                yield Assignment(worker.identity, stream.id, key, stream.task(*key, state, stream.request.data_key))
+            if not progress:
+                return
+
+    def _pick_worker(self, avoid: bytes | None) -> WorkerState:
+        """The worker with the most free capacity; a retried task avoids the worker it last failed on
+        when any other has room."""
+        candidates = [w for w in self.workers.values() if w.free > 0]
+        others = [w for w in candidates if w.identity != avoid]
+        return max(others or candidates, key=lambda w: w.free)
+
+    def unreachable(self, identity: bytes) -> list[StreamFailure]:
+        """A send to this worker failed: it is gone."""
+        return self.remove_worker(identity, "was unreachable")[1]
+
+    # --- reports from workers --------------------------------------------------------------------------
+
+    def done(self, identity: bytes, report: P.Done, now: float) -> StreamState | None:
+        """A worker sent a batch. Returns its stream (``None`` for a stray report: the stream ended, or
+        the task was taken from this worker)."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return None
+        worker.last_heard = now
+        where = worker.tasks.pop(report.task, None)
+        if where is None or where[1] != (report.epoch, report.index):
+            return None
+        worker.done += 1
+        worker.samples += report.samples
+        worker.rate.add(report.samples, now)
+        worker.times.add(report.times.load, report.times.augment, report.times.send)
+        stream = self.streams.get(where[0])
+        if stream is None:
+            return None
+        state = stream.inflight.get(where[1])
+        if state is not None and state.worker == identity:
+            state.done_at = now
+        stream.times.add(report.times.load, report.times.augment, report.times.send)
+        stream.skipped_corrupt += report.skipped
+        return stream
+
+    def failed(self, identity: bytes, report: P.Failed, now: float) -> StreamFailure | None:
+        """A task failed on a worker: ``corrupt`` ends the stream (the trainer asked for that), anything
+        else is retried on another worker until the attempts run out."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return None
+        worker.last_heard = now
+        where = worker.tasks.pop(report.task, None)
+        if where is None or where[0] not in self.streams:
+            return None
+        stream_id, key = where
+        if report.kind == "corrupt":
+            return StreamFailure(stream_id, report.message, "corrupt")
+        return self._retry(stream_id, key, identity, report.message)
+
+    # --- reports from trainers -------------------------------------------------------------------------
+
+    def credit(self, stream: StreamState, message: P.Credit, now: float) -> None:
+        stream.last_heard = now
+        for epoch, index in message.received:
+            stream.receive(epoch, index)
+        for epoch, index, samples in message.acks:
+            stream.ack(epoch, index, samples, now)
+
+    # --- time ------------------------------------------------------------------------------------------
+
+    def expire(self, now: float) -> Expired:
+        """Write off silent workers and trainers; re-issue tasks past their deadline or lost on the way."""
+        result = Expired()
+        for identity, worker in list(self.workers.items()):
+            if now - worker.last_heard > self.limits.worker_liveness:
+                result.silent_workers.append(worker)
+                result.failures += self.remove_worker(identity, f"went silent for {now - worker.last_heard:.1f} s")[1]
+        for stream in list(self.streams.values()):
+            if now - stream.last_heard > self.limits.stream_liveness:
+                result.silent_streams.append(stream.id)
+                continue
+            for key, state in list(stream.inflight.items()):
+                late = self._lateness(state, now)
+                if late is None:
+                    continue
+                holder = self.workers.get(state.worker) if state.worker is not None else None
+                if holder is not None:
+                    holder.tasks.pop(state.task, None)
+                failure = self._retry(stream.id, key, state.worker, late)
+                if failure is not None:
+                    result.failures.append(failure)
+                    break
+                result.reissued += 1
+        result.failures = _unique(result.failures)
+        return result
+
+    def _lateness(self, state: TaskState, now: float) -> str | None:
+        if state.worker is None or state.received:
+            return None
+        if state.done_at is None and now - state.issued_at > self.limits.task_timeout:
+            return f"no report within the {self.limits.task_timeout:g} s task deadline"
+        if state.done_at is not None and now - state.done_at > self.limits.delivery_timeout:
+            return f"sent but not received by the trainer within {self.limits.delivery_timeout:g} s"
+        return None
+
+    def _retry(self, stream_id: str, key: Key, worker: bytes | None, reason: str) -> StreamFailure | None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return None
+        state = stream.inflight.get(key)
+        if state is None or (worker is not None and state.worker not in (worker, None)):
+            return None  # acknowledged meanwhile, or already handed to another worker
+        state.last_error = reason
+        if state.attempts >= self.limits.max_attempts:
+            epoch, index = key
+            return StreamFailure(stream_id, f"batch {index} of epoch {epoch} (task {state.task}) failed {state.attempts} time(s), giving up; last: {reason}", "attempts")
+        if state.worker is not None or key not in stream.reissue:
+            stream.requeue(key)
+            self.reissued_total += 1
+        return None
+
+    # --- views -----------------------------------------------------------------------------------------
+
+    def streams_of(self, owner: str) -> int:
+        return sum(1 for s in self.streams.values() if s.owner == owner)
+
+    def in_flight(self) -> int:
+        return sum(len(s.inflight) for s in self.streams.values())
+
+    def waiting_reissue(self) -> int:
+        return sum(len(s.reissue) for s in self.streams.values())
+
+
+def _unique(failures: list[StreamFailure]) -> list[StreamFailure]:
+    seen, unique = set(), []
+    for failure in failures:
+        if failure.stream not in seen:
+            seen.add(failure.stream)
+            unique.append(failure)
+    return unique
