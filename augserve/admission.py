@@ -58,6 +58,7 @@ class Admission:
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._sources: LRUCache = LRUCache(config.source_cache)
         self.pending = 0
+        self._pool.submit(_warm_up)  # the first request should not wait for these imports
 
     # --- the loop's side -------------------------------------------------------------------------------
 
@@ -78,6 +79,8 @@ class Admission:
             from pipelines import format_validation_error
 
             result = Refused(format_validation_error(exc))
+        except (ValueError, TypeError) as exc:  # the pipelines and sources packages name the problem
+            result = Refused(str(exc))
         except MemoryError:
             result = Refused("the request needs more memory than this daemon has (dataset too large?)")
         except Exception as exc:  # a bug or a hostile input must answer the peer, not kill a thread
@@ -235,3 +238,9 @@ class Admission:
         if any(i >= batches_per_epoch for i in delivered):
             raise Refused(f"resume state names batch indices outside [0, {batches_per_epoch}); was it saved with another batch_size or dataset?", "resume_mismatch")
         return state.epoch, delivered
+
+
+def _warm_up() -> None:
+    import pipelines  # noqa: F401  (albumentations, OpenCV: seconds on a cold start)
+
+    from . import sources  # noqa: F401

@@ -34,7 +34,7 @@ from pipelines.normalize import normalize_images
 from . import protocol as P
 from . import security
 from .config import check_address
-from .control import Credentials, control_socket, silence_reason
+from .control import Credentials, close_monitor, control_socket, silence_reason
 from .epochs import EpochPlan
 from .reorder import Reorderer
 
@@ -124,6 +124,8 @@ class _Link:
             reply = P.decode(self.control.recv_multipart(), {"attached", "error"})
         except P.ProtocolError as exc:
             raise ConnectionError(f"the peer at {self.address} is not a compatible augserve daemon: {exc}") from None
+        close_monitor(self.control, self.monitor)
+        self.monitor = None
         if reply.type == "error":
             raise ValueError(f"daemon refused the stream: {reply.body.message}")
         attached = reply.body
@@ -135,9 +137,8 @@ class _Link:
 
     def close(self, detach_linger_ms: int = 0) -> None:
         endpoint = getattr(self, "data_endpoint", None)
-        if self.monitor is not None:
-            self.monitor.close(linger=0)
         if self.control is not None:
+            close_monitor(self.control, self.monitor)
             self.control.close(linger=detach_linger_ms)
         self.data.close(linger=0)
         if self.gatekeeper is not None:

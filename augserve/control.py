@@ -43,6 +43,18 @@ def control_socket(context: zmq.Context, address: str, credentials: Credentials)
     return sock, monitor
 
 
+def close_monitor(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    """Stop monitoring ``sock`` and close the monitor (in that order: libzmq may stall a socket whose
+    monitor endpoint vanished while it still reports to it)."""
+    if monitor is None:
+        return
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(linger=0)
+
+
 def silence_reason(monitor: zmq.Socket, address: str, timeout: float, credentials: Credentials) -> str:
     """One line saying why the daemon at ``address`` did not answer, from the handshake events seen."""
     from zmq.utils.monitor import recv_monitor_message
@@ -78,7 +90,7 @@ def request(address: str, body: P.Body, expected: set[str], timeout: float = 5.0
         except P.ProtocolError as exc:
             raise ConnectionError(f"the peer at {address} is not a compatible augserve daemon: {exc}") from None
     finally:
-        for s in (monitor, sock):
-            if s is not None:
-                s.close(linger=0)
+        if sock is not None:
+            close_monitor(sock, monitor)
+            sock.close(linger=0)
         context.term()

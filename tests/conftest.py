@@ -1,8 +1,12 @@
 """Shared test set-up: no network for albumentations, single-threaded OpenCV like a worker process."""
 
 import os
+import tempfile
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# One keyring for the whole session (daemons, workers and trainers of the tests share it, as one user's
+# processes do), never the developer's own ~/.config/augserve/keys.
+os.environ["AUGSERVE_KEYS_DIR"] = os.path.join(tempfile.mkdtemp(prefix="augserve-test-keys-"), "keys")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

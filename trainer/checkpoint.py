@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
+from augserve.atomic import atomic_write, load_with_fallback, previous_path
+
 
 def save(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, scaler: Any, step: int, epoch: int, stream_state: dict | None, config: dict, metrics: dict | None = None) -> None:
-    """Write atomically (temp file + rename) so an interruption never leaves half a checkpoint."""
+    """Write atomically (see :func:`augserve.atomic.atomic_write`): an interruption never leaves half a
+    checkpoint, and the checkpoint replaced stays as ``<path>.prev`` for :func:`load` to fall back to."""
     payload = {
         "format": "augserve-trainer/1",
         "model": _unwrap(model).state_dict(),
@@ -24,21 +27,21 @@ def save(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    temporary = path + ".tmp"
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load(path: str) -> dict:
-    """A checkpoint written by :func:`save` (ValueError naming the file when it is not one)."""
-    if not os.path.isfile(path):
+    """A checkpoint written by :func:`save`; when ``path`` is truncated or corrupt, the previous one
+    (``<path>.prev``) with a warning. ValueError naming the file(s) when none is readable."""
+    if not os.path.isfile(path) and not os.path.isfile(previous_path(path)):
         raise ValueError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    return load_with_fallback(path, _read)
+
+
+def _read(path: str) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict):
-        raise ValueError(f"{path} is not a checkpoint (no state dict inside)")
+        raise ValueError("not a checkpoint (no state dict inside)")
     return payload
 
 

@@ -356,7 +356,8 @@ class Run:
         position = None
         if stream is not None:
             state = stream.state_dict()
-            position = {k: state[k] for k in ("epoch", "delivered")}
+            # The fingerprint (when the client provides one) lets a resume refuse a position from another run.
+            position = {k: state[k] for k in ("epoch", "delivered", "fingerprint") if k in state}
         ckpt.save(os.path.join(self.config.out, "checkpoint.pt"), model=self.model, optimizer=self.optimizer, scaler=self.precision.scaler, step=self.step, epoch=epoch, stream_state=position, config=asdict(self.config), metrics=self.history[-1] if self.history else None)
 
     def _finish(self, started: float, metrics: MetricsLog) -> dict:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from augserve.atomic import atomic_write
+
 from . import checkpoint as ckpt
 
 log = logging.getLogger("trainer.transfer")
@@ -119,6 +121,29 @@ def cache_key(config, spec_dict: dict) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
+def write_feature_cache(path: str, features: np.ndarray, labels: np.ndarray) -> None:
+    """Store (features N×D float32, labels N) as an ``.npz`` written atomically: concurrent runs or a
+    crash leave the old cache or the new one. No ``.prev``: the name is a content key, a miss recomputes."""
+    atomic_write(path, lambda handle: np.savez(handle, features=features, labels=labels), keep_previous=False)
+
+
+def read_feature_cache(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(features, labels) of a cache written by :func:`write_feature_cache`, or None when there is none
+    or it is unreadable (truncated, foreign, inconsistent) — then it is recomputed and overwritten."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            features, labels = data["features"], data["labels"]
+    except Exception as exc:
+        log.warning("feature cache %s is unreadable (%s: %s); recomputing it", path, type(exc).__name__, str(exc)[:200])
+        return None
+    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels) or features.dtype != np.float32:
+        log.warning("feature cache %s holds %s features for %s labels; recomputing it", path, features.shape, labels.shape)
+        return None
+    return features, labels
+
+
 @torch.no_grad()
 def compute_features(model: nn.Module, batches, precision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs of the classifier for every sample: (features float32 N×D, labels, sample ids)."""
@@ -152,9 +177,9 @@ def fit_head_on_cached_features(run, model: nn.Module, address: str, metrics) ->
     folder = os.path.join(config.out or ".", "feature-cache")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{config.model}-{config.dataset}-{cache_key(config, spec.to_dict())}.npz")
-    if os.path.exists(path):
-        with np.load(path) as data:
-            features, labels = data["features"], data["labels"]
+    cached = read_feature_cache(path)
+    if cached is not None:
+        features, labels = cached
         cache = {"feature_cache": path, "feature_cache_hit": True, "backbone_passes": 0}
     else:
         stream = run._connect(address, pipeline=spec, epochs=1, shuffle=False, ordered=True, batch_size=config.eval_batch_size)
@@ -162,7 +187,7 @@ def fit_head_on_cached_features(run, model: nn.Module, address: str, metrics) ->
             features, labels, _ids = compute_features(model, stream, run.precision)
         finally:
             stream.close()
-        np.savez(path, features=features, labels=labels)
+        write_feature_cache(path, features, labels)
         cache = {"feature_cache": path, "feature_cache_hit": False, "backbone_passes": 1}
     _, classifier = classifier_of(model)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)

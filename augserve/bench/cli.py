@@ -1,4 +1,4 @@
-"""The ``augserve bench`` subcommands: ``pipelines``, ``e2e`` and ``trainer``.
+"""The ``augserve bench`` subcommands: ``pipelines``, ``e2e``, ``trainer``, ``gpu`` and ``soak``.
 
 ``augserve/cli.py`` calls :func:`add_bench_commands` with its ``bench`` sub-parsers. Every handler takes
 the parsed ``args``, raises ValueError (one line) for a user's mistake, and prints either a readable
@@ -113,11 +113,24 @@ def cmd_bench_trainer(args) -> int:
     return 0
 
 
+def cmd_bench_soak(args) -> int:
+    from .soak import SoakConfig, format_table, json_rows, run_soak
+
+    config = SoakConfig(
+        minutes=args.minutes, workers=args.workers, kill_every_s=args.kill_every, samples=args.samples, size=args.size,
+        batch_size=args.batch_size, prefetch=args.prefetch, pause_every_s=args.pause_every, pause_s=args.pause,
+        reattach_every_s=args.reattach_every, retune_every_s=args.retune_every, min_epochs=args.min_epochs, seed=args.seed, out=args.out,
+    )  # fmt: skip
+    result = run_soak(config, progress=_progress(args))
+    _print_rows_and_summary(args, json_rows(result), result, format_table(result))
+    return 0 if result["ok"] else 1
+
+
 # --- registration ------------------------------------------------------------------------------------
 
 
 def add_bench_commands(bench_kinds, backends: list[str]) -> None:
-    """Register ``pipelines``, ``e2e``, ``trainer`` and ``gpu`` under ``augserve bench`` (``bench_kinds``: the
+    """Register ``pipelines``, ``e2e``, ``trainer``, ``gpu`` and ``soak`` under ``augserve bench`` (``bench_kinds``: the
     ``bench`` parser's sub-parsers; ``backends``: the augmentation backend names)."""
 
     def common(sub) -> None:
@@ -166,4 +179,22 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     gpu.add_argument("--batch", type=int, default=256, help="images per batch (256² inputs)")
     common(gpu)
     gpu.set_defaults(func=cmd_bench_gpu)
+
+    soak = bench_kinds.add_parser("soak", help="minutes of four trainers against a daemon whose workers get SIGKILLed: exactly-once per epoch, memory, restarts")
+    soak.add_argument("--minutes", type=float, default=30.0, help="how long the trainers stream")
+    soak.add_argument("--workers", type=int, default=3, help="local worker processes of the daemon")
+    soak.add_argument("--kill-every", type=float, default=5.0, metavar="SECONDS", help="SIGKILL a random worker this often (0: no chaos)")
+    soak.add_argument("--samples", type=int, default=600, help="images in the shapes set (its n option)")
+    soak.add_argument("--size", type=int, default=32, help="shapes image side in pixels")
+    soak.add_argument("--batch-size", type=int, default=32)
+    soak.add_argument("--prefetch", type=int, default=4, help="credits per stream")
+    soak.add_argument("--pause-every", type=float, default=10.0, metavar="SECONDS", help="the pausing trainer stops consuming this often ...")
+    soak.add_argument("--pause", type=float, default=3.0, metavar="SECONDS", help="... for this long")
+    soak.add_argument("--reattach-every", type=float, default=15.0, metavar="SECONDS", help="the pausing trainer checkpoints and re-attaches this often")
+    soak.add_argument("--retune-every", type=float, default=3.0, metavar="SECONDS", help="the re-tuned trainer updates its pipeline this often")
+    soak.add_argument("--min-epochs", type=int, default=1, help="fail when a job completes fewer epochs")
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--out", metavar="DIR", help="write soak.json and daemon.log there")
+    soak.add_argument("--json", action="store_true", help="one JSON object per line: streams and jobs, then the summary")
+    soak.set_defaults(func=cmd_bench_soak)
 

@@ -19,6 +19,22 @@ import numpy as np
 
 SPLITS = ("train", "test")
 
+# The largest image, in pixels (height × width), a source hands out: 8192 × 8192, "64 MP".
+# A corrupt or hostile file announcing 60000 × 60000 would otherwise make a worker allocate and
+# decode ~10 GB. Sources that read files take ``max_pixels`` as an option to raise or lower it.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+def check_max_pixels(value: object) -> int:
+    """``value`` as a pixel cap: None means ``DEFAULT_MAX_PIXELS``; otherwise an int >= 1."""
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"max_pixels must be an integer number of pixels, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {value}")
+    return int(value)
+
 
 def check_split(split: object, available: tuple[str, ...], dataset: str) -> str:
     """Validate ``split`` against the known splits and those this dataset actually has."""

@@ -13,7 +13,18 @@ Class names are the sorted sub-folder names (of ``train/`` in the split layout, 
 between splits); label ``k`` is ``classes[k]``. Files are found recursively below each class folder
 and listed in sorted order; names starting with "." are ignored. Images are decoded by ``load`` as
 uint8 HWC with ``channels`` = 3 (RGB; grey files replicated) or 1 (grey), so one dataset has one
-channel count. Listing happens at construction; decoding never does.
+channel count. Listing happens at construction; decoding never does. Only regular files are
+listed (a FIFO or device named ``x.jpg`` would block or never end when read). ``max_pixels`` caps
+height × width of every image (default ``base.DEFAULT_MAX_PIXELS``); see ``decode.read_image``.
+
+The dataset is confined to ``root``: symbolic links (to files or folders, at any depth, including
+``train/`` and the class folders) are followed only when their real path stays inside the real
+path of ``root``. A link leading outside refuses the whole dataset with one error that counts
+them and names one: a service that opens folders named by its clients must not read files
+elsewhere, and silently dropping samples would change the dataset (and for a class folder, the
+label ids) behind the operator's back. ``root`` itself may be a link. To serve a folder of links
+into shared storage, open the storage folder itself or bind-mount it under the root.
+Each real folder is listed at most once per class, so a link loop cannot make listing endless.
 """
 
 from __future__ import annotations
@@ -23,26 +34,82 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import SPLITS, Source, check_split
+from .base import SPLITS, Source, check_max_pixels, check_split
 from .decode import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-def _subdirs(path: Path) -> list[str]:
+class _Confinement:
+    """Checks symbolic links against the real path of the dataset root and counts the escapes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = os.path.realpath(root)
+        self.escapes = 0
+        self.example: tuple[str, str] | None = None
+
+    def allows(self, path: str | os.PathLike, is_link: bool) -> bool:
+        """Whether ``path`` may be used; only links are resolved (a plain entry of a folder that is
+        inside the root is inside it too)."""
+        if not is_link:
+            return True
+        real = os.path.realpath(path)
+        try:
+            inside = os.path.commonpath([self.root, real]) == self.root
+        except ValueError:  # different drives on Windows
+            inside = False
+        if not inside:
+            self.escapes += 1
+            if self.example is None:
+                self.example = (os.fspath(path), real)
+        return inside
+
+    def check(self, dataset: str) -> None:
+        if self.escapes:
+            link, target = self.example  # type: ignore[misc]
+            raise ValueError(
+                f"image folder {dataset} has {self.escapes} symbolic link(s) leading outside it, e.g. "
+                f"{link} -> {target}; a dataset is confined to its root: open the linked folder itself instead"
+            )
+
+
+def _subdirs(path: Path, confinement: _Confinement) -> list[str]:
     with os.scandir(path) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-def _image_files(class_dir: Path) -> list[str]:
-    found = []
-    for parent, dirs, files in os.walk(class_dir, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(
-            os.path.join(parent, f)
-            for f in files
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        return sorted(
+            e.name
+            for e in entries
+            if not e.name.startswith(".") and e.is_dir() and confinement.allows(e.path, e.is_symlink())
         )
+
+
+def _image_files(class_dir: Path, confinement: _Confinement) -> list[str]:
+    """Image files below ``class_dir``, sorted; folders are visited depth-first in name order so
+    that which of two links to one folder is listed does not depend on the file system's order."""
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of the folders listed: link loops end here
+    pending = [os.fspath(class_dir)]
+    while pending:
+        folder = pending.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            subfolders = []
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    if confinement.allows(e.path, e.is_symlink()):
+                        subfolders.append(e.path)
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
+                    if confinement.allows(e.path, e.is_symlink()):
+                        found.append(e.path)
+            pending.extend(reversed(subfolders))
+        except OSError:  # an unreadable or vanished folder lists nothing, as with os.walk
+            continue
     return sorted(found)
 
 
@@ -60,9 +127,12 @@ class ImageFolder(Source):
     ``name`` is ``root`` as given, so ``open_dataset(src.name, src.split, **src.options)`` re-opens it.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", *, channels: int = 3) -> None:
+    def __init__(
+        self, root: str | os.PathLike, split: str = "train", *, channels: int = 3, max_pixels: int | None = None
+    ) -> None:
         if isinstance(channels, bool) or channels not in (1, 3):
             raise ValueError(f"ImageFolder option channels must be 1 or 3, got {channels!r}")
+        cap = check_max_pixels(max_pixels)
         path = Path(root)
         if not path.is_dir():
             raise ValueError(f"image folder does not exist or is not a directory: {os.fspath(root)}")
@@ -72,15 +142,24 @@ class ImageFolder(Source):
                 f"image folder {os.fspath(root)} has no {split!r} split: it needs train/ and val/ "
                 "(or test/) sub-folders; without them every image is in the 'train' split"
             )
-        super().__init__(os.fspath(root), check_split(split, tuple(dirs), os.fspath(root)), {"channels": channels})
+        options: dict[str, int] = {"channels": channels}
+        if max_pixels is not None:  # only when given, so the options of a default dataset stay as they were
+            options["max_pixels"] = cap
+        super().__init__(os.fspath(root), check_split(split, tuple(dirs), os.fspath(root)), options)
         self._channels = channels
+        self._max_pixels = cap
 
-        self._classes = _subdirs(dirs["train"])
+        confinement = _Confinement(path)
+        for d in {dirs["train"], dirs[split]}:
+            confinement.allows(d, d.is_symlink())
+        self._classes = _subdirs(dirs["train"], confinement)
+        confinement.check(os.fspath(root))
         if not self._classes:
             raise ValueError(f"image folder {dirs['train']} has no class sub-folders")
         split_dir = dirs[split]
         if split != "train":
-            extra = sorted(set(_subdirs(split_dir)) - set(self._classes))
+            extra = sorted(set(_subdirs(split_dir, confinement)) - set(self._classes))
+            confinement.check(os.fspath(root))
             if extra:
                 raise ValueError(f"image folder {split_dir} has classes missing from {dirs['train']}: {', '.join(extra)}")
 
@@ -88,9 +167,10 @@ class ImageFolder(Source):
         labels: list[int] = []
         for label, name in enumerate(self._classes):
             class_dir = split_dir / name
-            files = _image_files(class_dir) if class_dir.is_dir() else []
+            files = _image_files(class_dir, confinement) if class_dir.is_dir() else []
             paths.extend(files)
             labels.extend([label] * len(files))
+        confinement.check(os.fspath(root))
         if not paths:
             raise ValueError(
                 f"image folder {split_dir} contains no {'/'.join(IMAGE_EXTENSIONS)} files in its class sub-folders"
@@ -114,4 +194,4 @@ class ImageFolder(Source):
         return self._channels
 
     def _load(self, index: int) -> np.ndarray:
-        return read_image(self.paths[index], self._channels)
+        return read_image(self.paths[index], self._channels, self._max_pixels)

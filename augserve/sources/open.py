@@ -34,7 +34,10 @@ def open_dataset(name_or_path: str | os.PathLike, split: str = "train", **option
     """Open a dataset by built-in name, ImageFolder directory or ``.npz`` file.
 
     ``split`` is "train" or "test"; ``options`` are the dataset's keyword options (``shapes``:
-    size, n, seed; ImageFolder: channels). A built-in name wins over a same-named local path.
+    size, n, seed; ImageFolder: channels, max_pixels; ``.npz``: max_pixels, max_load_bytes).
+    ``max_pixels`` caps the height × width of one image (default ``base.DEFAULT_MAX_PIXELS``,
+    8192 × 8192); larger images are refused before they are decoded. A built-in name wins over a
+    same-named local path.
     Raises a one-line ValueError for anything else.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -50,7 +53,7 @@ def open_dataset(name_or_path: str | os.PathLike, split: str = "train", **option
         return ImageFolder(name_or_path, split, **options)
     if path.is_file() and path.suffix.lower() == ".npz":
         _check_options(os.fspath(path), NpzSource, options)
-        return NpzSource(name_or_path, split)
+        return NpzSource(name_or_path, split, **options)
     text = os.fspath(name_or_path)
     looks_like_path = os.sep in text or "/" in text or text.lower().endswith(".npz")
     missing = " (no such file or folder)" if looks_like_path and not path.exists() else ""

@@ -50,7 +50,7 @@ def free_port() -> int:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The test's environment without any AUGSERVE_* setting (so the outer shell cannot leak config)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUGSERVE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUGSERVE_") or k == "AUGSERVE_KEYS_DIR"}
     env.update(NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
@@ -78,6 +78,15 @@ def pid_alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def raw_dealer(context, address: str):
+    """A DEALER to the daemon at ``address`` with this user's client key (to speak the wire by hand)."""
+    from augserve.control import Credentials, close_monitor, control_socket
+
+    sock, monitor = control_socket(context, address, Credentials.load())
+    close_monitor(sock, monitor)
+    return sock
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):

@@ -8,6 +8,10 @@
 - ``docker/compose.yaml`` is validated against the Compose Specification JSON schema and then checked
   for what the service needs: one daemon, two worker replicas and a trainer on one network, the same
   address everywhere, start-up ordered by the daemon's healthcheck.
+- Trust: every image points ``AUGSERVE_KEYS_DIR`` at a directory it makes private to its user; every
+  service that binds 0.0.0.0 or talks to the daemon over the network mounts keys read-only there and
+  none runs ``--insecure``; the one-shot ``keys`` service's script is run here, for real, to show that
+  it gives the daemon, the workers and the trainer keys that fit together (and workers no daemon secret).
 
 ``tests/unit/data/compose_spec.json`` is ``compose/config/compose_spec.json`` from the
 ``docker-compose==1.29.2`` wheel on PyPI (Apache-2.0; the Compose Specification schema as of 2021).
@@ -17,7 +21,10 @@ it: keep compose.yaml to what it accepts, which every Compose v2 accepts too.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -129,6 +136,33 @@ def _makefile_torch_version() -> str:
     match = re.search(r"torch==([0-9][0-9.]*)", (ROOT / "Makefile").read_text(encoding="utf-8"))
     assert match, "the Makefile no longer pins torch==X.Y.Z; update this test and the Dockerfiles together"
     return match.group(1)
+
+
+def _environment(service: dict) -> dict[str, str]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(e.split("=", 1) if "=" in e else (e, "") for e in environment)
+    return {k: "" if v is None else str(v) for k, v in environment.items()}
+
+
+def _mounts(service: dict) -> list[tuple[str | None, str, bool]]:
+    """(source, target, read-only) of each volume of a compose service, short or long syntax."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            parts = volume.split(":")
+            source, target = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
+            options = parts[2].split(",") if len(parts) > 2 else []
+            mounts.append((source, target, "ro" in options))
+        else:
+            mounts.append((volume.get("source"), volume["target"], bool(volume.get("read_only"))))
+    return mounts
+
+
+def _init_services(compose: dict) -> set[str]:
+    """One-shot jobs the daemon waits for (``condition: service_completed_successfully``)."""
+    depends = compose["services"]["daemon"].get("depends_on") or {}
+    return {name for name, how in depends.items() if isinstance(how, dict) and how.get("condition") == "service_completed_successfully"} if isinstance(depends, dict) else set()
 
 
 # --- hadolint ----------------------------------------------------------------------------------------
@@ -363,7 +397,7 @@ def test_compose_commands_parse_and_agree(compose):
 
     for name, service in services.items():
         command = service.get("command")
-        if not command or name == "daemon":
+        if not command or name == "daemon" or name in _init_services(compose):
             continue
         if name == "trainer":
             args = _parse(_trainer_parser(), command, "compose trainer command")
@@ -384,7 +418,7 @@ def test_compose_start_order_and_health(compose):
     assert any(c.cmd == "HEALTHCHECK" for c in stage), "the daemon's image has no HEALTHCHECK to wait for"
     assert not services["daemon"].get("healthcheck", {}).get("disable"), "the daemon's healthcheck is disabled"
     for name, service in services.items():
-        if name == "daemon":
+        if name == "daemon" or name in _init_services(compose):
             continue
         depends = service.get("depends_on")
         assert isinstance(depends, dict) and depends.get("daemon", {}).get("condition") == "service_healthy", f"{name}: depends_on daemon: condition service_healthy"
@@ -426,3 +460,199 @@ def test_compose_images_builds_networks_volumes(compose):
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source")
             if source and not source.startswith((".", "/", "~")):
                 assert source in declared_volumes, f"{name}: named volume {source} is not declared"
+
+
+# --- trust: keys everywhere the network is ------------------------------------------------------------
+
+def _user_of(stage) -> str:
+    return [c for c in stage if c.cmd == "USER"][-1].value[0].split(":")[0]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_keep_keys_in_a_private_directory(name):
+    """$AUGSERVE_KEYS_DIR is made 0700 for the image's user, so that a new named volume mounted there
+    starts out private and writable by `augserve keys create` (Docker copies the directory's owner)."""
+    from augserve.security import KEYS_DIR_ENV
+
+    stage = _final_stage(_parse_dockerfile(name))
+    keys_dir = _env(stage).get(KEYS_DIR_ENV)
+    assert keys_dir and keys_dir.startswith("/"), f"{name}: ENV {KEYS_DIR_ENV}=/absolute/path missing"
+    last_user = max(i for i, c in enumerate(stage) if c.cmd == "USER")
+    users = {_user_of(stage)}
+    created = [tokens for c in stage[:last_user] if c.cmd == "RUN" for tokens in _shell_commands(c.value[0]) if tokens[0] in ("useradd", "adduser")]
+    users |= {tokens[-1] for tokens in created}  # useradd's last argument is the login name
+    made = []
+    for c in stage[:last_user]:
+        if c.cmd != "RUN":
+            continue
+        for tokens in _shell_commands(c.value[0]):
+            if tokens[0] == "install" and "-d" in tokens and keys_dir in tokens:
+                flags = dict(zip(tokens[1:-1], tokens[2:]))
+                made.append((flags.get("-m"), flags.get("-o"), flags.get("-g")))
+    assert made, f"{name}: no `install -d -m 0700 -o USER -g GROUP {keys_dir}` before USER"
+    mode, owner, group = made[-1]
+    assert mode in ("0700", "700"), f"{name}: {keys_dir} must be mode 0700, not {mode}"
+    assert owner in users and group in users, f"{name}: {keys_dir} must belong to the image's user ({sorted(users)}), not {owner}:{group}"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_never_run_insecure(name):
+    stage = _final_stage(_parse_dockerfile(name))
+    for c in stage:
+        if c.cmd in ("CMD", "ENTRYPOINT", "HEALTHCHECK"):
+            assert "--insecure" not in " ".join(c.value), f"{name}: {c.original}"
+    assert _env(stage).get("AUGSERVE_INSECURE", "false").lower() in ("0", "false", "no", ""), f"{name}: ENV AUGSERVE_INSECURE"
+
+
+def _needs_keys(name: str, service: dict) -> bool:
+    """Binds a non-loopback address, or talks to the daemon over the network (a trainer then also
+    binds 0.0.0.0 for its data socket)."""
+    from augserve.config import load_config
+    from augserve.security import is_loopback_address
+
+    command = service.get("command") or []
+    if name == "trainer":
+        return not is_loopback_address(_parse(_trainer_parser(), command, f"compose {name} command").connect)
+    args = _parse(_augserve_parser(), command, f"compose {name} command")
+    if args.command == "serve":
+        environment = {k: v for k, v in _environment(service).items() if k != "AUGSERVE_KEYS_DIR"}
+        return not is_loopback_address(load_config(None, {"bind": args.bind}, environ=environment).bind)
+    return args.command == "worker" and not is_loopback_address(args.connect)
+
+
+def _key_problems(name: str, service: dict) -> list[str]:
+    from augserve.security import KEYS_DIR_ENV
+
+    problems = []
+    environment = _environment(service)
+    text = " ".join(map(str, (service.get("command") or []) + (service.get("entrypoint") or [])))
+    if "--insecure" in text:
+        problems.append(f"{name}: passes --insecure")
+    if environment.get("AUGSERVE_INSECURE", "false").lower() not in ("0", "false", "no", ""):
+        problems.append(f"{name}: AUGSERVE_INSECURE={environment['AUGSERVE_INSECURE']}")
+    keys_dir = environment.get(KEYS_DIR_ENV)
+    if not keys_dir or not keys_dir.startswith("/"):
+        problems.append(f"{name}: environment {KEYS_DIR_ENV}: /absolute/path missing")
+        return problems
+    mounted = [m for m in _mounts(service) if m[1] == keys_dir]
+    if not mounted:
+        problems.append(f"{name}: nothing is mounted on {KEYS_DIR_ENV}={keys_dir}")
+    elif not all(read_only for _s, _t, read_only in mounted):
+        problems.append(f"{name}: the keys on {keys_dir} must be mounted read-only (:ro)")
+    return problems
+
+
+def _keyed_services(compose: dict) -> dict[str, dict]:
+    skip = _init_services(compose)
+    return {name: service for name, service in compose["services"].items() if name not in skip and service.get("command") and _needs_keys(name, service)}
+
+
+def test_networked_services_mount_keys_read_only_and_none_is_insecure(compose):
+    keyed = _keyed_services(compose)
+    assert {"daemon", "worker", "trainer"} <= set(keyed), f"0.0.0.0 / network services: {sorted(keyed)}"
+    problems = [p for name, service in keyed.items() for p in _key_problems(name, service)]
+    problems += [f"{name}: passes --insecure" for name, s in compose["services"].items() if "--insecure" in " ".join(map(str, (s.get("command") or []) + (s.get("entrypoint") or [])))]
+    assert not problems, "\n".join(problems)
+
+    # The check is live: each way of breaking it is caught.
+    daemon = compose["services"]["daemon"]
+    assert _key_problems("daemon", {**daemon, "volumes": []})
+    assert _key_problems("daemon", {**daemon, "environment": {}})
+    assert _key_problems("daemon", {**daemon, "command": [*daemon["command"], "--insecure"]})
+    assert _key_problems("daemon", {**daemon, "volumes": [f"{s}:{t}" for s, t, _ro in _mounts(daemon)]})
+    assert _needs_keys("daemon", daemon) and not _needs_keys("daemon", {**daemon, "command": ["serve", "--bind", "tcp://127.0.0.1:5555"]})
+
+
+def test_daemon_secret_stays_with_the_daemon(compose):
+    """Workers decode untrusted images: a worker container holds its bundle, never the daemon's keyring."""
+    keyed = _keyed_services(compose)
+    keys_dir = _environment(keyed["daemon"])["AUGSERVE_KEYS_DIR"]
+    daemon_volume = next(source for source, target, _ro in _mounts(keyed["daemon"]) if target == keys_dir)
+    for name, service in keyed.items():
+        if name != "daemon":
+            assert daemon_volume not in {source for source, _t, _ro in _mounts(service)}, f"{name} mounts the daemon's keyring {daemon_volume}"
+
+
+def _run_keys_script(script: str, paths: dict[str, Path]) -> list[list[str]]:
+    """Run the keys service's /bin/sh script here: `augserve ...` pipelines through augserve.cli.main,
+    container paths mapped onto ``paths``; chown is returned (not run: it needs root), chmod is run."""
+    from augserve.cli import main
+
+    def local(token: str) -> str:
+        for target, path in paths.items():
+            if token == target or token.startswith(target + "/"):
+                return str(path) + token[len(target) :]
+        return token
+
+    chowns = []
+    for line in script.splitlines():
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        lexer = shlex.shlex(line, posix=True, punctuation_chars="|")
+        lexer.whitespace_split = True
+        tokens = [local(t) for t in lexer]
+        stages, current = [], []
+        for token in tokens:
+            if token == "|":
+                stages.append(current)
+                current = []
+            else:
+                current.append(token)
+        stages.append(current)
+        text = ""
+        for argv in stages:
+            if argv[0] == "chown":
+                chowns.append([a for a in argv[1:] if not a.startswith("-")])  # [OWNER, PATH...]
+                continue
+            if argv[0] == "chmod":
+                for path in argv[2:]:
+                    os.chmod(path, int(argv[1], 8))
+                continue
+            assert argv[0] == "augserve", f"the keys script runs {argv[0]}: teach this test what it does"
+            out, err = io.StringIO(), io.StringIO()
+            stdin, sys.stdin = sys.stdin, io.StringIO(text)
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    code = main(argv[1:])
+            finally:
+                sys.stdin = stdin
+            assert code == 0, f"`{' '.join(argv)}` failed: {err.getvalue()}"
+            text = out.getvalue()
+    return chowns
+
+
+def test_keys_service_makes_keys_that_fit(compose, tmp_path):
+    from augserve.security import Keyring
+
+    services = compose["services"]
+    keyed = _keyed_services(compose)
+    makers = [name for name in _init_services(compose) if "keys" in " ".join(map(str, services[name].get("command") or []))]
+    assert len(makers) == 1, f"one one-shot service should make the keys before the daemon starts, found {makers}"
+    maker = services[makers[0]]
+    entrypoint, command = maker.get("entrypoint") or [], maker.get("command") or []
+    assert entrypoint[:1] == ["/bin/sh"] and "-e" in "".join(entrypoint[1:]) and len(command) == 1, "keys service: entrypoint [/bin/sh, -ec] and one script"
+    volume_at = {target: source for source, target, _ro in _mounts(maker)}
+    chowns = _run_keys_script(command[0], {target: tmp_path / source for target, source in volume_at.items()})
+    uids = {_user_of(_final_stage(_parse_dockerfile(Path(s["build"]["dockerfile"]).name))) for s in services.values() if s.get("build")}
+    assert len(uids) == 1 and uids.pop().isdigit(), "every image should run as the same numeric USER"
+    uid = _user_of(_final_stage(_parse_dockerfile("Dockerfile.cpu")))
+
+    def keyring_of(name: str) -> Keyring:
+        keys_dir = _environment(keyed[name])["AUGSERVE_KEYS_DIR"]
+        source = next(s for s, t, _ro in _mounts(keyed[name]) if t == keys_dir)
+        assert source in volume_at.values(), f"{name}: its keys volume {source} is not filled by the keys service"
+        owners = {args[0] for args in chowns if any(a == str(tmp_path / source) for a in args[1:])}
+        assert owners == {f"{uid}:{uid}"}, f"{name}: keys volume {source} is not handed to the images' user {uid} ({owners})"
+        return Keyring.load(tmp_path / source, create=False)
+
+    daemon = keyring_of("daemon")
+    assert daemon.daemon.secret is not None and daemon.client.secret is not None  # the healthcheck's status is a client
+    for name, service in keyed.items():
+        if name == "daemon":
+            continue
+        theirs = keyring_of(name)
+        assert theirs.daemon.public == daemon.daemon.public and theirs.daemon.secret is None, f"{name}: must hold the daemon's public key only"
+        role = "client" if name == "trainer" else "worker"
+        assert theirs.pair(role) == daemon.pair(role), f"{name}: its {role} key is not one the daemon admits"
+        if role == "client":  # the trainer's data socket admits the workers
+            assert daemon.worker.public in theirs.allowed("worker")

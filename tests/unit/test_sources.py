@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
+import struct
+import threading
+import zipfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -21,6 +26,8 @@ from augserve.sources import (
     open_dataset,
     register_builtin,
 )
+from augserve.sources import decode
+from augserve.sources.base import DEFAULT_MAX_PIXELS
 
 
 def assert_image(image: np.ndarray, channels: int) -> None:
@@ -445,3 +452,340 @@ def test_complete_files_with_trailing_bytes_still_decode(tmp_path: Path):
     src = open_dataset(tmp_path)
     for i in range(len(src)):
         assert_image(src.load(i), 3)
+
+
+# --------------------------------------------------------------------------- .npz memory-mapping and limits
+
+@pytest.fixture
+def count_zip_reads(monkeypatch) -> list[int]:
+    """Bytes read through zipfile members (how np.load reads an .npz), summed in a one-item list."""
+    total = [0]
+    original = zipfile.ZipExtFile.read
+
+    def counting(self, n=-1):
+        data = original(self, n)
+        total[0] += len(data)
+        return data
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting)
+    return total
+
+
+def test_npz_stored_array_is_memory_mapped_not_read(tmp_path: Path, count_zip_reads):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (120, 256, 256, 3), dtype=np.uint8)  # 23.6 MB
+    labels = rng.integers(0, 10, 120)
+    path = tmp_path / "big.npz"
+    np.savez(path, images=images, labels=labels, images_test=images[:3], labels_test=labels[:3])
+    count_zip_reads[0] = 0
+    src = open_dataset(path)
+    for i in (0, 77, 119):
+        np.testing.assert_array_equal(src.load(i), images[i])
+    assert type(src.load(5)) is np.ndarray and src.load(5).flags.writeable  # a copy, not a view of the file
+    test = open_dataset(path, split="test")
+    np.testing.assert_array_equal(test.load(2), images[2])
+    # Labels and headers only: far less than one percent of the 23.6 MB of pixels.
+    assert count_zip_reads[0] < 64 * 1024
+    assert src.labels.tolist() == labels.tolist()
+
+
+def test_npz_fortran_order_and_grey(tmp_path: Path):
+    rng = np.random.default_rng(2)
+    images = np.asfortranarray(rng.integers(0, 256, (6, 5, 7, 3), dtype=np.uint8))
+    grey = rng.integers(0, 256, (4, 3, 2), dtype=np.uint8)
+    np.savez(tmp_path / "f.npz", images=images, labels=np.zeros(6, np.int8))
+    np.savez(tmp_path / "g.npz", images=grey, labels=np.arange(4))
+    colour, mono = open_dataset(tmp_path / "f.npz"), open_dataset(tmp_path / "g.npz")
+    for i in range(6):
+        assert_image(colour.load(i), 3)
+        np.testing.assert_array_equal(colour.load(i), images[i])
+    assert_image(mono.load(3), 1)
+    np.testing.assert_array_equal(mono.load(3)[..., 0], grey[3])
+
+
+def test_npz_compressed_is_loaded_when_small_and_refused_when_large(tmp_path: Path):
+    images = np.arange(10 * 8 * 8, dtype=np.uint8).reshape(10, 8, 8)
+    path = tmp_path / "small.npz"
+    np.savez_compressed(path, images=images, labels=np.arange(10))
+    np.testing.assert_array_equal(open_dataset(path).load(9)[..., 0], images[9])
+    with pytest.raises(ValueError) as info:
+        open_dataset(path, max_load_bytes=639)
+    message = str(info.value)
+    assert message.startswith(f"{path}: field 'images' is compressed") and "\n" not in message
+    assert "640 bytes" in message and "max_load_bytes=639" in message and "np.savez " in message
+    src = open_dataset(path, max_load_bytes=640)
+    again = pickle.loads(pickle.dumps(src))
+    assert again.options == {"max_load_bytes": 640}
+    np.testing.assert_array_equal(again.load(0)[..., 0], images[0])
+    # A stored archive is never limited by max_load_bytes: it is mapped, not loaded.
+    np.savez(tmp_path / "stored.npz", images=images, labels=np.arange(10))
+    assert len(open_dataset(tmp_path / "stored.npz", max_load_bytes=0)) == 10
+    with pytest.raises(ValueError, match="max_load_bytes must be >= 0"):
+        open_dataset(path, max_load_bytes=-1)
+
+
+def test_npz_max_pixels(tmp_path: Path):
+    path = tmp_path / "wide.npz"
+    np.savez(path, images=np.zeros((2, 10, 30), np.uint8), labels=[0, 1])
+    assert open_dataset(path).options == {}
+    with pytest.raises(ValueError) as info:
+        open_dataset(path, max_pixels=299)
+    assert str(info.value) == f"{path}: field 'images' holds 30×10 images (300 pixels), over max_pixels=299"
+    src = open_dataset(path, max_pixels=300)
+    assert src.options == {"max_pixels": 300}
+    assert pickle.loads(pickle.dumps(src)).options == {"max_pixels": 300}
+    # The test split is checked at open too, even when the train split is the one opened.
+    np.savez(path, images=np.zeros((2, 4, 4), np.uint8), labels=[0, 1],
+             images_test=np.zeros((1, 40, 40), np.uint8), labels_test=[0])
+    with pytest.raises(ValueError, match="'images_test' holds 40×40 images"):
+        open_dataset(path, max_pixels=1000)
+    with pytest.raises(ValueError, match="max_pixels must be at least 1, got 0"):
+        open_dataset(path, max_pixels=0)
+    with pytest.raises(TypeError, match="max_pixels must be an integer"):
+        open_dataset(path, max_pixels="many")
+
+
+def test_npz_default_pixel_cap_needs_no_pixels(tmp_path: Path):
+    # Headers announcing 60000×60000 images are refused from the header alone; the members hold
+    # no such data. A compressed member's size is only known once inflated, so the cap decides.
+    header = {"descr": "|u1", "fortran_order": False, "shape": (1, 60000, 60000)}
+    for compression in (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED):
+        path = tmp_path / f"hostile{compression}.npz"
+        with zipfile.ZipFile(path, "w", compression=compression) as archive:
+            with archive.open("images.npy", "w") as f:
+                np.lib.format.write_array_header_1_0(f, header)
+            with archive.open("labels.npy", "w") as f:
+                np.lib.format.write_array(f, np.zeros(1, np.int64))
+        with pytest.raises(ValueError) as info:
+            open_dataset(path)
+        if compression == zipfile.ZIP_DEFLATED:
+            assert str(info.value) == (
+                f"{path}: field 'images' holds 60000×60000 images (3600000000 pixels), over max_pixels={DEFAULT_MAX_PIXELS}"
+            )
+        else:  # a stored member must hold exactly what its header describes
+            assert str(info.value).startswith(f"{path}: cannot read field 'images': member holds 128 bytes")
+
+
+def test_npz_damaged_files_give_one_line_naming_the_file(tmp_path: Path):
+    images = np.random.default_rng(3).integers(0, 256, (50, 16, 16, 3), dtype=np.uint8)
+    good = tmp_path / "good.npz"
+    np.savez(good, images=images, labels=np.arange(50))
+    raw = good.read_bytes()
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    damaged = tmp_path / "damaged.npz"  # local header of the first member overwritten
+    damaged.write_bytes(b"XXXX" + raw[4:])
+    for path in (truncated, damaged):
+        with pytest.raises(ValueError) as info:
+            open_dataset(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert "damaged" in str(pytest.raises(ValueError, open_dataset, damaged).value)
+
+    # A member whose size disagrees with its header (bytes cut from the middle, directory intact).
+    short = tmp_path / "short.npz"
+    with zipfile.ZipFile(short, "w") as archive:
+        archive.writestr("images.npy", _npy_bytes(images)[:-100])
+        archive.writestr("labels.npy", _npy_bytes(np.arange(50)))
+    with pytest.raises(ValueError, match=f"{short}: cannot read field 'images': member holds"):
+        open_dataset(short)
+
+    # Compressed data damaged after the headers: found on the first load, still naming the file.
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, images=images, labels=np.arange(50))
+    data = bytearray(compressed.read_bytes())
+    data[1000:1100] = bytes(100)
+    compressed.write_bytes(bytes(data))
+    src = open_dataset(compressed)
+    with pytest.raises(ValueError) as info:
+        src.load(0)
+    assert str(compressed) in str(info.value) and "\n" not in str(info.value)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_npz_rewritten_while_served_is_detected(tmp_path: Path):
+    path = tmp_path / "set.npz"
+    images = np.ones((20, 8, 8), np.uint8)
+    np.savez(path, images=images, labels=np.arange(20))
+    src = open_dataset(path)
+    src.load(19)
+    np.savez(path, images=images[:2], labels=np.arange(2))  # truncates the mapped file in place
+    with pytest.raises(ValueError, match="changed since the dataset was opened"):
+        src.load(19)
+
+
+# --------------------------------------------------------------------------- pixel cap before decoding
+
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _jpeg_header(width: int, height: int) -> bytes:
+    # SOI, an APP1 segment whose payload contains a fake SOF marker, SOF0, SOS, a little data, EOI.
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 8) + b"Exif\xff\xc0\x00\x01"
+    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app1 + sof0 + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x12\x34" + b"\xff\xd9"
+
+
+def _bmp_header(width: int, height: int) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, -height, 1, 24, 0, 0, 0, 0, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
+
+
+@pytest.mark.parametrize("make", [_png_header, _jpeg_header, _bmp_header], ids=["png", "jpeg", "bmp"])
+def test_oversized_header_is_refused_before_decoding(tmp_path: Path, monkeypatch, make):
+    def never(*args, **kwargs):
+        raise AssertionError("decoded an image over the pixel cap")
+
+    monkeypatch.setattr(decode.cv2, "imdecode", never)
+    path = tmp_path / "cls" / "huge.img.png"
+    path.parent.mkdir()
+    path.write_bytes(make(60000, 60000))
+    src = open_dataset(tmp_path)
+    with pytest.raises(CorruptImageError) as info:
+        src.load(0)
+    assert info.value.path == str(path)
+    assert str(info.value) == (
+        f"corrupt or unreadable image: {path} "
+        f"(60000×60000 image (3600000000 pixels) exceeds max_pixels={DEFAULT_MAX_PIXELS})"
+    )
+    assert [s for _, _, s in iter_images(src)] == []  # skipped like any corrupt file
+
+
+@pytest.mark.parametrize("suffix, params", [
+    (".jpg", []), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]), (".png", []), (".bmp", []),
+])
+def test_header_sizes_of_real_files(suffix, params):
+    for image in (solid((1, 2, 3), h=37, w=53), np.full((21, 9), 7, np.uint8)):
+        raw = cv2.imencode(suffix, image, params)[1].tobytes()
+        assert decode.image_size(raw) == image.shape[:2]
+    assert decode.image_size(_jpeg_header(300, 200)) == (200, 300)  # not fooled by FF C0 inside APP1
+    assert decode.image_size(_bmp_header(5, 4)) == (4, 5)  # top-down BMP: negative height
+
+
+def test_max_pixels_option_of_image_folder(tmp_path: Path):
+    write(tmp_path / "a" / "wide.png", solid((0, 0, 0), h=10, w=30))
+    default = open_dataset(tmp_path)
+    assert default.options == {"channels": 3}
+    assert default.load(0).shape == (10, 30, 3)
+    capped = open_dataset(tmp_path, max_pixels=299)
+    assert capped.options == {"channels": 3, "max_pixels": 299}
+    with pytest.raises(CorruptImageError, match="30×10 image \\(300 pixels\\) exceeds max_pixels=299"):
+        capped.load(0)
+    with pytest.raises(CorruptImageError, match="exceeds max_pixels=299"):
+        pickle.loads(pickle.dumps(capped)).load(0)
+    assert open_dataset(tmp_path, max_pixels=300).load(0).shape == (10, 30, 3)
+    with pytest.raises(ValueError, match="max_pixels must be at least 1"):
+        open_dataset(tmp_path, max_pixels=-5)
+    with pytest.raises(TypeError, match="max_pixels must be an integer"):
+        open_dataset(tmp_path, max_pixels=True)
+
+
+def test_only_jpeg_png_bmp_content_is_decoded(tmp_path: Path):
+    # OpenCV would decode a TIFF whatever its name, and its size would go unchecked.
+    path = tmp_path / "c" / "really.png"
+    path.parent.mkdir()
+    path.write_bytes(cv2.imencode(".tiff", solid((1, 2, 3)))[1].tobytes())
+    with pytest.raises(CorruptImageError, match="not a JPEG, PNG or BMP file"):
+        open_dataset(tmp_path).load(0)
+
+
+def test_file_too_large_for_the_cap_is_not_read(tmp_path: Path):
+    path = tmp_path / "padded.png"
+    path.write_bytes(_png_header(1, 1) + bytes(2 << 20))
+    with pytest.raises(CorruptImageError, match="too large"):
+        decode.read_image(path, max_pixels=1)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_named_like_an_image_never_blocks(tmp_path: Path):
+    write(tmp_path / "a" / "ok.png", solid((0, 0, 0)))
+    os.mkfifo(tmp_path / "a" / "pipe.jpg")
+    src = open_dataset(tmp_path)
+    assert [Path(p).name for p in src.paths] == ["ok.png"]  # listing skips what is not a regular file
+    errors = []
+    reader = threading.Thread(target=lambda: errors.append(pytest.raises(CorruptImageError, decode.read_image, tmp_path / "a" / "pipe.jpg")), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "read_image blocked on a FIFO"
+    assert "not a regular file" in str(errors[0].value)
+
+
+# --------------------------------------------------------------------------- ImageFolder confined to its root
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    other = tmp_path / "elsewhere"
+    write(other / "secret.png", solid((9, 9, 9)))
+    write(other / "cls" / "x.png", solid((9, 9, 9)))
+    return other
+
+
+def test_symlinks_inside_the_root_are_followed(tmp_path: Path):
+    root = tmp_path / "data"
+    write(root / "a" / "real" / "1.png", solid((0, 0, 0)))
+    write(root / "b" / "2.png", solid((0, 0, 0)))
+    (root / "a" / "link.png").symlink_to(root / "b" / "2.png")
+    (root / "b" / "more").symlink_to(Path("..") / "a" / "real", target_is_directory=True)  # relative
+    (root / "a" / "real" / "loop").symlink_to(root / "a", target_is_directory=True)  # a cycle
+    src = open_dataset(root)
+    names = [os.path.relpath(p, root) for p in src.paths]
+    # Each real folder is listed once per class: a/real/loop leads back to a/ and stops there,
+    # while from b/ the same loop reaches a/ once.
+    assert names == ["a/link.png", "a/real/1.png", "b/2.png", "b/more/1.png", "b/more/loop/link.png"]
+    assert src.labels.tolist() == [0, 0, 1, 1, 1]
+    for i in range(len(src)):
+        assert_image(src.load(i), 3)
+    alias = tmp_path / "alias"  # the root itself may be a link
+    alias.symlink_to(root, target_is_directory=True)
+    assert len(open_dataset(alias)) == 5
+
+
+@pytest.mark.parametrize("where", ["file", "folder", "class", "split"])
+def test_symlinks_leading_outside_refuse_the_dataset(tmp_path: Path, outside: Path, where):
+    root = tmp_path / "data"
+    write(root / "train" / "a" / "1.png", solid((0, 0, 0)))
+    write(root / "val" / "a" / "2.png", solid((0, 0, 0)))
+    if where == "file":
+        link, target = root / "train" / "a" / "stolen.png", outside / "secret.png"
+    elif where == "folder":
+        link, target = root / "train" / "a" / "deep", outside
+    elif where == "class":
+        link, target = root / "train" / "b", outside / "cls"
+    else:
+        (root / "train" / "a" / "1.png").unlink()
+        (root / "train" / "a").rmdir()
+        (root / "train").rmdir()
+        link, target = root / "train", outside
+    link.symlink_to(target, target_is_directory=target.is_dir())
+    with pytest.raises(ValueError) as info:
+        open_dataset(root)
+    message = str(info.value)
+    assert message.startswith(f"image folder {root} has 1 symbolic link(s) leading outside it, e.g. {link} -> {target}")
+    assert "\n" not in message
+    if where in ("file", "folder"):
+        assert len(open_dataset(root, split="test")) == 1  # the links are not in the test split
+    else:  # classes and the split folders come from train/ whichever split is opened
+        with pytest.raises(ValueError, match="leading outside it"):
+            open_dataset(root, split="test")
+
+
+def test_outside_links_are_counted(tmp_path: Path, outside: Path):
+    root = tmp_path / "data"
+    write(root / "a" / "1.png", solid((0, 0, 0)))
+    for i in range(3):
+        (root / "a" / f"s{i}.png").symlink_to(outside / "secret.png")
+    (root / "a" / "notes.txt").symlink_to(outside / "secret.png")  # never listed, so not counted
+    with pytest.raises(ValueError, match=f"has 3 symbolic link\\(s\\) leading outside it, e.g. {root / 'a' / 's0.png'} ->"):
+        open_dataset(root)
