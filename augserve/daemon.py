@@ -37,6 +37,7 @@ from .supervisor import Supervisor
 log = logging.getLogger("augserve.daemon")
 
 MAX_ERROR_CHARS = 2000  # an error reply quotes at most this much of the problem
+DAEMON_ACCEPTS = P.CLIENT_TO_DAEMON | P.WORKER_TO_DAEMON
 
 
 class Daemon:
@@ -227,7 +228,7 @@ class Daemon:
         if len(frames) < 2:
             return
         try:
-            message = P.decode(frames[1:])
+            message = P.decode(frames[1:], DAEMON_ACCEPTS)
         except P.ProtocolError as exc:
             self.refused += 1
             log.info("refused a message from %r: %s", identity[:16], exc)
@@ -235,9 +236,6 @@ class Daemon:
             return
         peer = security.peer(frames[1]) if self.secure else None
         role = "worker" if message.type in P.WORKER_TO_DAEMON else "client"
-        if message.type not in self._handlers:
-            self._error(identity, f"unexpected message type {message.type!r} for a daemon", "protocol")
-            return
         if self.secure and (peer is None or peer[0] != role):
             self.refused += 1
             log.warning("refused a %s message from %r: its key is not a %s key", message.type, identity[:16], role)

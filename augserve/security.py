@@ -196,6 +196,8 @@ def _read_certificate(path: Path) -> tuple[bytes, bytes | None]:
         text = path.read_text(encoding="ascii")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a key file (not ASCII text)") from None
+    except PermissionError:  # typically a container user reading keys made by the host's user
+        raise ValueError(f"cannot read {path}: it belongs to uid {path.stat().st_uid} and you are uid {os.getuid()}; chown it to the user that runs augserve") from None
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     lines = [line.strip() for line in text.splitlines()]
@@ -599,7 +601,13 @@ class Gatekeeper:
             while not self._stop.is_set():
                 if not poller.poll(100):  # ms: how long stop() may wait
                     continue
-                sock.send_multipart(self._answer(sock.recv_multipart()))
+                request = sock.recv_multipart()
+                try:
+                    reply = self._answer(request)
+                except Exception:  # a bug here must not leave libzmq waiting: that handshake fails, the rest go on
+                    log.exception("the ZAP handler failed on a request; refusing it")
+                    reply = [ZAP_VERSION, request[1] if len(request) > 1 else b"", b"500", b"internal error", b"", b""]
+                sock.send_multipart(reply)
         except zmq.ContextTerminated:
             pass
         finally:

@@ -206,7 +206,8 @@ class _Daemon:
         return self.process.pid
 
     def log_tail(self, chars: int = 3000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, "rb") as handle:
             return handle.read().decode(errors="replace")[-chars:]
 
@@ -299,15 +300,12 @@ class _Trainer(threading.Thread):
                 self.report.batches += 1
                 self.report.images += len(batch)
                 self.report.versions.add(batch.pipeline_version)
-                self.on_batch(stream, batch)
-                stream, batches = self.after_batch(stream, batches)
+                stream, batches = self.after_batch(stream, batches, batch)
         finally:
             stream.close()
 
-    def on_batch(self, stream, batch) -> None:
-        pass
-
-    def after_batch(self, stream, batches):
+    def after_batch(self, stream, batches, batch):
+        """What a trainer does between batches; returns the stream and iterator to go on with."""
         return stream, batches
 
 
@@ -320,7 +318,7 @@ class _PausingTrainer(_Trainer):
         now = time.monotonic()
         self.next_pause, self.next_reattach = now + pause_every_s, now + reattach_every_s
 
-    def after_batch(self, stream, batches):
+    def after_batch(self, stream, batches, batch):
         now = time.monotonic()
         if self.pause_s > 0 and now >= self.next_pause:
             self.report.pauses += 1
@@ -346,7 +344,7 @@ class _RetunedTrainer(_Trainer):
         self.seen: list[tuple[int, int, int]] = []
         self.starts: dict[int, tuple[int, int]] = {}
 
-    def on_batch(self, stream, batch) -> None:
+    def after_batch(self, stream, batches, batch):
         if not self.starts:
             self.starts[stream.pipeline_version] = (stream.resumed_epoch, 0)
         self.seen.append((batch.epoch, batch.index, batch.pipeline_version))
@@ -356,6 +354,7 @@ class _RetunedTrainer(_Trainer):
             self.starts[int(reply["version"])] = (int(reply["from_epoch"]), int(reply["from_index"]))
             self.report.updates += 1
             self.next_update = time.monotonic() + self.retune_every_s
+        return stream, batches
 
 
 class _Chaos(threading.Thread):
@@ -452,87 +451,64 @@ def _settle(address: str, workers: int, kills: int) -> tuple[dict, bool]:
 
 
 def run_soak(config: SoakConfig, progress: Callable[[str], None] | None = None) -> dict:
-    """Run the soak and return its result (see :func:`format_table`; ``ok`` says whether it passed)."""
+    """Run the soak and return its result (see :func:`format_table`; ``ok`` says whether it passed).
+    The daemon's log goes to ``config.out`` (with ``soak.json``), else to a folder removed at the end."""
     config.check()
-    folder = config.out or tempfile.mkdtemp(prefix="augserve-soak-")
-    os.makedirs(folder, exist_ok=True)
-    daemon = _Daemon(config.workers, os.path.join(folder, "daemon.log"))
-    failures: list[str] = []
-    stop = threading.Event()
-    try:
-        start_status = daemon.wait_ready()
-        memory_start = _memory(daemon.pid, start_status)
-        crop_flip, retuned_spec = _specs(config.size)
-        common = {"address": daemon.address, "dataset": "shapes", "dataset_options": {"size": config.size, "n": config.samples}, "batch_size": config.batch_size,
-                  "epochs": EPOCHS, "prefetch": config.prefetch, "timeout": 30.0, "batch_timeout": 60.0}  # fmt: skip
-        ledgers = {"ddp": EpochLedger(config.samples, members=2), "pausing": EpochLedger(config.samples), "retuned": EpochLedger(config.samples)}
-        trainers: list[_Trainer] = [
-            _Trainer(StreamReport(f"ddp-rank{rank}", "ddp", rank, 2), ledgers["ddp"], rank, {**common, "pipeline": crop_flip, "seed": config.seed, "rank": rank, "world_size": 2}, stop)
-            for rank in (0, 1)
-        ]
-        trainers.append(
-            _PausingTrainer(StreamReport("pausing", "pausing"), ledgers["pausing"], 0, {**common, "pipeline": crop_flip, "seed": config.seed + 1}, stop,
-                            pause_every_s=config.pause_every_s, pause_s=config.pause_s, reattach_every_s=config.reattach_every_s)
-        )  # fmt: skip
-        retuned = _RetunedTrainer(StreamReport("retuned", "retuned"), ledgers["retuned"], 0, {**common, "pipeline": retuned_spec, "seed": config.seed + 2, "ordered": True}, stop, retune_every_s=config.retune_every_s)
-        trainers.append(retuned)
-        chaos = _Chaos(daemon.address, daemon.pid, config.kill_every_s, stop, config.seed) if config.kill_every_s > 0 else None
+    if config.out:
+        os.makedirs(config.out, exist_ok=True)
+        return _soak(config, config.out, progress)
+    with tempfile.TemporaryDirectory(prefix="augserve-soak-") as folder:
+        return _soak(config, folder, progress)
 
-        started = time.monotonic()
-        deadline = started + config.minutes * 60
-        for thread in [*trainers, *([chaos] if chaos else [])]:
-            thread.start()
-        stopped_early = None
-        next_progress = started + config.progress_every_s
-        while (now := time.monotonic()) < deadline:
-            time.sleep(min(0.5, deadline - now))
-            if daemon.process.poll() is not None:
-                stopped_early = f"the daemon exited with {daemon.process.returncode}"
-            elif dead := [t.report.name for t in trainers if not t.is_alive()]:
-                stopped_early = f"stream(s) {', '.join(dead)} stopped"
-            if stopped_early:
-                break
-            if progress and time.monotonic() >= next_progress:
-                batches = sum(t.report.batches for t in trainers)
-                done = sum(len(ledger.accounts) for ledger in ledgers.values())
-                progress(f"soak {time.monotonic() - started:.0f}/{config.minutes * 60:.0f} s: {batches} batches, {done} epochs judged, {len(chaos.kills) if chaos else 0} kills")
-                next_progress += config.progress_every_s
-        stop.set()
-        elapsed = time.monotonic() - started
-        for thread in [*trainers, *([chaos] if chaos else [])]:
-            thread.join(timeout=90.0)
-            if thread.is_alive():
-                failures.append(f"{thread.name} did not stop within 90 s of the end of the soak")
-        if stopped_early:
-            failures.append(f"stopped early after {elapsed:.0f} s: {stopped_early}")
 
-        kills = len(chaos.kills) if chaos else 0
-        if daemon.process.poll() is None:
-            end_status, settled = _settle(daemon.address, config.workers, kills)
-            memory_end = _memory(daemon.pid, end_status)
-            if not settled:
-                failures.append(f"after {kills} kill(s) the daemon counts {end_status['worker_restarts']} restart(s) and {len(end_status['workers'])}/{config.workers} worker(s)")
-        else:
-            end_status, memory_end = {"worker_restarts": None, "workers": []}, None
-    finally:
-        stop.set()  # also on an error or Ctrl-C: no thread keeps streaming from a stopped daemon
-        exit_code = daemon.stop()
-    if exit_code != 0:
-        failures.append(f"the daemon exited with {exit_code} (0 expected after SIGINT)")
+def _trainers(config: SoakConfig, address: str, stop: threading.Event) -> tuple[list[_Trainer], dict[str, EpochLedger]]:
+    """The four trainers (not started) and the ledger of each job: ``ddp`` (two ranks), ``pausing``, ``retuned``."""
+    crop_flip, retuned_spec = _specs(config.size)
+    common = {"address": address, "dataset": "shapes", "dataset_options": {"size": config.size, "n": config.samples}, "batch_size": config.batch_size,
+              "epochs": EPOCHS, "prefetch": config.prefetch, "timeout": 30.0, "batch_timeout": 60.0}  # fmt: skip
+    ledgers = {"ddp": EpochLedger(config.samples, members=2), "pausing": EpochLedger(config.samples), "retuned": EpochLedger(config.samples)}
+    trainers = [
+        _Trainer(StreamReport(f"ddp-rank{rank}", "ddp", rank, 2), ledgers["ddp"], rank, {**common, "pipeline": crop_flip, "seed": config.seed, "rank": rank, "world_size": 2}, stop)
+        for rank in (0, 1)
+    ]
+    trainers.append(
+        _PausingTrainer(StreamReport("pausing", "pausing"), ledgers["pausing"], 0, {**common, "pipeline": crop_flip, "seed": config.seed + 1}, stop,
+                        pause_every_s=config.pause_every_s, pause_s=config.pause_s, reattach_every_s=config.reattach_every_s)
+    )  # fmt: skip
+    trainers.append(
+        _RetunedTrainer(StreamReport("retuned", "retuned"), ledgers["retuned"], 0, {**common, "pipeline": retuned_spec, "seed": config.seed + 2, "ordered": True}, stop,
+                        retune_every_s=config.retune_every_s)
+    )  # fmt: skip
+    return trainers, ledgers
 
-    streams = [t.report for t in trainers]
-    for report in streams:
-        if report.error:
-            failures.append(f"stream {report.name} failed: {report.error}")
-        if report.batches == 0:
-            failures.append(f"stream {report.name} delivered nothing")
-    jobs = []
+
+def _watch(config: SoakConfig, daemon: _Daemon, trainers: list[_Trainer], ledgers: dict[str, EpochLedger], chaos: _Chaos | None, progress) -> str | None:
+    """Wait out the soak; returns why it stopped early (the daemon or a stream died), else None."""
+    started = time.monotonic()
+    deadline, next_progress = started + config.minutes * 60, started + config.progress_every_s
+    while (now := time.monotonic()) < deadline:
+        time.sleep(min(0.5, deadline - now))
+        if daemon.process.poll() is not None:
+            return f"the daemon exited with {daemon.process.returncode}"
+        if dead := [t.report.name for t in trainers if not t.is_alive()]:
+            return f"stream(s) {', '.join(dead)} stopped"
+        if progress and time.monotonic() >= next_progress:
+            batches = sum(t.report.batches for t in trainers)
+            judged = sum(len(ledger.accounts) for ledger in ledgers.values())
+            progress(f"soak {time.monotonic() - started:.0f}/{config.minutes * 60:.0f} s: {batches} batches, {judged} epochs judged, {len(chaos.kills) if chaos else 0} kills")
+            next_progress += config.progress_every_s
+    return None
+
+
+def _judge_jobs(ledgers: dict[str, EpochLedger], streams: list[StreamReport], min_epochs: int) -> tuple[list[dict], list[str]]:
+    """Each job's per-epoch accounts and totals, and the failures they show."""
+    jobs, failures = [], []
     for name, ledger in ledgers.items():
         accounts = ledger.finish()
         judged = [a for a in accounts if a.complete]
         bad = [a for a in accounts if not a.clean]
-        if len(judged) < config.min_epochs:
-            failures.append(f"job {name} completed {len(judged)} epoch(s), fewer than {config.min_epochs}")
+        if len(judged) < min_epochs:
+            failures.append(f"job {name} completed {len(judged)} epoch(s), fewer than {min_epochs}")
         for account in bad[:5]:
             failures.append(f"job {name} epoch {account.epoch}: {account.lost if account.complete else '?'} lost, {account.duplicated} duplicated, {account.unexpected} foreign id(s)")
         if len(bad) > 5:
@@ -551,13 +527,58 @@ def run_soak(config: SoakConfig, progress: Callable[[str], None] | None = None) 
                 "epochs": [a.as_dict() for a in accounts],
             }
         )
+    return jobs, failures
+
+
+def _soak(config: SoakConfig, folder: str, progress: Callable[[str], None] | None) -> dict:
+    daemon = _Daemon(config.workers, os.path.join(folder, "daemon.log"))
+    failures: list[str] = []
+    stop = threading.Event()
+    try:
+        memory_start = _memory(daemon.pid, daemon.wait_ready())
+        trainers, ledgers = _trainers(config, daemon.address, stop)
+        chaos = _Chaos(daemon.address, daemon.pid, config.kill_every_s, stop, config.seed) if config.kill_every_s > 0 else None
+        threads = [*trainers, *([chaos] if chaos else [])]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        stopped_early = _watch(config, daemon, trainers, ledgers, chaos, progress)
+        stop.set()
+        elapsed = time.monotonic() - started
+        for thread in threads:
+            thread.join(timeout=90.0)
+            if thread.is_alive():
+                failures.append(f"{thread.name} did not stop within 90 s of the end of the soak")
+        if stopped_early:
+            failures.append(f"stopped early after {elapsed:.0f} s: {stopped_early}")
+        kills = len(chaos.kills) if chaos else 0
+        end_status, memory_end = {"worker_restarts": None, "workers": []}, None
+        if daemon.process.poll() is None:
+            end_status, settled = _settle(daemon.address, config.workers, kills)
+            memory_end = _memory(daemon.pid, end_status)
+            if not settled:
+                failures.append(f"after {kills} kill(s) the daemon counts {end_status['worker_restarts']} restart(s) and {len(end_status['workers'])}/{config.workers} worker(s)")
+    finally:
+        stop.set()  # also on an error or Ctrl-C: no thread keeps streaming from a stopped daemon
+        exit_code = daemon.stop()
+    if exit_code != 0:
+        failures.append(f"the daemon exited with {exit_code} (0 expected after SIGINT)")
+
+    streams = [t.report for t in trainers]
+    for report in streams:
+        if report.error:
+            failures.append(f"stream {report.name} failed: {report.error}")
+        if report.batches == 0:
+            failures.append(f"stream {report.name} delivered nothing")
+    jobs, job_failures = _judge_jobs(ledgers, streams, config.min_epochs)
+    failures += job_failures
+    retuned = next(t for t in trainers if isinstance(t, _RetunedTrainer))
     violations = version_violations(retuned.seen, retuned.starts)
     failures += [f"stream retuned: {line}" for line in violations[:5]]
-    if chaos:
-        if chaos.error:
-            failures.append(f"chaos thread failed: {chaos.error}")
-        if kills == 0:
-            failures.append("chaos was asked for but no worker was killed")
+    if chaos and chaos.error:
+        failures.append(f"chaos thread failed: {chaos.error}")
+    if chaos and kills == 0:
+        failures.append("chaos was asked for but no worker was killed")
 
     images = sum(r.images for r in streams)
     result = {
@@ -577,25 +598,20 @@ def run_soak(config: SoakConfig, progress: Callable[[str], None] | None = None) 
         "worker_restarts": end_status["worker_restarts"],
         "batches": sum(r.batches for r in streams),
         "images": images,
-        "images_per_s": round(images / elapsed, 1) if elapsed > 0 else 0.0,
+        "images_per_s": round(images / elapsed, 1),
         "version_violations": len(violations),
         "memory_mib": {"start": memory_start, "end": memory_end},
-        "streams": [{**r.as_dict(), "images_per_s": round(r.images / elapsed, 1) if elapsed > 0 else 0.0} for r in streams],
+        "streams": [{**r.as_dict(), "images_per_s": round(r.images / elapsed, 1)} for r in streams],
         "jobs": jobs,
         "daemon_exit_code": exit_code,
         "daemon_log": daemon.log_path if config.out else None,
-        "daemon_log_tail": None if not failures else _tail(daemon.log_path),
+        "daemon_log_tail": daemon.log_tail() if failures else None,
     }
     if config.out:
         with open(os.path.join(config.out, "soak.json"), "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=1)
         result["out"] = os.path.join(config.out, "soak.json")
     return result
-
-
-def _tail(path: str, chars: int = 3000) -> str:
-    with open(path, "rb") as handle:
-        return handle.read().decode(errors="replace")[-chars:]
 
 
 # --- output -------------------------------------------------------------------------------------------

@@ -89,6 +89,22 @@ def raw_dealer(context, address: str):
     return sock
 
 
+def raw_data_socket(context):
+    """A trainer's data socket by hand: a PULL bound on a free loopback port that admits this user's
+    worker key. Returns (socket, gatekeeper, data key to send in ``attach``)."""
+    import zmq
+
+    from augserve import security
+
+    keyring = security.Keyring.load()
+    gatekeeper = security.Gatekeeper(context, {"worker": keyring.allowed("worker")}).start()
+    data = context.socket(zmq.PULL)
+    data.setsockopt(zmq.LINGER, 0)
+    security.secure_server(data, keyring.client)
+    data.bind("tcp://127.0.0.1:*")
+    return data, gatekeeper, keyring.client.public.decode()
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -44,6 +44,7 @@ class Loopback:
     def __init__(self) -> None:
         self.context = zmq.Context()
         self.gatekeepers: list[Gatekeeper] = []
+        self.sockets: list[zmq.Socket] = []  # held: a collected socket closes, dropping what it queued
 
     def gatekeeper(self, allowed, **options) -> Gatekeeper:
         keeper = Gatekeeper(self.context, allowed, **options).start()
@@ -53,6 +54,7 @@ class Loopback:
     def socket(self, kind: int) -> zmq.Socket:
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        self.sockets.append(sock)
         return sock
 
     def server(self, pair: KeyPair | None) -> tuple[zmq.Socket, str]:
