@@ -17,6 +17,7 @@ receiver wraps each frame as a tensor without copying (:func:`frames_to_tensors`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Sequence
 
@@ -390,6 +391,9 @@ def decode(frames: Sequence[Any], expected: frozenset[str] | set[str] | None = N
         body = MESSAGES[message_type].model_validate(fields)
     except ValidationError as exc:
         raise ProtocolError(f"bad '{message_type}' message: {describe_validation_error(exc)}") from None
+    bad = _non_finite(fields)  # free-form fields (specs, changes, status) are not checked by their models
+    if bad is not None:
+        raise ProtocolError(f"bad '{message_type}' message: {bad[0]} = {bad[1]!r}: not a finite number")
     return Message(message_type, body, buffers)
 
 
@@ -427,6 +431,18 @@ def _depth(value: Any) -> int:
             return deepest
         stack.extend((child, level + 1) for child in items)
     return deepest
+
+
+def _non_finite(value: Any) -> tuple[str, float] | None:
+    """Path and value of the first infinite or NaN float in a decoded header, or ``None``."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, item
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        stack.extend((f"{path}.{key}" if path else str(key), child) for key, child in children)
+    return None
 
 
 def text_depth(text: str) -> int:

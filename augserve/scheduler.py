@@ -133,14 +133,12 @@ class Scheduler:
         worker = self.workers.pop(identity, None)
         if worker is None:
             return 0, []
-        requeued, failures = 0, []
+        before, failures = self.reissued_total, []
         for stream_id, key in worker.tasks.values():
             failure = self._retry(stream_id, key, identity, f"its worker {worker.name} {reason}")
             if failure is not None:
                 failures.append(failure)
-            elif stream_id in self.streams:
-                requeued += 1
-        return requeued, _unique(failures)
+        return self.reissued_total - before, _unique(failures)  # not counting batches acknowledged meanwhile
 
     # --- hand-out --------------------------------------------------------------------------------------
 
@@ -192,9 +190,10 @@ class Scheduler:
         if worker is None:
             return None
         worker.last_heard = now
-        where = worker.tasks.pop(report.task, None)
+        where = worker.tasks.get(report.task)
         if where is None or where[1] != (report.epoch, report.index):
-            return None
+            return None  # a report naming another batch leaves the task with its worker
+        del worker.tasks[report.task]
         worker.done += 1
         worker.samples += report.samples
         worker.rate.add(report.samples, now)

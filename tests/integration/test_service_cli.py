@@ -11,6 +11,8 @@ import time
 import pytest
 import yaml
 
+from augserve import protocol as P
+
 
 try:  # tests/integration is a package in some checkouts (tests/__init__.py) and a plain folder in others
     from .conftest import CROP_FLIP, collect, free_port, open_stream, pid_alive, run_augserve, subprocess_env, wait_until, write_image_folder
@@ -34,7 +36,7 @@ def test_status_json_prints_one_object_on_the_last_line(daemon):
         stream.close()
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert status["address"] == daemon.address and status["protocol"] == 1
+    assert status["address"] == daemon.address and status["protocol"] == P.PROTOCOL_VERSION and status["secure"] is True
     assert len(status["workers"]) == 2 and all(w["pid"] > 0 for w in status["workers"])
     mine = [s for s in status["streams"] if s["stream"] == stream.id]
     assert mine and mine[0]["dataset"] == "digits" and mine[0]["pipeline"] == "lenet5" and mine[0]["in_flight"] <= 2

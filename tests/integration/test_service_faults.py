@@ -84,7 +84,7 @@ def test_a_task_longer_than_the_heartbeat_liveness_does_not_get_its_worker_kille
     root = tmp_path / "heavy"
     (root / "a").mkdir(parents=True)
     for k in range(16):
-        (root / "a" / f"{k:03d}.png").symlink_to(big)
+        os.link(big, root / "a" / f"{k:03d}.png")  # hard links: a symlink out of the root would be refused
     daemon = start_daemon("--dataset", f"heavy={root}", workers=1, env=subprocess_env(AUGSERVE_HEARTBEAT_INTERVAL="0.2"))
     stream = open_stream(daemon.address, dataset="heavy", pipeline=CROP_FLIP, batch_size=16, batch_timeout=8)
     records = collect(stream)
