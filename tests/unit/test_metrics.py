@@ -239,12 +239,18 @@ def test_render_without_streams_or_workers_and_when_not_answering():
 
 
 class FakeDaemon:
-    """A ROUTER socket on loopback answering ``status`` with STATUS, in a thread; ``answer=False`` mutes it."""
+    """A ROUTER socket on loopback with this user's daemon key, answering ``status`` with STATUS, in a
+    thread; ``answer=False`` mutes it."""
 
     def __init__(self):
+        from augserve import security
+
+        keyring = security.Keyring.load()
         self.context = zmq.Context()
+        self.gatekeeper = security.Gatekeeper(self.context, {role: keyring.allowed(role) for role in security.ROLES}).start()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        security.secure_server(self.socket, keyring.daemon)
         self.socket.bind("tcp://127.0.0.1:*")
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.answer = True
@@ -260,12 +266,13 @@ class FakeDaemon:
             identity, *frames = self.socket.recv_multipart()
             self.requests += 1
             if self.answer:
-                self.socket.send_multipart([identity, *P.encode("status_reply", {"status": {**STATUS, "address": self.address}})])
+                self.socket.send_multipart([identity, *P.encode(P.StatusReply(status={**STATUS, "address": self.address}))])
 
     def close(self):
         self._stop.set()
         self.thread.join(5)
         self.socket.close(linger=0)
+        self.gatekeeper.stop()
         self.context.term()
 
 
