@@ -142,6 +142,18 @@ def cmd_worker(args) -> int:
         return 0
 
 
+def _credentials(args):
+    """The keyring of ``--keys-dir`` (default: this user's), or none with ``--insecure``."""
+    from .control import Credentials
+
+    return Credentials.load(args.keys_dir, args.insecure)
+
+
+def _add_credentials(parser) -> None:
+    parser.add_argument("--keys-dir", help="keyring (default $AUGSERVE_KEYS_DIR or ~/.config/augserve/keys)")
+    parser.add_argument("--insecure", action="store_true", help="talk to a daemon started with --insecure")
+
+
 def cmd_status(args) -> int:
     from .status import fetch_status, format_status
 
@@ -150,9 +162,9 @@ def cmd_status(args) -> int:
             raise ValueError("--watch draws a live view; use --json without --watch for one snapshot")
         from .watch import watch
 
-        watch(args.address, interval=args.interval)
+        watch(args.address, interval=args.interval, credentials=_credentials(args))
         return 0
-    status = fetch_status(args.address, timeout=args.timeout)
+    status = fetch_status(args.address, timeout=args.timeout, credentials=_credentials(args))
     _print_result(args, status, format_status(status))
     return 0
 
@@ -168,7 +180,7 @@ def cmd_tune_set(args) -> int:
         import pipelines
 
         spec = pipelines.resolve(args.spec).to_dict()
-    result = send_update(args.address, args.stream, changes=changes, spec=spec, timeout=args.timeout)
+    result = send_update(args.address, args.stream, changes=changes, spec=spec, timeout=args.timeout, credentials=_credentials(args))
     summary = {k: result.get(k) for k in ("stream", "version", "from_epoch", "from_index")}
     _print_result(args, {**summary, "spec": result.get("spec")}, f"stream {summary['stream']}: pipeline version {summary['version']} applies from batch {summary['from_index']} of epoch {summary['from_epoch']}")
     return 0
@@ -182,6 +194,7 @@ def tune_set_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", default="tcp://127.0.0.1:5555")
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
+    _add_credentials(parser)
     parser.set_defaults(func=cmd_tune_set, command="tune-set", log_level="warning")
     return parser
 
@@ -291,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", action="store_true", help="a live terminal view, refreshed every --interval seconds (Ctrl-C ends it)")
     status.add_argument("--interval", type=float, default=1.0)
+    _add_credentials(status)
     status.set_defaults(func=cmd_status)
 
     from .tuning.cli import add_parser as add_tune_parser

@@ -128,7 +128,7 @@ def render(status: dict | None, *, address: str | None = None, error: str | None
     return Group(*parts)
 
 
-def watch(address: str, interval: float = 1.0, iterations: int | None = None, console: Console | None = None, timeout: float | None = None) -> dict | None:
+def watch(address: str, interval: float = 1.0, iterations: int | None = None, console: Console | None = None, timeout: float | None = None, credentials=None) -> dict | None:
     """Poll ``address`` every ``interval`` seconds and redraw; returns the last status received (or None).
 
     Ends after ``iterations`` polls (None: never) or on Ctrl-C, cleanly. A bad address raises
@@ -153,7 +153,7 @@ def watch(address: str, interval: float = 1.0, iterations: int | None = None, co
                 started = time.monotonic()
                 error = None
                 try:
-                    last = fetch_status(address, timeout=timeout)
+                    last = fetch_status(address, timeout=timeout, credentials=credentials)
                 except (ConnectionError, OSError, zmq.ZMQError) as exc:
                     error = str(exc) or type(exc).__name__
                 live.update(render(last, address=address, error=error), refresh=True)

@@ -120,7 +120,10 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
 class DaemonProcess:
     """A running ``augserve serve`` subprocess: its address, Popen, log file and status helpers."""
 
-    def __init__(self, address: str, process: subprocess.Popen, log_path: Path, log_handle) -> None:
+    def __init__(self, address: str, process: subprocess.Popen, log_path: Path, log_handle, insecure: bool = False) -> None:
+        from augserve.control import Credentials
+
+        self.credentials = Credentials.load(insecure=insecure)  # how the tests' own requests reach it
         self.address = address
         self.process = process
         self.log_path = log_path
@@ -136,7 +139,7 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")
 
     def status(self, timeout: float = 5.0) -> dict:
-        return fetch_status(self.address, timeout=timeout)
+        return fetch_status(self.address, timeout=timeout, credentials=self.credentials)
 
     def worker_pids(self) -> list[int]:
         return sorted(w["pid"] for w in self.status()["workers"])
@@ -154,7 +157,7 @@ class DaemonProcess:
             if code is not None:
                 raise AssertionError(f"daemon exited with {code} during start-up:\n{self.log()[-4000:]}")
             try:
-                status = fetch_status(self.address, timeout=0.5)
+                status = fetch_status(self.address, timeout=0.5, credentials=self.credentials)
             except ConnectionError as exc:
                 last_error = exc
                 continue
@@ -188,10 +191,10 @@ def launch_daemon(log_dir: Path, *flags: str, workers: int | None = 2, bind: str
     if workers is not None:
         command += ["--workers", str(workers)]
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"daemon-{address.rsplit(':', 1)[-1]}-{time.monotonic_ns()}.log"
+    log_path = log_dir / f"daemon-{address.rsplit(':', 1)[-1].replace('/', '_')}-{time.monotonic_ns()}.log"
     handle = open(log_path, "w")
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or subprocess_env())
-    return DaemonProcess(address, process, log_path, handle)
+    return DaemonProcess(address, process, log_path, handle, insecure="--insecure" in flags)
 
 
 @dataclass(frozen=True)
