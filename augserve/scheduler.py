@@ -162,7 +162,10 @@ class Scheduler:
                 if picked is None:
                     continue
                 key, state = picked
-                worker = self._pick_worker(avoid=state.last_worker)
+                worker = self._pick_worker(state.tried)
+                if worker is None:  # a retry waits for a worker that has not failed it yet
+                    stream.defer(key)
+                    continue
                 state.worker, state.attempts = worker.identity, state.attempts + 1
                 worker.tasks[state.task] = (stream.id, key)
                 progress = True
@@ -170,12 +173,13 @@ class Scheduler:
             if not progress:
                 return
 
-    def _pick_worker(self, avoid: bytes | None) -> WorkerState:
-        """The worker with the most free capacity; a retried task avoids the worker it last failed on
-        when any other has room."""
-        candidates = [w for w in self.workers.values() if w.free > 0]
-        others = [w for w in candidates if w.identity != avoid]
-        return max(others or candidates, key=lambda w: w.free)
+    def _pick_worker(self, tried: set[bytes]) -> WorkerState | None:
+        """The worker with the most free capacity. A retried task goes to a worker that has not held it
+        yet; while all such workers are busy it waits (``None``) rather than return to one that failed
+        it. Only when every worker has tried it may it go back to one of them."""
+        fresh = [w for w in self.workers.values() if w.identity not in tried]
+        candidates = [w for w in (fresh or self.workers.values()) if w.free > 0]
+        return max(candidates, key=lambda w: w.free) if candidates else None
 
     def unreachable(self, identity: bytes) -> list[StreamFailure]:
         """A send to this worker failed: it is gone."""

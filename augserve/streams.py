@@ -31,7 +31,7 @@ class TaskState:
     task: str
     version: int  # the pipeline version it was first issued with (a re-issue keeps it)
     worker: bytes | None = None
-    last_worker: bytes | None = None  # who held it before a re-issue (a retry prefers another worker)
+    tried: set[bytes] = field(default_factory=set)  # workers that held it before (at most max_attempts)
     issued_at: float = 0.0
     attempts: int = 0  # times handed to a worker
     done_at: float | None = None  # when a worker reported it sent
@@ -172,6 +172,10 @@ class StreamState:
             self._forget_unused_versions()
         return True
 
+    def defer(self, key: Key) -> None:
+        """A task :meth:`next_task` gave out that found no worker now: first in line again."""
+        self.reissue.appendleft(key)
+
     def receive(self, epoch: int, index: int) -> None:
         """The trainer has batch (epoch, index) in hand (not yet consumed)."""
         state = self.inflight.get((epoch, index))
@@ -183,7 +187,8 @@ class StreamState:
         state = self.inflight.get(key)
         if state is None:
             return
-        state.last_worker = state.worker or state.last_worker
+        if state.worker is not None:
+            state.tried.add(state.worker)
         state.worker, state.done_at, state.received = None, None, False
         self.reissue.append(key)
         self.reissued += 1
