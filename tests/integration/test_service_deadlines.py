@@ -8,6 +8,7 @@ exactly once — or, when a task has killed too many workers, end that stream wi
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -90,9 +91,15 @@ def fakes():
         fake.close()
 
 
-def honest_worker(address: str, name: str = "honest") -> subprocess.Popen:
-    """A real worker process joining ``address`` (stopped by the daemon at the end)."""
-    return subprocess.Popen(augserve_command("worker", "--connect", address, "--name", name, "--heartbeat-interval", "0.2"), env=subprocess_env(), stdin=subprocess.DEVNULL)
+@contextlib.contextmanager
+def honest_worker(address: str, name: str = "honest"):
+    """A real worker process joining ``address`` for the duration of the block."""
+    worker = subprocess.Popen(augserve_command("worker", "--connect", address, "--name", name, "--heartbeat-interval", "0.2"), env=subprocess_env(), stdin=subprocess.DEVNULL)
+    try:
+        yield worker
+    finally:
+        worker.terminate()
+        worker.wait(10)
 
 
 def deadline_daemon(start_daemon, **settings):
@@ -110,12 +117,8 @@ def test_a_worker_that_holds_tasks_forever_loses_them_at_the_deadline(start_daem
     wait_until(lambda: daemon.status()["workers"], 10, what="the hoarder to join")
     stream = open_stream(daemon.address, batch_size=20, prefetch=4, ordered=True)
     wait_until(lambda: len(hoarder.tasks) >= 2, 10, what="tasks to reach the hoarder")
-    worker = honest_worker(daemon.address)
-    try:
+    with honest_worker(daemon.address):
         records = collect(stream)
-    finally:
-        worker.terminate()
-        worker.wait(10)
     epoch_exactly_once(records)
     assert daemon.status()["reissued_tasks"] >= 2
     assert "past their deadline re-issued" in daemon.log()
@@ -127,12 +130,8 @@ def test_a_batch_reported_sent_but_never_received_is_reissued(start_daemon, fake
     wait_until(lambda: daemon.status()["workers"], 10, what="the liar to join")
     stream = open_stream(daemon.address, batch_size=20, prefetch=3)
     wait_until(lambda: liar.tasks, 10, what="a task to reach the liar")
-    worker = honest_worker(daemon.address)
-    try:
+    with honest_worker(daemon.address):
         records = collect(stream)
-    finally:
-        worker.terminate()
-        worker.wait(10)
     epoch_exactly_once(records)
     assert daemon.status()["reissued_tasks"] >= 1
 
@@ -141,13 +140,9 @@ def test_a_transient_worker_error_is_retried_on_another_worker(start_daemon, fak
     daemon = deadline_daemon(start_daemon)
     flaky = fakes(daemon.address, "flaky", lambda task: "error", capacity=1)
     wait_until(lambda: daemon.status()["workers"], 10, what="the flaky worker to join")
-    worker = honest_worker(daemon.address)
-    try:
+    with honest_worker(daemon.address):
         wait_until(lambda: len(daemon.status()["workers"]) == 2, 60, what="the honest worker to join")
         records = collect(open_stream(daemon.address, batch_size=20, prefetch=4))
-    finally:
-        worker.terminate()
-        worker.wait(10)
     epoch_exactly_once(records)
     assert flaky.tasks, "the flaky worker was never given a task"
     assert "retrying" in daemon.log()
