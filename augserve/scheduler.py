@@ -145,6 +145,7 @@ class Scheduler:
     def assign(self, now: float) -> Iterator[Assignment]:
         """Tasks to send now: streams in turn, each task to the least-loaded worker. The caller sends
         each one before taking the next, and calls :meth:`unreachable` when a send fails."""
+        waiting: set[str] = set()  # streams whose first re-issue waits for a worker that has not tried it
         while self.workers:
             streams = [s for s in self.streams.values() if s.has_work()]
             if not streams:
@@ -158,13 +159,16 @@ class Scheduler:
                     return
                 if stream.id not in self.streams:  # ended by an earlier failure of this round
                     continue
-                picked = stream.next_task(now)
+                # A retry waiting for a fresh worker must not hold back the stream's new batches.
+                picked = stream.next_task(now, reissues=stream.id not in waiting)
                 if picked is None:
                     continue
                 key, state = picked
                 worker = self._pick_worker(state.tried)
                 if worker is None:  # a retry waits for a worker that has not failed it yet
                     stream.defer(key)
+                    waiting.add(stream.id)
+                    progress = True  # the stream may still have new batches to hand out this round
                     continue
                 state.worker, state.attempts = worker.identity, state.attempts + 1
                 worker.tasks[state.task] = (stream.id, key)
@@ -280,6 +284,9 @@ class Scheduler:
         state = stream.inflight.get(key)
         if state is None or (worker is not None and state.worker not in (worker, None)):
             return None  # acknowledged meanwhile, or already handed to another worker
+        if state.received:  # the trainer has it (the worker died after sending): nothing to redo
+            state.worker = None
+            return None
         state.last_error = reason
         if state.attempts >= self.limits.max_attempts:
             epoch, index = key

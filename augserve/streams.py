@@ -109,9 +109,9 @@ class StreamState:
         """A task can be sent now: a re-issue, or a new batch within the credit window."""
         return bool(self.reissue) or (not self.issued_everything() and len(self.inflight) < self.request.prefetch)
 
-    def next_task(self, now: float) -> tuple[Key, TaskState] | None:
-        """The next batch to hand to a worker (a re-issue first), or ``None``."""
-        while self.reissue:
+    def next_task(self, now: float, reissues: bool = True) -> tuple[Key, TaskState] | None:
+        """The next batch to hand to a worker (a re-issue first, unless ``reissues=False``), or ``None``."""
+        while reissues and self.reissue:
             key = self.reissue.popleft()
             state = self.inflight.get(key)
             if state is None or state.worker is not None:  # acknowledged or re-issued meanwhile

@@ -51,7 +51,7 @@ def snapshot(scheduler: Scheduler):
     """Everything a stray report must leave alone."""
     workers = {i: (dict(w.tasks), w.done, w.samples) for i, w in scheduler.workers.items()}
     streams = {
-        s.id: ({k: (t.worker, t.done_at, t.received, t.attempts, t.last_worker) for k, t in s.inflight.items()}, list(s.reissue), s.acked, s.skipped_corrupt)
+        s.id: ({k: (t.worker, t.done_at, t.received, t.attempts, frozenset(t.tried)) for k, t in s.inflight.items()}, list(s.reissue), s.acked, s.skipped_corrupt)
         for s in scheduler.streams.values()
     }
     return workers, streams, scheduler.reissued_total
@@ -172,18 +172,67 @@ def test_a_retried_task_avoids_the_worker_it_failed_on():
     assert (y.worker, y.key) == (b"small", (0, 0))  # though "big" has more room
 
 
-def test_a_retried_task_goes_back_when_no_other_worker_has_room():
-    a, b = make_stream("a", prefetch=1), make_stream("b", prefetch=1)
+def test_a_retry_waits_for_a_worker_that_has_not_held_it():
+    a, b = make_stream("a", prefetch=2, n=100), make_stream("b", prefetch=1)
     scheduler = make_scheduler([b], [(b"small", 1)])
     [other] = list(scheduler.assign(0.0))
     assert other.worker == b"small"  # now full
-    scheduler.add_worker(b"big", hello("big", 2), 0.0)
+    scheduler.add_worker(b"big", hello("big", 3), 0.0)
     scheduler.add_stream(a)
-    [x] = list(scheduler.assign(0.0))
-    assert (x.stream, x.worker) == ("a", b"big")
-    assert scheduler.failed(b"big", failed(b"big", x), 1.0) is None
-    [y] = list(scheduler.assign(2.0))
-    assert (y.stream, y.key, y.worker) == ("a", (0, 0), b"big")
+    xs = list(scheduler.assign(0.0))
+    assert [(x.stream, x.key, x.worker) for x in xs] == [("a", (0, 0), b"big"), ("a", (0, 1), b"big")]
+    assert scheduler.failed(b"big", failed(b"big", xs[0]), 1.0) is None
+    assert list(scheduler.assign(2.0)) == []  # "big" has room, but it failed this batch: wait for "small"
+    assert list(a.reissue) == [(0, 0)] and a.inflight[(0, 0)].worker is None
+    assert scheduler.done(b"small", done(b"small", other), 3.0) is b
+    [y] = list(scheduler.assign(4.0))
+    assert (y.stream, y.key, y.worker) == ("a", (0, 0), b"small")
+
+
+def test_a_waiting_retry_does_not_hold_back_new_batches():
+    """Batch (0, 0) failed on "big" and waits for "small" (busy); "big" still has room and the stream
+    has credits: its new batches go out meanwhile."""
+    a, b = make_stream("a", prefetch=3, n=100), make_stream("b", prefetch=1)
+    scheduler = make_scheduler([b], [(b"small", 1)])
+    [other] = list(scheduler.assign(0.0))
+    scheduler.add_worker(b"big", hello("big", 4), 0.0)
+    scheduler.add_stream(a)
+    first = list(scheduler.assign(0.0))
+    assert [x.key for x in first] == [(0, 0), (0, 1), (0, 2)]
+    assert scheduler.failed(b"big", failed(b"big", first[0]), 1.0) is None
+    for x in first[1:]:
+        scheduler.done(b"big", done(b"big", x), 1.0)
+    scheduler.credit(a, P.Credit(stream="a", received=[(0, 1), (0, 2)], acks=[(0, 1, 10), (0, 2, 10)]), 1.0)
+    xs = list(scheduler.assign(2.0))
+    assert [(x.key, x.worker) for x in xs] == [((0, 3), b"big"), ((0, 4), b"big")]  # (0, 0) still waits
+    assert list(a.reissue) == [(0, 0)]
+    scheduler.done(b"small", done(b"small", other), 3.0)
+    [y] = list(scheduler.assign(4.0))
+    assert (y.key, y.worker) == ((0, 0), b"small")
+
+
+def test_a_batch_received_before_its_worker_died_is_not_redone():
+    a = make_stream("a", prefetch=2)
+    scheduler = make_scheduler([a], [(b"w1", 2), (b"w2", 2)])
+    x, y = list(scheduler.assign(0.0))
+    scheduler.credit(a, P.Credit(stream="a", received=[x.key]), 1.0)  # it arrived; the "done" report was lost
+    requeued, failures = scheduler.remove_worker(x.worker, "exited")
+    assert failures == [] and list(a.reissue) == ([y.key] if y.worker == x.worker else [])
+    assert a.inflight[x.key].worker is None and a.inflight[x.key].attempts == 1
+    scheduler.credit(a, P.Credit(stream="a", acks=[(*x.key, 10)]), 2.0)
+    assert x.key not in a.inflight
+
+
+def test_a_retry_goes_back_once_every_worker_has_held_it():
+    a = make_stream("a", prefetch=1)
+    scheduler = make_scheduler([a], [(b"w1", 1), (b"w2", 2)], max_attempts=10)
+    holders = []
+    for step in range(4):
+        [x] = list(scheduler.assign(float(step)))
+        holders.append(x.worker)
+        assert scheduler.failed(x.worker, failed(x.worker, x), float(step)) is None
+    assert holders == [b"w2", b"w1", b"w2", b"w2"]  # both tried: the one with most room, every time
+    assert a.inflight[(0, 0)].tried == {b"w1", b"w2"}
 
 
 def test_a_task_that_kills_max_attempts_workers_ends_only_its_stream():
@@ -227,6 +276,26 @@ def test_a_stream_ended_during_a_round_gets_no_more_tasks():
                 scheduler.remove_stream(failure.stream)
             scheduler.add_worker(b"w2", hello("w2", 10), 0.0)
     assert len(sent) == 2 and not scheduler.streams
+
+
+def test_a_stream_removed_during_a_round_gets_nothing_more():
+    a, b = make_stream("a", prefetch=3), make_stream("b", prefetch=3)
+    scheduler = make_scheduler([a, b], [(b"w", 10)])
+    sent = []
+    for x in scheduler.assign(0.0):
+        sent.append(x.stream)
+        if len(sent) == 1:  # the first send of the round ends the other stream (its turn comes next)
+            scheduler.remove_stream("b" if x.stream == "a" else "a")
+    assert len(sent) == 3 and len(set(sent)) == 1
+
+
+def test_credit_records_receipts_then_acknowledgements():
+    a = make_stream("a", prefetch=3)
+    scheduler = make_scheduler([a], [(b"w", 3)])
+    list(scheduler.assign(0.0))
+    scheduler.credit(a, P.Credit(stream="a", received=[(0, 0), (0, 2), (7, 7)], acks=[(0, 1, 10), (0, 0, 10), (0, 1, 10)]), 4.0)
+    assert list(a.inflight) == [(0, 2)] and a.inflight[(0, 2)].received
+    assert (a.acked, a.last_heard) == (2, 4.0)
 
 
 # --- failure reports --------------------------------------------------------------------------------------

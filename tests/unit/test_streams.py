@@ -86,7 +86,7 @@ def test_reissue_keeps_window_task_id_and_version():
     assert [state.task for _key, state in again] == first_ids
     assert [state.version for _key, state in again] == [1, 1]  # issued under version 1, re-issued under it too
     state = again[0][1]
-    assert (state.last_worker, state.worker, state.issued_at, state.done_at, state.received) == (b"w1", b"w2", 5.0, None, False)
+    assert (state.tried, state.worker, state.issued_at, state.done_at, state.received) == ({b"w1"}, b"w2", 5.0, None, False)
     assert stream.task(0, 0, state, None).pipeline == P.PipelineRef(stream="s", version=1, spec=SPEC)
     assert len(stream.inflight) == 2 and not stream.has_work()
 
@@ -107,6 +107,28 @@ def test_stale_reissue_entries_are_skipped():
     stream.ack(0, 0, 10, 0.0)  # acknowledged while waiting: its entry is stale
     assert keys(drain(stream, worker=b"w2")) == [(0, 1), (0, 2)]  # then a new batch in the freed credit
     assert not stream.reissue
+
+
+def test_requeue_remembers_every_worker_that_held_the_batch():
+    stream = make_stream(prefetch=1)
+    drain(stream, worker=b"w1")
+    stream.requeue((0, 0))
+    stream.requeue((0, 0))  # requeued again before anyone took it: nobody new to remember
+    drain(stream, worker=b"w2")
+    stream.requeue((0, 0))
+    assert stream.inflight[(0, 0)].tried == {b"w1", b"w2"}
+
+
+def test_a_deferred_batch_is_first_in_line():
+    stream = make_stream(prefetch=3)
+    drain(stream, worker=b"w1")
+    stream.requeue((0, 0))
+    stream.requeue((0, 1))
+    key, state = stream.next_task(1.0)
+    assert key == (0, 0)
+    stream.defer(key)  # no worker for it now
+    assert list(stream.reissue) == [(0, 0), (0, 1)] and state.worker is None
+    assert keys(drain(stream, worker=b"w2")) == [(0, 0), (0, 1)]
 
 
 def test_the_second_entry_of_a_twice_requeued_batch_is_skipped():
@@ -221,4 +243,4 @@ def test_status_counts_credits_and_rate():
 
 def test_task_state_defaults():
     state = TaskState("s:0:0", 1)
-    assert (state.worker, state.last_worker, state.attempts, state.done_at, state.received) == (None, None, 0, None, False)
+    assert (state.worker, state.tried, state.attempts, state.done_at, state.received) == (None, set(), 0, None, False)
