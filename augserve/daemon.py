@@ -127,7 +127,7 @@ class Daemon:
                 return "tcp://127.0.0.1:" + address[len(wildcard) :]
         return address
 
-    def _worker_command(self, slot: int) -> list[str]:
+    def _worker_command(self, name: str) -> list[str]:
         config = self.config
         command = [
             sys.executable, "-m", "augserve", "--log-level", config.log_level, "worker",
@@ -139,7 +139,7 @@ class Daemon:
             "--heartbeat-interval", str(config.heartbeat_interval),
             "--heartbeat-liveness", str(config.heartbeat_liveness),
             "--local",
-            "--name", f"local-{slot}-{uuid.uuid4().hex[:6]}",
+            "--name", name,
         ]  # fmt: skip
         if self.keyring is not None:
             command += ["--keys-dir", str(self.keyring.directory)]
@@ -399,18 +399,14 @@ class Daemon:
     # --- the loop's periodic work ----------------------------------------------------------------------
 
     def _housekeeping(self, now: float) -> None:
-        gone = set(self.supervisor.poll(now))
-        for _ in gone:
+        for name in self.supervisor.poll(now):
             self.metrics.worker_restarted()
-        for identity, worker in list(self.scheduler.workers.items()):
-            if worker.hello.pid in gone:
-                self._forget_worker(identity, "exited")
+            self._forget_worker(name.encode(), "exited")
         expired = self.scheduler.expire(now)
         for worker in expired.silent_workers:
             log.info("worker %s written off: silent", worker.name)
             self.metrics.worker_left(worker.name)
-            if worker.hello.pid in self.supervisor.pids():
-                self.supervisor.kill(worker.hello.pid)  # hung: restarted at the next poll
+            self.supervisor.kill(worker.name)  # one of ours, hung: restarted at the next poll
         if expired.reissued:
             log.info("%d task(s) past their deadline re-issued", expired.reissued)
         for failure in expired.failures:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,7 @@ class Slot:
     """One local worker place: its current process (``None`` while waiting to restart)."""
 
     index: int
+    name: str = ""  # the worker id its process was given (its ROUTER identity at the daemon)
     process: subprocess.Popen | None = None
     started: float = 0.0
     quick_deaths: int = 0
@@ -31,9 +33,12 @@ class Slot:
 
 
 class Supervisor:
-    """``Supervisor(command_for, count)``: ``command_for(slot)`` is the argv of the worker for that slot."""
+    """``Supervisor(command_for, count)``: ``command_for(name)`` is the argv of a worker called ``name``.
 
-    def __init__(self, command_for: Callable[[int], list[str]], count: int, env: dict | None = None) -> None:
+    Local workers are known by name (``local-<slot>-<random>``, new at each start), never by pid alone:
+    a remote worker may well have the same pid as one of ours."""
+
+    def __init__(self, command_for: Callable[[str], list[str]], count: int, env: dict | None = None) -> None:
         self._command_for = command_for
         self._env = env
         self.slots = [Slot(i) for i in range(count)]
@@ -44,16 +49,17 @@ class Supervisor:
             self._spawn(slot, time.monotonic())
 
     def _spawn(self, slot: Slot, now: float) -> None:
-        slot.process = subprocess.Popen(self._command_for(slot.index), stdin=subprocess.DEVNULL, env=self._env)
+        slot.name = f"local-{slot.index}-{uuid.uuid4().hex[:6]}"
+        slot.process = subprocess.Popen(self._command_for(slot.name), stdin=subprocess.DEVNULL, env=self._env)
         slot.started, slot.restart_at = now, None
 
-    def poll(self, now: float) -> list[int]:
-        """Reap dead workers (returns their pids) and start the restarts that are due."""
+    def poll(self, now: float) -> list[str]:
+        """Reap dead workers (returns their names) and start the restarts that are due."""
         gone = []
         for slot in self.slots:
             process = slot.process
             if process is not None and process.poll() is not None:
-                gone.append(process.pid)
+                gone.append(slot.name)
                 slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < QUICK_DEATH_S else 0
                 delay = 0.0 if slot.quick_deaths == 0 else min(MAX_BACKOFF_S, 0.25 * 2 ** (slot.quick_deaths - 1))
                 level = logging.WARNING if slot.quick_deaths < 3 else logging.ERROR
@@ -65,13 +71,10 @@ class Supervisor:
                 self._spawn(slot, now)
         return gone
 
-    def pids(self) -> set[int]:
-        return {slot.process.pid for slot in self.slots if slot.process is not None}
-
-    def kill(self, pid: int) -> bool:
+    def kill(self, name: str) -> bool:
         """Kill a hung local worker (it is restarted at the next :meth:`poll`). False if not ours."""
         for slot in self.slots:
-            if slot.process is not None and slot.process.pid == pid and slot.process.poll() is None:
+            if slot.name == name and slot.process is not None and slot.process.poll() is None:
                 slot.process.kill()
                 return True
         return False

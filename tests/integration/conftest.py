@@ -236,9 +236,14 @@ def daemon(tmp_path_factory, served_folders):
     ``folder`` and ``slow`` datasets of :func:`served_folders`); stopped with SIGINT at the end of the
     session, which must exit 0."""
     flags = ("--dataset", f"folder={served_folders.folder}", "--dataset", f"slow={served_folders.slow}")
-    proc = launch_daemon(tmp_path_factory.mktemp("daemon"), *flags, workers=2)
+    yield from serving(tmp_path_factory.mktemp("daemon"), *flags, workers=2)
+
+
+def serving(log_dir: Path, *flags: str, workers: int = 2):
+    """For a fixture to ``yield from``: a ready daemon, stopped with SIGINT afterwards (must exit 0)."""
+    proc = launch_daemon(log_dir, *flags, workers=workers)
     try:
-        proc.wait_ready(2)
+        proc.wait_ready(workers)
     except BaseException:
         proc.process.kill()
         proc.process.wait(timeout=10)

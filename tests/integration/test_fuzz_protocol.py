@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 import uuid
 from collections import Counter
@@ -47,9 +46,9 @@ from augserve.daemon import MAX_ERROR_CHARS
 from augserve.status import fetch_status
 
 try:  # tests/integration is a package in some checkouts and a plain folder in others
-    from .conftest import CROP_FLIP, SHAPES, collect, ids_per_epoch, launch_daemon, open_stream, raw_data_socket, raw_dealer, wait_until
+    from .conftest import CROP_FLIP, SHAPES, collect, ids_per_epoch, open_stream, raw_data_socket, raw_dealer, serving, wait_until
 except ImportError:
-    from conftest import CROP_FLIP, SHAPES, collect, ids_per_epoch, launch_daemon, open_stream, raw_data_socket, raw_dealer, wait_until
+    from conftest import CROP_FLIP, SHAPES, collect, ids_per_epoch, open_stream, raw_data_socket, raw_dealer, serving, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -67,16 +66,7 @@ REPLIES = P.DAEMON_TO_CLIENT | P.DAEMON_TO_WORKER
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory):
     """One daemon (2 workers, built-in datasets) for this module; must exit 0 on SIGINT at the end."""
-    proc = launch_daemon(tmp_path_factory.mktemp("fuzz-daemon"), workers=2)
-    try:
-        proc.wait_ready(2)
-    except BaseException:
-        proc.process.kill()
-        proc.process.wait(timeout=10)
-        raise
-    yield proc
-    code = proc.stop(signal.SIGINT)
-    assert code == 0, f"daemon exited with {code} on SIGINT:\n{proc.log()[-4000:]}"
+    yield from serving(tmp_path_factory.mktemp("fuzz-daemon"), workers=2)
 
 
 def worker_dealer(context: zmq.Context, address: str, identity: bytes) -> zmq.Socket:
@@ -89,6 +79,15 @@ def worker_dealer(context: zmq.Context, address: str, identity: bytes) -> zmq.So
     security.secure_client(sock, keyring.worker, keyring.daemon.public)
     sock.connect(address)
     return sock
+
+
+def receive(sock: zmq.Socket, copy: bool = True) -> list | None:
+    """One message if one is there, else ``None``. Never blocks: a message ``poll`` saw can vanish
+    before ``recv`` when its sender's connection closes (a worker closing its socket to a trainer)."""
+    try:
+        return sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy)
+    except zmq.Again:
+        return None
 
 
 # --- encoding by hand ------------------------------------------------------------------------------------
@@ -194,8 +193,8 @@ def rule_broken(header: Any, header_bytes: bytes, extra: list[bytes]) -> str | N
     kind = header.get("type")
     if not isinstance(kind, str) or kind not in HANDLED:
         return "a type no daemon accepts"
-    if extra and kind != "batch":
-        return "extra frames on a message without buffers"
+    if extra:  # only batches (worker to trainer) carry buffers
+        return "extra frames on a control message"
     stack, worst = [(header, 1)], None
     while stack:
         item, level = stack.pop()
@@ -325,10 +324,11 @@ FIELDS: dict[str, tuple[tuple | st.SearchStrategy, tuple | st.SearchStrategy]] =
     "kind": (("error", "unreachable", "corrupt"), ("other",)),
 }
 REPORT_STREAM = ((TASK["stream"], TASK["stream"], LIVE_STREAM, "no-such-stream"), ("", LONG[129]))  # `stream` of done/failed
-# Where an accepted stream's batches go: the sink, or no key at all. A key with an address that never
-# answers would hold a worker for its 30 s send timeout per task.
+# Where an accepted stream's batches go: the sink (with its key, without one, with another key), or an
+# address where nobody listens (a worker's PUSH socket queues the batches; the stream's end drops them).
 DATA = (
-    ({"data": SINK, "data_key": SINK_KEY}, {"data": SINK, "data_key": SINK_KEY}, {"data": SINK}, {"data": "tcp://127.0.0.1:1"}),
+    ({"data": SINK, "data_key": SINK_KEY}, {"data": SINK, "data_key": SINK_KEY}, {"data": SINK}, {"data": SINK, "data_key": "A" * 40},
+     {"data": "tcp://127.0.0.1:1"}, {"data": "tcp://127.0.0.1:1", "data_key": SINK_KEY}),
     ({"data": "tcp://127.0.0.1:0", "data_key": SINK_KEY}, {"data": "tcp://127.0.0.1:*", "data_key": SINK_KEY}, {"data": "file:///etc/passwd"},
      {"data": "inproc://x"}, {"data": ""}, {"data": "x" * 513}, {"data": 5}, {"data": None}, {}, {"data": SINK, "data_key": "x" * 39},
      {"data": SINK, "data_key": "~" * 40}, {"data": SINK, "data_key": 5}, {"data": SINK, "data_key": None}),
@@ -342,21 +342,28 @@ def choose(values: tuple | st.SearchStrategy) -> st.SearchStrategy:
 
 @st.composite
 def structured(draw) -> Sent:
-    """A message of a real type. Mode 0: every field a correct peer could send; mode 1: each field on the
-    wrong side of a bound now and then; mode 2: that, plus up to 3 mutations (a wide value, a deleted
-    field, an unknown field), maybe another protocol version and extra frames."""
+    """A message of a real type. Mode 0: fields a correct peer could send; mode 1: one field wrong (on
+    the wrong side of a bound, or any value at all); mode 2: each field wrong now and then, plus up to 3
+    mutations (a wide value, a deleted field, an unknown field), maybe another protocol version and
+    extra frames."""
     kind = draw(st.sampled_from(sorted(HANDLED) if draw(st.integers(0, 4)) else sorted(P.MESSAGES)))
     role = ROLE[kind] if draw(st.integers(0, 6)) else {"client": "worker", "worker": "client"}[ROLE[kind]]
     mode = draw(st.integers(0, 2))
     model = P.MESSAGES[kind].model_fields
+    names = [name for name, info in model.items() if name not in ("data", "data_key") and (info.is_required() or draw(st.booleans()))]
+    names += ["data"] if "data" in model else []
+    wrong = draw(st.sampled_from(names)) if mode == 1 and names else None
     fields: dict[Any, Any] = {}
-    for name, info in model.items():
-        if name in ("data", "data_key") or not (info.is_required() or draw(st.booleans())):
-            continue
-        valid, edge = REPORT_STREAM if (name == "stream" and kind in ("done", "failed")) else FIELDS.get(name, (wide, wide))
-        fields[name] = draw(choose(edge if mode and not draw(st.integers(0, 3)) else valid))
-    if "data" in model:
-        fields.update(draw(choose(DATA[1] if mode and not draw(st.integers(0, 3)) else DATA[0])))
+    for name in names:
+        valid, edge = DATA if name == "data" else REPORT_STREAM if (name == "stream" and kind in ("done", "failed")) else FIELDS.get(name, (wide, wide))
+        if name == wrong and name != "data" and draw(st.booleans()):
+            value = draw(wide)
+        else:
+            value = draw(choose(edge if name == wrong or (mode == 2 and not draw(st.integers(0, 3))) else valid))
+        if name == "data":
+            fields.update(value)
+        else:
+            fields[name] = value
     extra: list[bytes] = []
     if mode == 2:
         mutable = [name for name in model if name not in ("data", "data_key")]
@@ -525,7 +532,8 @@ class Fuzzer:
         else:
             ok = fits(expect) or (allowed is not None and fits(allowed))
         if not ok:
-            self.fail(f"{note}: expected {expect if expect is not None else sorted(allowed)}{' or ' + str(allowed) if expect is not None and allowed else ''}, got {got}\nmessage: {sent!r}")
+            wanted = f"one of {sorted(allowed)}" if expect is None else expect if allowed is None else f"{expect} or {allowed}"
+            self.fail(f"{note}: expected {wanted}, got {got}\nmessage: {sent!r}")
 
     # --- reading replies ------------------------------------------------------------------------------
 
@@ -540,7 +548,9 @@ class Fuzzer:
             if remaining <= 0 or not sock.poll(int(remaining * 1000)):
                 self.daemon.assert_alive()
                 self.fail(f"no {what} within {REPLY_TIMEOUT_S:g} s (the daemon is alive); so far: {[(r.type, r.body) for r in out]}")
-            frames = sock.recv_multipart()
+            frames = receive(sock)
+            if frames is None:
+                continue
             try:
                 reply = P.decode(frames, REPLIES)
             except P.ProtocolError as exc:
@@ -583,8 +593,7 @@ class Fuzzer:
         self.sockets["client"].send_multipart(P.encode(P.Detach(stream=stream)))
 
     def drain_sink(self) -> None:
-        while self.sink.poll(0):
-            self.sink.recv_multipart(copy=False)
+        while receive(self.sink, copy=False) is not None:
             self.stats["batches delivered to the sink"] += 1
 
     def fail(self, text: str) -> None:
@@ -593,7 +602,7 @@ class Fuzzer:
         for role, sock in self.sockets.items():
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline and sock.poll(100):
-                sock.recv_multipart()
+                receive(sock)
         raise Mismatch(f"{text}\n--- daemon log (tail) ---\n{self.daemon.log()[-3000:]}")
 
     def finish(self) -> None:
@@ -630,7 +639,9 @@ def test_regressions_get_an_error_naming_the_problem(fuzz_daemon, role, header, 
     try:
         sock.send_multipart([pack(header)])
         assert sock.poll(int(REPLY_TIMEOUT_S * 1000)), f"no reply to {shorten(header)}:\n{fuzz_daemon.log()[-3000:]}"
-        reply = P.decode(sock.recv_multipart(), REPLIES)
+        frames = receive(sock)
+        assert frames is not None, "the reply vanished between poll and recv"
+        reply = P.decode(frames, REPLIES)
     finally:
         sock.close(linger=0)
         context.term()

@@ -30,7 +30,7 @@ class FakeWorker:
     ``"hold"`` (keep it, never report), ``"done"`` (report it sent without sending), ``"error"``
     (report a failure) or ``"die"`` (stop heartbeating and vanish, holding everything)."""
 
-    def __init__(self, address: str, name: str, policy, capacity: int = 2) -> None:
+    def __init__(self, address: str, name: str, policy, capacity: int = 2, pid: int = 1) -> None:
         keyring = security.Keyring.load()
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
@@ -39,7 +39,7 @@ class FakeWorker:
         security.secure_client(self.sock, keyring.worker, keyring.daemon.public)
         self.sock.connect(address)
         self.name, self.policy = name, policy
-        self.hello = dict(worker=name, pid=1, host="fake", backend="albumentations", device="cpu", capacity=capacity)
+        self.hello = dict(worker=name, pid=pid, host="fake", backend="albumentations", device="cpu", capacity=capacity)
         self.tasks: list[P.Task] = []
         self.dead = False
         self._stop = threading.Event()
@@ -160,3 +160,18 @@ def test_a_task_that_kills_its_workers_ends_its_stream_naming_it(start_daemon, f
         collect(stream)
     daemon.assert_alive()
     assert not daemon.status()["streams"]
+
+
+def test_a_silent_remote_worker_never_costs_a_local_worker_its_life(start_daemon, fakes):
+    """Local workers are known by name: a remote worker that happens to share a local worker's pid and
+    then goes silent is written off alone."""
+    env = subprocess_env(AUGSERVE_HEARTBEAT_INTERVAL="0.2")
+    daemon = start_daemon(workers=1, env=env)
+    [local] = daemon.status()["workers"]
+    twin = fakes(daemon.address, "remote-twin", lambda task: "hold", pid=local["pid"])
+    wait_until(lambda: len(daemon.status()["workers"]) == 2, 10, what="the remote twin to join")
+    twin.close()  # silent from now on
+    wait_until(lambda: len(daemon.status()["workers"]) == 1, 10, what="the twin to be written off")
+    time.sleep(1.0)  # a wrongly killed local worker would be reaped and restarted within this
+    status = daemon.status()
+    assert [w["pid"] for w in status["workers"]] == [local["pid"]] and status["worker_restarts"] == 0
