@@ -679,7 +679,7 @@ class World:
                 assert key not in self.consumed[sid] and key in self.expected[sid]
                 assert 0 <= state.attempts <= self.max_attempts
                 if state.worker is None:
-                    assert key in stream.reissue  # waiting for a worker
+                    assert key in stream.reissue or state.received  # waiting for a worker, or already with the trainer
                 elif state.done_at is None:
                     assert holders.get((sid, key)) == [state.worker]  # held by exactly the worker it names
                 else:
