@@ -101,12 +101,15 @@ class _Link:
             self.data.setsockopt(zmq.RCVHWM, max(4, 2 * prefetch))
             self.data_key: str | None = None
             keyring = credentials.keyring
-            if keyring is not None:
-                # Workers are admitted by key: this user's own, then those the daemon vouches for.
+            data_address = data_address or _data_address(address)
+            # Over TCP, workers are admitted by key: this user's own, then those the daemon vouches for.
+            # An ipc:// socket is a 0600 file in this user's 0700 directory: only this user's processes
+            # reach it, so batches skip the encryption (which costs most of the bandwidth, see README).
+            if keyring is not None and not data_address.startswith("ipc://"):
                 self.gatekeeper = security.Gatekeeper(self.context, {"worker": keyring.allowed("worker")}).start()
                 security.secure_server(self.data, keyring.client)
                 self.data_key = keyring.client.public.decode()
-            self.data.bind(data_address or _data_address(address))
+            self.data.bind(data_address)
             self.data_endpoint = self.data.getsockopt_string(zmq.LAST_ENDPOINT)
             if self.data_endpoint.startswith("ipc://"):
                 os.chmod(self.data_endpoint[len("ipc://") :], 0o600)

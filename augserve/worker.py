@@ -269,7 +269,7 @@ class Worker:
             sock = self.context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 64)
-            if self.keyring is not None:
+            if self.keyring is not None and not task.data.startswith("ipc://"):  # ipc: a private file of one user
                 if task.data_key is None:
                     raise ValueError("the trainer sent no data key, and this worker only talks to authenticated trainers")
                 security.secure_client(sock, self.keyring.worker, task.data_key.encode())

@@ -140,6 +140,7 @@ def test_ipc_sockets_are_private(start_daemon, tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     stream = open_stream(served.address, batch_size=100)
     try:
+        assert stream._link.data_key is None  # a private file: batches skip the encryption
         data = stream._link.data_endpoint[len("ipc://") :]
         assert stat.S_IMODE(os.stat(os.path.dirname(data)).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(data).st_mode) == 0o600
