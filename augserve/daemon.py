@@ -64,6 +64,7 @@ class Daemon:
         self.metrics_port: int | None = None
         self._stopping = False
         self._started = time.monotonic()
+        self._last_internal_error: dict[str, float] = {}
         self._handlers = {
             "ready": self._on_hello, "heartbeat": self._on_hello, "done": self._on_done, "failed": self._on_failed, "bye": self._on_bye,
             "attach": self._on_attach, "credit": self._on_credit, "detach": self._on_detach, "status": self._on_status, "update": self._on_update,
@@ -185,9 +186,9 @@ class Daemon:
                     self._guarded(context[1], context[0], lambda: self._on_admitted(context, result))
                 now = time.monotonic()
                 if now >= next_housekeeping:
-                    self._housekeeping(now)
+                    self._survive("housekeeping", self._housekeeping, now)
                     next_housekeeping = now + interval / 2
-                self._schedule(now)
+                self._survive("scheduling", self._schedule, now)
         finally:
             self.close()
 
@@ -254,6 +255,15 @@ class Daemon:
         except Exception as exc:
             log.warning("handling %s from %r failed", what, identity[:16], exc_info=True)
             self._error(identity, f"bad {what} message: {type(exc).__name__}: {exc}", "bad_request")
+
+    def _survive(self, what: str, call, now: float) -> None:
+        """The loop's own periodic work: a bug in it is logged (once a minute at most), never fatal."""
+        try:
+            call(now)
+        except Exception:
+            if now - self._last_internal_error.get(what, -60.0) >= 60.0:
+                self._last_internal_error[what] = now
+                log.exception("internal error in %s (the daemon carries on)", what)
 
     # --- workers ---------------------------------------------------------------------------------------
 
