@@ -1,5 +1,5 @@
-"""A daemon for the duration of a ``with`` block: ``augserve serve`` as a child process on a free
-loopback port. Trainers use it when no ``--connect`` address is given; benchmarks use it too."""
+"""A daemon for the duration of a ``with`` block: ``augserve serve`` as a child process on a private
+``ipc://`` socket. Trainers use it when no ``--connect`` address is given; benchmarks use it too."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from typing import Iterator
 
 from .status import fetch_status
@@ -37,7 +38,11 @@ def local_daemon(workers: int = 2, backend: str = "albumentations", device: str 
     """Start a daemon with ``workers`` local workers, wait until they joined, yield its address, stop it
     with SIGINT at the end. Its log goes to a temporary file (a pipe nobody reads would fill and stall
     the daemon on a long run); the file's tail is in the error if the daemon fails to start."""
-    address = f"tcp://127.0.0.1:{free_port()}"
+    # A private ipc socket: only this user's processes reach it, and batches to trainers on this host
+    # then travel without encryption (see the transport figures in the README).
+    from .security import private_ipc_dir
+
+    address = f"ipc://{private_ipc_dir()}/daemon-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
     command = [sys.executable, "-m", "augserve", "serve", "--bind", address, "--workers", str(workers), "--backend", backend, "--device", device]
     for name, path in (datasets or {}).items():
         command += ["--dataset", f"{name}={path}"]

@@ -1,4 +1,4 @@
-"""The ``augserve bench`` subcommands: ``pipelines``, ``e2e``, ``trainer``, ``gpu`` and ``soak``.
+"""The ``augserve bench`` subcommands: ``pipelines``, ``e2e``, ``trainer``, ``gpu``, ``soak`` and ``transport``.
 
 ``augserve/cli.py`` calls :func:`add_bench_commands` with its ``bench`` sub-parsers. Every handler takes
 the parsed ``args``, raises ValueError (one line) for a user's mistake, and prints either a readable
@@ -126,11 +126,20 @@ def cmd_bench_soak(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_bench_transport(args) -> int:
+    from .transport import TransportBenchConfig, format_table, json_rows, run_transport_bench
+
+    config = TransportBenchConfig(batch_images=tuple(args.batch_images), size=args.size, rounds=args.rounds, batches=args.batches, timeout_s=args.timeout)
+    result = run_transport_bench(config, progress=_progress(args))
+    _print_rows_and_summary(args, json_rows(result), result, format_table(result))
+    return 0
+
+
 # --- registration ------------------------------------------------------------------------------------
 
 
 def add_bench_commands(bench_kinds, backends: list[str]) -> None:
-    """Register ``pipelines``, ``e2e``, ``trainer``, ``gpu`` and ``soak`` under ``augserve bench`` (``bench_kinds``: the
+    """Register ``pipelines``, ``e2e``, ``trainer``, ``gpu``, ``soak`` and ``transport`` under ``augserve bench`` (``bench_kinds``: the
     ``bench`` parser's sub-parsers; ``backends``: the augmentation backend names)."""
 
     def common(sub) -> None:
@@ -198,3 +207,11 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     soak.add_argument("--json", action="store_true", help="one JSON object per line: streams and jobs, then the summary")
     soak.set_defaults(func=cmd_bench_soak)
 
+    transport = bench_kinds.add_parser("transport", help="GB/s of one batch from a worker-like sender to a trainer-like receiver: tcp, tcp+curve, ipc vs memcpy")
+    transport.add_argument("--batch-images", type=int, nargs="+", default=[64, 256], metavar="N", help="images per batch, one or more batch sizes")
+    transport.add_argument("--size", type=int, default=224, help="image side in pixels (N×size×size×3 uint8)")
+    transport.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    transport.add_argument("--batches", type=int, default=20, help="timed batches per transport, batch size and round")
+    transport.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="longest wait for any one batch before the run fails")
+    transport.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
+    transport.set_defaults(func=cmd_bench_transport)

@@ -1,0 +1,444 @@
+"""``augserve bench transport``: how fast one batch moves from a worker to a trainer, per transport.
+
+Each transport is a real sender process (a worker's side: a PUSH socket, ``copy=False`` frames) and a
+PULL socket in this process (a trainer's side: :func:`protocol.decode`, then
+:func:`protocol.frames_to_tensors`, zero-copy). A batch is what ``augserve/worker.py`` sends: a
+:class:`protocol.BatchHeader` and three frames — images ``N×S×S×3`` uint8 (NHWC), labels and sample ids
+(``N`` int64 each).
+
+* ``tcp``        loopback TCP, no security;
+* ``tcp+curve``  loopback TCP with CurveZMQ as augserve uses it by default: the receiver is a CURVE server
+  with the *client* key and a :class:`security.Gatekeeper` admitting the *worker* key, the sender a
+  CURVE client with the worker key (keys in a temporary directory; the user's keys are never touched);
+* ``ipc``        a Unix socket in :func:`security.private_ipc_dir`, what augserve uses for batches when
+  the daemon listens on ipc:// (no encryption: the socket file is private to the user);
+* ``memcpy``     the baseline: the same number of bytes copied into a preallocated numpy buffer.
+
+All of them run in interleaved rounds (:func:`timing.interleaved`) and medians are reported; on a shared
+machine the ratios (× tcp, × memcpy) are what holds. GB/s counts the batch's payload bytes (all three
+frames; 1 GB = 10⁹ bytes). Every wait is bounded: a sender that dies or stays silent for ``timeout_s``
+ends the run with one ConnectionError or TimeoutError line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import platform
+import secrets
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from .. import protocol as P
+from .. import security
+from .timing import interleaved
+
+TRANSPORTS = ("tcp", "tcp+curve", "ipc")
+BASELINE = "memcpy"
+MAX_BATCH_BYTES = 10**9  # every batch lives several times over: in each sender, in the receive queue, in memcpy's two buffers
+SNDHWM = 64  # as a worker's data socket
+RCVHWM = 16  # as a trainer's data socket at its default prefetch of 8
+WARMUP_BATCHES = 2  # per candidate before the timed rounds: connects, handshakes, first-touch page faults
+START_TIMEOUT_S = 60.0  # a sender imports numpy, pyzmq and pydantic; a loaded 2-core machine is slow at it
+STOP_TIMEOUT_S = 5.0
+MAX_TIMEOUT_S = 3600.0
+SLICE_S = 0.2  # how often a waiting receiver checks that its sender is still alive
+
+
+@dataclass(frozen=True)
+class TransportBenchConfig:
+    """``batch_images``: batch sizes N (images per batch); ``size``: image side S in pixels; ``batches``
+    per candidate and round; ``timeout_s``: the longest wait for any one batch or reply."""
+
+    batch_images: tuple[int, ...] = (64, 256)
+    size: int = 224
+    rounds: int = 3
+    batches: int = 20
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.batch_images:
+            raise ValueError("--batch-images needs at least one batch size")
+        for name in ("size", "rounds", "batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for count in self.batch_images:
+            if count < 1:
+                raise ValueError(f"--batch-images must be >= 1, got {count}")
+            if payload_bytes(count, self.size) > MAX_BATCH_BYTES:
+                raise ValueError(f"--batch-images {count} with --size {self.size} makes a {payload_bytes(count, self.size) / 1e9:.1f} GB batch; at most {MAX_BATCH_BYTES / 1e9:.0f} GB")
+        if len(set(self.batch_images)) != len(self.batch_images):
+            raise ValueError(f"--batch-images lists a size twice: {' '.join(map(str, self.batch_images))}")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"--timeout must be > 0 seconds and at most {MAX_TIMEOUT_S:g}, got {self.timeout_s}")
+
+
+def payload_bytes(images: int, size: int) -> int:
+    """Bytes of one batch's frames: N×S×S×3 uint8 images, N int64 labels, N int64 sample ids."""
+    return images * size * size * 3 + 2 * 8 * images
+
+
+def _batch(images: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images NHWC uint8, labels int64, sample ids int64); random pixels, so nothing compresses."""
+    rng = np.random.default_rng(images)
+    return rng.integers(0, 256, (images, size, size, 3), dtype=np.uint8), np.arange(images, dtype=np.int64) % 10, np.arange(images, dtype=np.int64)
+
+
+# --- the sender (a worker's side), in its own process ---------------------------------------------
+
+
+def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batch_images: tuple[int, ...], size: int, timeout_s: float) -> None:
+    """Connect a PUSH socket to ``endpoint``, then obey ``conn``: ``("send", N, count, first_index)``
+    sends ``count`` batches of ``N`` images and answers ``("sent", count)``; ``("stop",)`` ends. A
+    failure is reported as ``("error", text)``; a vanished parent ends the process."""
+    parent = os.getppid()
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        if transport == "tcp+curve":
+            keyring = security.Keyring.load(keys_dir, create=False)
+            security.secure_client(sock, keyring.worker, keyring.client.public)
+        sock.connect(endpoint)
+        batches = {count: _batch(count, size) for count in batch_images}
+        conn.send(("ready", os.getpid()))
+        while True:
+            while not conn.poll(1.0):
+                if os.getppid() != parent:
+                    return
+            command = conn.recv()
+            if command[0] == "stop":
+                return
+            _, count, batches_to_send, first_index = command
+            images, labels, ids = batches[count]
+            for index in range(first_index, first_index + batches_to_send):
+                header = P.BatchHeader(
+                    stream="bench", task=f"bench-{index}", epoch=0, index=index, pipeline_version=1, worker="bench-sender",
+                    tensors=[P.describe("images", images), P.describe("labels", labels), P.describe("sample_ids", ids)],
+                )  # fmt: skip
+                frames = P.encode(header, [P.tensor_buffer(images), P.tensor_buffer(labels), P.tensor_buffer(ids)])
+                if not sock.poll(timeout=int(timeout_s * 1000), flags=zmq.POLLOUT):
+                    raise TimeoutError(f"the receiver did not take a batch within {timeout_s:g} s")
+                sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            conn.send(("sent", batches_to_send))
+    except (EOFError, BrokenPipeError):
+        return  # the parent is gone; nobody to report to
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    finally:
+        sock.close(linger=0)
+        context.term()
+
+
+# --- the receiver (a trainer's side) --------------------------------------------------------------
+
+
+class Channel:
+    """One transport under test: a PULL socket bound here and the sender process that pushes into it.
+
+    :meth:`move` asks for batches and receives them; every wait in it is bounded by the config's
+    ``timeout_s``, and a sender that died or reported an error becomes a ConnectionError."""
+
+    def __init__(self, transport: str, config: TransportBenchConfig, keys_dir: str | os.PathLike | None = None) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; transports are {', '.join(TRANSPORTS)}")
+        if transport == "tcp+curve" and keys_dir is None:
+            raise ValueError("tcp+curve needs a keys directory")
+        self.transport = transport
+        self.config = config
+        self.process = None
+        self.conn = None
+        self.gatekeeper: security.Gatekeeper | None = None
+        self.ipc_path: str | None = None
+        self._next_index = 0
+        self._early_reply: tuple | None = None
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.PULL)
+        try:
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.setsockopt(zmq.RCVHWM, RCVHWM)
+            self.sock.setsockopt(zmq.MAXMSGSIZE, max(payload_bytes(n, config.size) for n in config.batch_images) + (1 << 20))
+            if transport == "tcp+curve":
+                keyring = security.Keyring.load(keys_dir, create=False)
+                self.gatekeeper = security.Gatekeeper(self.context, {"worker": [keyring.worker.public]}).start()
+                security.secure_server(self.sock, keyring.client)
+            if transport == "ipc":
+                self.ipc_path = str(security.private_ipc_dir() / f"bench-transport-{os.getpid()}-{secrets.token_hex(4)}")
+                self.sock.bind(f"ipc://{self.ipc_path}")
+                os.chmod(self.ipc_path, 0o600)
+            else:
+                self.sock.bind("tcp://127.0.0.1:*")
+            endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            # spawn, not fork: this process may hold zmq contexts and torch threads a fork would copy
+            spawn = multiprocessing.get_context("spawn")
+            self.conn, child = spawn.Pipe()
+            args = (child, transport, endpoint, None if keys_dir is None else str(keys_dir), tuple(config.batch_images), config.size, config.timeout_s)
+            self.process = spawn.Process(target=_sender_main, args=args, name=f"augserve-bench-{transport}", daemon=True)
+            self.process.start()
+            child.close()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        reply = self._reply(time.monotonic() + timeout_s, f"start within {timeout_s:g} s")
+        if reply[0] != "ready":
+            raise ConnectionError(f"the {self.transport} sender answered {reply[0]!r} instead of 'ready'")
+
+    def move(self, images: int, count: int) -> None:
+        """Have the sender push ``count`` batches of ``images`` images; receive, decode and wrap each."""
+        shape = (images, self.config.size, self.config.size, 3)
+        first = self._next_index
+        self._next_index += count
+        try:
+            self.conn.send(("send", images, count, first))
+        except OSError:  # BrokenPipeError: the sender is gone
+            raise self._died() from None
+        for index in range(first, first + count):
+            self._receive_one(index, shape)
+        reply = self._reply(time.monotonic() + self.config.timeout_s, f"confirm its batches within {self.config.timeout_s:g} s")
+        if reply != ("sent", count):
+            raise ConnectionError(f"the {self.transport} sender answered {reply!r} instead of ('sent', {count})")
+
+    def _receive_one(self, index: int, shape: tuple[int, ...]) -> None:
+        deadline = time.monotonic() + self.config.timeout_s
+        while True:
+            if self.sock.poll(timeout=int(SLICE_S * 1000), flags=zmq.POLLIN):
+                try:
+                    frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:  # seen on a fresh connection: POLLIN with no whole message to take yet
+                    pass
+            self._check_sender()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no batch over {self.transport} within {self.config.timeout_s:g} s (the sender, pid {self.pid}, is alive but sent nothing)")
+        message = P.decode(frames, P.WORKER_TO_CLIENT)
+        tensors = P.frames_to_tensors(message.body.tensors, message.buffers)
+        if message.body.index != index or tuple(tensors["images"].shape) != shape:
+            raise ValueError(f"{self.transport}: expected batch {index} of shape {shape}, got batch {message.body.index} of {tuple(tensors['images'].shape)}")
+
+    def _check_sender(self) -> None:
+        """Raise ConnectionError when the sender reported an error or is dead. Its ``sent`` reply may
+        come before the last batches do (they are queued, not yet delivered): that one is kept."""
+        if self._early_reply is None and self.conn.poll(0):
+            self._early_reply = self._read_reply()
+        if not self.process.is_alive():
+            raise self._died()
+
+    def _reply(self, deadline: float, what: str) -> tuple:
+        if self._early_reply is not None:
+            reply, self._early_reply = self._early_reply, None
+            return reply
+        while not self.conn.poll(SLICE_S):
+            if not self.process.is_alive():
+                raise self._died()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {self.transport} sender (pid {self.pid}) did not {what}")
+        return self._read_reply()
+
+    def _read_reply(self) -> tuple:
+        try:
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            raise self._died() from None
+        if reply[0] == "error":
+            raise ConnectionError(f"the {self.transport} sender failed: {reply[1]}")
+        return reply
+
+    def _died(self) -> ConnectionError:
+        self.process.join(1.0)
+        code = self.process.exitcode
+        how = "is unreachable" if code is None else f"died (signal {-code})" if code < 0 else f"exited with status {code}"
+        return ConnectionError(f"the {self.transport} sender (pid {self.pid}) {how}; no more batches can arrive")
+
+    def close(self) -> None:
+        if self.process is not None:
+            if self.process.is_alive():
+                with contextlib.suppress(OSError):
+                    self.conn.send(("stop",))
+                self.process.join(STOP_TIMEOUT_S)
+            for end in (self.process.terminate, self.process.kill):
+                if not self.process.is_alive():
+                    break
+                end()
+                self.process.join(STOP_TIMEOUT_S)
+        if self.conn is not None:
+            self.conn.close()
+        self.sock.close(linger=0)
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
+        self.context.term()
+        if self.ipc_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.ipc_path)
+
+
+# --- the benchmark --------------------------------------------------------------------------------
+
+
+def curve_library() -> str:
+    """What backs libzmq's CURVE in this process: libsodium when it is loaded as a shared library (read
+    from /proc/self/maps, so Linux only), else a note saying what else it may be."""
+    if not zmq.has("curve"):
+        return "none: this libzmq was built without CURVE"
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
+            libraries = {line.split()[-1] for line in handle if "/" in line}
+    except OSError:
+        return "unknown (no /proc/self/maps)"
+    sodium = sorted(os.path.basename(path) for path in libraries if "libsodium" in os.path.basename(path))
+    if sodium:
+        return f"libsodium ({sodium[0]})"
+    return "not a shared libsodium (libzmq's built-in TweetNaCl, or libsodium linked in statically)"
+
+
+def conditions() -> dict:
+    from .plots import cpu_name
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu_name(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "pyzmq": zmq.pyzmq_version(),
+        "libzmq": zmq.zmq_version(),
+        "curve": curve_library(),
+    }
+
+
+def _sig(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def run_transport_bench(config: TransportBenchConfig, progress=None) -> dict:
+    """Measure every transport and the memcpy baseline at every batch size; returns rows and summary."""
+    say = progress or (lambda text: None)
+    started = conditions()
+    with tempfile.TemporaryDirectory(prefix="augserve-bench-keys-") as keys_dir, contextlib.ExitStack() as stack:
+        if not zmq.has("curve"):
+            raise ValueError(f"libzmq {zmq.zmq_version()} was built without CURVE, so tcp+curve cannot be measured")
+        security.Keyring.load(keys_dir)  # a throwaway keyring: the user's own keys stay untouched
+        say(f"starting {len(TRANSPORTS)} sender processes ({', '.join(TRANSPORTS)})")
+        channels = {name: stack.enter_context(contextlib.closing(Channel(name, config, keys_dir))) for name in TRANSPORTS}
+        for channel in channels.values():
+            channel.wait_ready()
+        candidates, buffers = {}, {}
+        for images in config.batch_images:
+            nbytes = payload_bytes(images, config.size)
+            source = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+            target = np.empty_like(source)
+
+            def copy(round_index: int, source=source, target=target, images=images) -> int:
+                count = config.batches if round_index >= 0 else WARMUP_BATCHES
+                for _ in range(count):
+                    np.copyto(target, source)
+                return count * images
+
+            buffers[images] = (source, target)
+            candidates[(BASELINE, images)] = copy
+            for name, channel in channels.items():
+
+                def move(round_index: int, channel=channel, images=images) -> int:
+                    count = config.batches if round_index >= 0 else WARMUP_BATCHES
+                    channel.move(images, count)
+                    return count * images
+
+                candidates[(name, images)] = move
+        say(f"measuring: {config.rounds} interleaved rounds of {config.batches} batches per transport and batch size")
+        timed = interleaved(candidates, config.rounds)
+    return _result(config, timed, started)
+
+
+def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
+    rows, by_batch = [], []
+    for images in config.batch_images:
+        nbytes = payload_bytes(images, config.size)
+        rate = {name: timed[(name, images)]["images_per_s"] * nbytes / images / 1e9 for name in (BASELINE, *TRANSPORTS)}
+        for name in (BASELINE, *TRANSPORTS):
+            runs = timed[(name, images)]["runs"]
+            rows.append({
+                "benchmark": "transport",
+                "transport": name,
+                "batch_images": images,
+                "image_size": config.size,
+                "batch_bytes": nbytes,
+                "batch_mb": _sig(nbytes / 1e6),
+                "gb_per_s": _sig(rate[name]),
+                "batches_per_s": _sig(timed[(name, images)]["images_per_s"] / images),
+                "vs_tcp": _sig(rate[name] / rate["tcp"]),
+                "vs_memcpy": _sig(rate[name] / rate[BASELINE]),
+                "runs_gb_per_s": [_sig(r * nbytes / images / 1e9) for r in runs],
+            })  # fmt: skip
+        by_batch.append({
+            "batch_images": images,
+            "batch_mb": _sig(nbytes / 1e6),
+            "gb_per_s": {name: _sig(rate[name]) for name in (BASELINE, *TRANSPORTS)},
+            "curve_vs_tcp": _sig(rate["tcp+curve"] / rate["tcp"]),
+            "ipc_vs_tcp": _sig(rate["ipc"] / rate["tcp"]),
+        })  # fmt: skip
+    return {
+        "benchmark": "transport",
+        "batch_images": list(config.batch_images),
+        "image_size": config.size,
+        "rounds": config.rounds,
+        "batches": config.batches,
+        "rows": rows,
+        "by_batch": by_batch,
+        "curve_vs_tcp": _sig(statistics.median(b["curve_vs_tcp"] for b in by_batch)),
+        "ipc_vs_tcp": _sig(statistics.median(b["ipc_vs_tcp"] for b in by_batch)),
+        "conditions": started,
+    }
+
+
+def _fmt(value: float) -> str:
+    """Three significant digits without an exponent for what a table shows (0.0123, 9.63, 38.54, 1904)."""
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
+def json_rows(result: dict) -> list[dict]:
+    """The rows ``--json`` prints before the summary: one per (transport, batch size)."""
+    return list(result["rows"])
+
+
+def format_table(result: dict) -> str:
+    size = result["image_size"]
+    lines = [
+        f"transport benchmark — one batch (N×{size}×{size}×3 uint8 images + labels + ids) from a PUSH sender process to a PULL receiver "
+        f"that decodes it and wraps it as tensors without copying; median of {result['rounds']} interleaved round(s) of {result['batches']} batches",
+        "",
+        "| transport | batch | MB | GB/s | batches/s | × tcp | × memcpy |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        name = f"{row['transport']} (baseline)" if row["transport"] == BASELINE else row["transport"]
+        lines.append(
+            f"| {name} | {row['batch_images']}×{size}×{size}×3 | {_fmt(row['batch_bytes'] / 1e6)} | {_fmt(row['gb_per_s'])} | {_fmt(row['batches_per_s'])} "
+            f"| {_fmt(row['vs_tcp'])} | {_fmt(row['vs_memcpy'])} |"
+        )
+    per_batch = ", ".join(f"{_fmt(b['curve_vs_tcp'])}× at {_fmt(b['batch_mb'])} MB" for b in result["by_batch"])
+    ipc = ", ".join(f"{_fmt(b['ipc_vs_tcp'])}× at {_fmt(b['batch_mb'])} MB" for b in result["by_batch"])
+    c = result["conditions"]
+    load = "" if c["load_average"] is None else f", load average {c['load_average'][0]:.2f} at the start"
+    lines += [
+        "",
+        f"tcp+curve / tcp: {per_batch} (median {_fmt(result['curve_vs_tcp'])}×)",
+        f"ipc / tcp: {ipc} (median {_fmt(result['ipc_vs_tcp'])}×)",
+        f"conditions: {c['cores']} cores ({c['cpu']}){load}; Python {c['python']}, pyzmq {c['pyzmq']}, libzmq {c['libzmq']}; CURVE by {c['curve']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""``augserve bench transport``: real sender processes and real sockets, tiny batches.
+
+Speeds are never asserted (the machine is shared and these runs last milliseconds); what is checked is
+that every transport and batch size is measured, that the figures agree with each other, that the
+user's own keys are never touched, and that a user's mistake, a dead sender and a silent sender each
+end in one clear error, fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import time
+
+import pytest
+import zmq
+
+from augserve import security
+from augserve.bench.transport import BASELINE, TRANSPORTS, Channel, TransportBenchConfig, payload_bytes
+from augserve.cli import main
+
+SMALL = ["--size", "32", "--batches", "3", "--rounds", "1"]
+
+
+def _ipc_leftovers() -> set[str]:
+    return {name for name in os.listdir(security.private_ipc_dir()) if name.startswith(f"bench-transport-{os.getpid()}-")}
+
+
+def test_json_rows_cover_every_transport_and_batch_size(capsys, monkeypatch, tmp_path):
+    user_keys = tmp_path / "user-keys"
+    monkeypatch.setenv("AUGSERVE_KEYS_DIR", str(user_keys))
+    assert main(["bench", "transport", "--batch-images", "2", "3", *SMALL, "--json"]) == 0
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    rows, summary = lines[:-1], lines[-1]
+
+    assert {(r["transport"], r["batch_images"]) for r in rows} == {(t, n) for t in (BASELINE, *TRANSPORTS) for n in (2, 3)}
+    assert len(rows) == 8 and all(r["benchmark"] == "transport" for r in rows)
+    for row in rows:
+        assert row["batch_bytes"] == payload_bytes(row["batch_images"], 32) == row["batch_images"] * 32 * 32 * 3 + 16 * row["batch_images"]
+        assert math.isfinite(row["gb_per_s"]) and row["gb_per_s"] > 0, row
+        assert row["gb_per_s"] == pytest.approx(row["batches_per_s"] * row["batch_bytes"] / 1e9, rel=2e-3)
+        same_batch = {r["transport"]: r["gb_per_s"] for r in rows if r["batch_images"] == row["batch_images"]}
+        assert row["vs_tcp"] == pytest.approx(row["gb_per_s"] / same_batch["tcp"], rel=2e-3)
+        assert row["vs_memcpy"] == pytest.approx(row["gb_per_s"] / same_batch[BASELINE], rel=2e-3)
+        assert len(row["runs_gb_per_s"]) == 1 and row["runs_gb_per_s"][0] == pytest.approx(row["gb_per_s"], rel=2e-3)
+
+    assert summary["benchmark"] == "transport" and summary["rows"] == rows
+    assert [b["batch_images"] for b in summary["by_batch"]] == [2, 3]
+    for entry in summary["by_batch"]:
+        rates = entry["gb_per_s"]
+        assert set(rates) == {BASELINE, *TRANSPORTS}
+        assert entry["curve_vs_tcp"] == pytest.approx(rates["tcp+curve"] / rates["tcp"], rel=2e-3)
+    assert summary["curve_vs_tcp"] == pytest.approx(statistics.median(b["curve_vs_tcp"] for b in summary["by_batch"]), rel=1e-3)
+    conditions = summary["conditions"]
+    assert conditions["libzmq"] == zmq.zmq_version() and conditions["pyzmq"] == zmq.pyzmq_version()
+    assert conditions["cores"] == os.cpu_count() and conditions["curve"]
+
+    assert not user_keys.exists(), "the bench must use a throwaway keyring, never the user's"
+    assert not _ipc_leftovers(), "the ipc socket file must be removed"
+
+
+def test_table_names_every_transport(capsys):
+    assert main(["bench", "transport", "--batch-images", "2", "--size", "16", "--batches", "1", "--rounds", "1"]) == 0
+    captured = capsys.readouterr()
+    table = [line for line in captured.out.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| memcpy (baseline)", "| tcp", "| tcp+curve", "| ipc"]
+    assert "tcp+curve / tcp:" in captured.out and f"libzmq {zmq.zmq_version()}" in captured.out
+    assert "starting 3 sender processes" in captured.err  # progress goes to stderr, never into the table
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batches", "0"], "--batches must be >= 1, got 0"),
+        (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+        (["--batch-images", "0"], "--batch-images must be >= 1, got 0"),
+        (["--batch-images", "4", "4"], "--batch-images lists a size twice"),
+        (["--size", "0"], "--size must be >= 1, got 0"),
+        (["--timeout", "0"], "--timeout must be > 0 seconds"),
+        (["--timeout", "nan"], "--timeout must be > 0 seconds"),
+        (["--batch-images", "100000"], "GB batch; at most 1 GB"),
+    ],
+)
+def test_a_bad_flag_is_one_error_line_and_exit_2(capsys, flags, message):
+    assert main(["bench", "transport", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert captured.err.startswith("augserve: error: ") and message in captured.err
+
+
+def _config(timeout_s: float = 5.0) -> TransportBenchConfig:
+    return TransportBenchConfig(batch_images=(2,), size=16, rounds=1, batches=1, timeout_s=timeout_s)
+
+
+def test_a_dead_sender_is_a_connection_error_not_a_hang():
+    channel = Channel("tcp", _config())
+    try:
+        channel.wait_ready()
+        channel.move(2, 2)
+        os.kill(channel.pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match=rf"the tcp sender \(pid {channel.pid}\) died \(signal 9\)"):
+            channel.move(2, 1)
+        assert time.monotonic() - started < 3.0
+    finally:
+        channel.close()
+
+
+def test_a_silent_sender_times_out_within_the_deadline():
+    channel = Channel("ipc", _config(timeout_s=1.0))
+    try:
+        channel.wait_ready()
+        os.kill(channel.pid, signal.SIGSTOP)  # alive, but sends nothing
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"no batch over ipc within 1 s"):
+            channel.move(2, 1)
+        assert 1.0 <= time.monotonic() - started < 3.0
+    finally:
+        os.kill(channel.pid, signal.SIGCONT)
+        channel.close()
+    assert not _ipc_leftovers()
+
+
+def test_the_curve_channel_admits_only_the_worker_key(tmp_path):
+    keyring = security.Keyring.load(tmp_path / "keys")
+    channel = Channel("tcp+curve", _config(), tmp_path / "keys")
+    context = zmq.Context()
+    stranger = context.socket(zmq.PUSH)
+    try:
+        channel.wait_ready()
+        channel.move(2, 1)  # the sender, presenting the worker key, gets through
+        assert channel.gatekeeper is not None and channel.gatekeeper.refused == 0
+        stranger.setsockopt(zmq.LINGER, 0)
+        security.secure_client(stranger, security.KeyPair.generate(), keyring.client.public)
+        stranger.connect(channel.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        deadline = time.monotonic() + 5.0
+        while channel.gatekeeper.refused == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert channel.gatekeeper.refused >= 1, "a CURVE client with an unknown key must be refused"
+        assert channel.gatekeeper.recent_refusals[-1].reason.startswith("key not allowed")
+    finally:
+        stranger.close(linger=0)
+        context.term()
+        channel.close()
