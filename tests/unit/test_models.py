@@ -362,4 +362,11 @@ def test_resnet18_channels_last_bf16_autocast_cpu():
     assert torch.isfinite(out.float()).all()
     with torch.no_grad():
         reference = model(x)
-    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.1)
+    # bf16 keeps 8 significant bits (relative step 2**-8); logits here are |x| <= ~1.8, so one bf16
+    # step is <= ~0.008. Measured max |bf16 - fp32|: 0.0069 for this seed, <= 0.0088 over torch seeds
+    # 0-5. atol 0.025 is ~3× that worst case. rtol is 0 on purpose: near-zero logits have a large
+    # relative error (up to 2× measured) although the absolute one is tiny. Checked that this bound
+    # catches what the old one (atol=rtol=0.1) missed when only the autocast path is broken: fc bias
+    # dropped (0.047) or last block's output rounded to float8 (0.027); a skipped block (>= 0.42) fails
+    # both. A path that ran in fp16 instead fails the dtype assertion above.
+    torch.testing.assert_close(out.float(), reference, atol=0.025, rtol=0.0)
