@@ -101,7 +101,7 @@ def test_a_running_daemon_exposes_its_metrics(start_daemon):
     import socket
     import urllib.request
 
-    from conftest import collect, open_stream
+    from conftest import collect, open_stream, wait_until
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -110,11 +110,13 @@ def test_a_running_daemon_exposes_its_metrics(start_daemon):
     with open_stream(daemon.address, batch_size=16, prefetch=2) as stream:
         it = iter(stream)
         next(it)
-        import time
 
-        time.sleep(1.5)  # one housekeeping tick refreshes the gauges
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert f'augserve_stream_credits{{stream="{stream.id}"}} 2.0' in text
+        def scrape_text() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+        # The gauges are refreshed on the daemon's housekeeping tick: wait for one that saw this stream.
+        credits = f'augserve_stream_credits{{stream="{stream.id}"}} 2.0'
+        wait_until(lambda: credits in scrape_text(), timeout=10, interval=0.1, what=f"the scrape to show {credits!r}")
         collect(it)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "augserve_workers_connected 2.0" in text

@@ -5,16 +5,28 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+import pipelines
 from augserve.client import StreamError
-from conftest import open_stream
+from augserve.sources import open_dataset
+from conftest import SHAPES, open_stream
 
 SPEC = {"name": "tunable", "ops": [{"op": "random_crop", "size": 32, "padding": 2}, {"op": "rotate", "degrees": 5}]}
 
 
+def _augmented_here(spec: dict, source, batch, seed: int) -> np.ndarray:
+    """What ``spec`` makes of ``batch``'s samples in this process: the worker's computation (uint8 HWC,
+    the same (seed, epoch, sample id) draws), on the dataset's own images."""
+    ids = batch.sample_ids.tolist()
+    pipe = pipelines.build(pipelines.PipelineSpec.model_validate(spec), backend="albumentations")
+    return pipe([source.load(i) for i in ids], seed=seed, epoch=batch.epoch, sample_ids=ids).numpy()
+
+
 def test_update_from_the_trainer_applies_from_the_stated_batch(daemon):
-    with open_stream(daemon.address, pipeline=SPEC, batch_size=16, prefetch=2, ordered=True, shuffle=False) as stream:
+    seed = 4
+    with open_stream(daemon.address, pipeline=SPEC, batch_size=16, prefetch=2, ordered=True, shuffle=False, seed=seed) as stream:
         batches = iter(stream)
         first = [next(batches) for _ in range(2)]
         assert {b.pipeline_version for b in first} == {1}
@@ -27,6 +39,16 @@ def test_update_from_the_trainer_applies_from_the_stated_batch(daemon):
         for batch in first + rest:
             expected = 2 if batch.index >= result["from_index"] else 1
             assert batch.pipeline_version == expected, (batch.index, batch.pipeline_version)
+    # Each batch is exactly what its version's spec makes of its samples: version 1 the old spec,
+    # version 2 the new one (both versions occur: the first two batches are 1, the last is 2).
+    assert {b.pipeline_version for b in first + rest} == {1, 2}
+    source = open_dataset("shapes", **SHAPES)
+    specs = {1: SPEC, 2: result["spec"]}
+    for batch in first + rest:
+        spec = specs[batch.pipeline_version]
+        np.testing.assert_array_equal(batch.images.numpy(), _augmented_here(spec, source, batch, seed), err_msg=f"batch {batch.index}, version {batch.pipeline_version}")
+        other = _augmented_here(specs[3 - batch.pipeline_version], source, batch, seed)
+        assert not np.array_equal(batch.images.numpy(), other), f"batch {batch.index}: both specs give the same bytes, so the check above proves nothing"
 
 
 def test_a_refused_update_names_the_field_and_leaves_the_stream_running(daemon):

@@ -4,6 +4,7 @@ flags, signals) as a user runs them."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import time
@@ -18,6 +19,22 @@ try:  # tests/integration is a package in some checkouts (tests/__init__.py) and
     from .conftest import CROP_FLIP, collect, free_port, open_stream, pid_alive, run_augserve, subprocess_env, wait_until, write_image_folder
 except ImportError:
     from conftest import CROP_FLIP, collect, free_port, open_stream, pid_alive, run_augserve, subprocess_env, wait_until, write_image_folder
+
+
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of ``pid``, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as handle:
+                state, ppid = handle.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # exited meanwhile
+            continue
+        if int(ppid) == pid and state != "Z":
+            children.append(int(entry))
+    return children
 
 
 def _one_error_line(proc) -> str:
@@ -112,10 +129,16 @@ def test_serve_reads_a_config_file_and_the_environment_and_flags_win(start_daemo
     config.write_text(yaml.safe_dump({"bind": address, "workers": 3, "backend": "torch", "datasets": {"mine": str(folder)}, "heartbeat_interval": 0.5}))
     env = subprocess_env(AUGSERVE_WORKERS="1", AUGSERVE_BACKEND="albumentations")
     from_flag = start_daemon("--config", str(config), "--workers", "2", workers=None, bind=address, bind_flag=False, expect_workers=2, env=env)
-    time.sleep(0.5)  # workers start together: a third one would have joined by now
-    status = from_flag.status()
+
+    # The daemon's local workers are its child processes, all started at once: count those (a third
+    # worker still importing torch has not joined yet, but it is already a child).
+    def all_joined():
+        status = from_flag.status()
+        return status if len(status["workers"]) == len(_children(from_flag.pid)) else None
+
+    status = wait_until(all_joined, timeout=30, what="every worker process to join")
     assert status["address"] == address
-    assert len(status["workers"]) == 2, "the --workers flag did not win over the environment and the file"
+    assert len(status["workers"]) == 2 and sorted(_children(from_flag.pid)) == from_flag.worker_pids(), "the --workers flag did not win over the environment and the file"
     assert status["backend"] == "albumentations" and {w["backend"] for w in status["workers"]} == {"albumentations"}, "AUGSERVE_BACKEND did not win over the file"
     records = collect(open_stream(address, dataset="mine", pipeline=CROP_FLIP, batch_size=8))
     assert sorted(i for r in records for i in r["ids"].tolist()) == list(range(20))
