@@ -205,7 +205,7 @@ def fit_head_on_cached_features(run, model: nn.Module, address: str, metrics) ->
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            stats.add(float(loss), int((logits.argmax(1) == labels_t[chunk]).sum()), len(chunk))
+            stats.add(loss.item(), int((logits.argmax(1) == labels_t[chunk]).sum()), len(chunk))
             run.step += 1
         elapsed = time.perf_counter() - started
         val = run.evaluate()

@@ -1,6 +1,8 @@
 """`python -m trainer train` as a user runs it: real daemon, real worker and trainer processes, real files."""
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,18 +32,47 @@ def summary_of(proc) -> dict:
 def pretrained(tmp_path_factory):
     """A short LeNet run whose checkpoint later tests start from."""
     out = tmp_path_factory.mktemp("pretrained")
-    summary = summary_of(trainer(*BASE, "--epochs", "3", "--lr", "0.05", "--out", str(out), "--json"))
+    summary = summary_of(trainer(*BASE, "--epochs", "3", "--lr", "0.05", "--out", str(out), "--record-ids", str(out / "ids.txt"), "--json"))
     return out / "checkpoint.pt", summary
 
 
 def test_json_summary_and_files(pretrained, tmp_path):
     path, summary = pretrained
-    for key in ("accuracy", "img_per_s", "stall_pct"):
-        assert summary[key] is not None
+    assert summary["accuracy"] is not None
     assert 0.5 < summary["accuracy"] <= 1.0  # three epochs of LeNet on digits is far above chance (0.1)
     folder = path.parent
     assert (folder / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs
     assert json.loads((folder / "summary.json").read_text())["steps"] == summary["steps"]
+
+
+def test_throughput_and_stall_are_in_range_and_consistent(pretrained):
+    """img/s and data stall % of the summary are the means of the per-epoch rows of metrics.csv, and each
+    row's img/s agrees with the images that epoch trained (from --record-ids) over its wall time."""
+    path, summary = pretrained
+    rows = list(csv.DictReader((path.parent / "metrics.csv").open()))
+    rate, stall, elapsed = ([float(row[key]) for row in rows] for key in ("img_per_s", "stall_pct", "elapsed_s"))
+    images = [0] * len(rows)
+    for line in (path.parent / "ids.txt").read_text().splitlines():
+        epoch, _index, ids = line.split(",", 2)
+        images[int(epoch)] += len(ids.split())
+    assert images == [1438] * 3  # every digit of the training split once per epoch
+    assert all(math.isfinite(x) for x in (summary["img_per_s"], summary["stall_pct"], *rate, *stall))
+    assert summary["img_per_s"] > 0 and all(x > 0 for x in rate)
+    assert 0 <= summary["stall_pct"] <= 100 and all(0 <= x <= 100 for x in stall)
+    # The summary rounds the mean of the rows (to 0.1 img/s and 0.01 %); the CSV keeps 6 significant digits.
+    assert summary["img_per_s"] == pytest.approx(sum(rate) / len(rate), abs=0.1)
+    assert summary["stall_pct"] == pytest.approx(sum(stall) / len(stall), abs=0.01)
+    # An epoch's img/s counts only its training steps, which fit inside that epoch's wall time (elapsed_s is
+    # cumulative and also holds the evaluation, and the daemon start for the first epoch): a lower bound.
+    walls = [b - a for a, b in zip([0.0, *elapsed], elapsed)]
+    for count, per_s, wall in zip(images, rate, walls):
+        assert per_s >= count / wall * 0.999, (count, per_s, wall)  # 0.999: the 6 digits of the CSV
+    # And training is most of a later epoch (evaluation: a quarter as many images, no backward pass):
+    # stated tolerance, training at least a tenth of the epoch's wall time.
+    for count, per_s, wall in zip(images[1:], rate[1:], walls[1:]):
+        assert per_s <= 10 * count / wall, (count, per_s, wall)
+    # Over the whole run (time_s also holds the daemon start): mean of the rates >= images / time_s.
+    assert summary["img_per_s"] >= sum(images) / summary["time_s"] * 0.99
 
 
 def test_resume_sees_the_same_sample_sequence(tmp_path):
@@ -65,14 +96,28 @@ def _backbone(state: dict, model_name: str = "lenet5_relu") -> dict:
     return {k: v for k, v in state.items() if not k.startswith(head + ".")}
 
 
+def _head(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k not in _backbone(state)}
+
+
 def test_frozen_backbone_with_cached_activations(pretrained, tmp_path):
     path, _ = pretrained
     args = [*BASE, "--epochs", "2", "--pretrained", str(path), "--freeze", "head", "--out", str(tmp_path / "t"), "--json"]
     first = summary_of(trainer(*args))
     assert first["feature_cache_hit"] is False and first["backbone_passes"] == 1  # two epochs, one backbone pass
     assert first["epochs"] == 2
+    first_head = _head(ckpt.load(str(tmp_path / "t" / "checkpoint.pt"))["model"])
+    first_loss = [float(row["train_loss"]) for row in csv.DictReader((tmp_path / "t" / "metrics.csv").open())]
+    assert len(first_loss) == 2 and first_loss[1] < first_loss[0], first_loss  # the head learns
     second = summary_of(trainer(*args))
     assert second["feature_cache_hit"] is True and second["backbone_passes"] == 0
+    # Trained on the activations read back from disk, the head ends exactly where the first run's did.
+    second_head = _head(ckpt.load(str(tmp_path / "t" / "checkpoint.pt"))["model"])
+    assert first_head.keys() == second_head.keys() == {"fc.weight", "fc.bias"}
+    pretrained_head = _head(ckpt.load(str(path))["model"])
+    for key in first_head:
+        assert torch.equal(first_head[key], second_head[key]), key
+        assert not torch.allclose(first_head[key], pretrained_head[key], atol=1e-4), key  # and it did move
     before = _backbone(ckpt.load(str(path))["model"])
     after = _backbone(ckpt.load(str(tmp_path / "t" / "checkpoint.pt"))["model"])
     assert before.keys() == after.keys()
@@ -94,6 +139,37 @@ def test_multi_crop_and_ensemble_are_reported_beside_single(pretrained, tmp_path
     summary = summary_of(trainer(*BASE, "--epochs", "1", "--multi-crop", "10", "--ensemble", str(path), "--json"))
     assert 0 <= summary["multi_crop_accuracy"] <= 1 and 0 <= summary["ensemble_accuracy"] <= 1
     assert summary["ensemble_size"] == 2 and summary["accuracy"] is not None
+    # Both are fractions of the same 359 held-out digits; were the ten-crop figure computed from the centre
+    # view alone (the single-crop image: the centre of the 4-pixel-padded crop), they would be equal. The run
+    # is deterministic (same seed); on it they differ by dozens of images.
+    assert summary["multi_crop_accuracy"] * 359 == pytest.approx(round(summary["multi_crop_accuracy"] * 359), abs=1e-3)
+    assert summary["multi_crop_accuracy"] != summary["accuracy"]
+
+
+def test_multi_crop_evaluates_ten_views_of_every_held_out_image(monkeypatch):
+    """In process, the same run with a spy on the crop function the run uses: every held-out image, padded
+    to 36×36, is evaluated as ten 32×32 views (the real daemon and workers still serve the batches)."""
+    from trainer import run as run_module
+
+    real, calls = run_module.ten_crops, []
+
+    def spy(size):
+        crop = real(size)
+
+        def recorded(images):
+            views = crop(images)
+            calls.append((tuple(images.shape), [tuple(v.shape) for v in views]))
+            return views
+
+        return recorded
+
+    monkeypatch.setattr(run_module, "ten_crops", spy)
+    config = run_module.TrainConfig(model="lenet5_relu", dataset="digits", pipeline="lenet5", epochs=1, batch_size=128, workers=1, multi_crop=10, tensorboard=False, progress=False)
+    summary = run_module.Run(config).fit()
+    assert calls and sum(shape[0] for shape, _ in calls) == 359  # the held-out split, each image once
+    for (n, c, h, w), views in calls:
+        assert (c, h, w) == (1, 36, 36) and views == [(n, 1, 32, 32)] * 10
+    assert summary["multi_crop_accuracy"] is not None and summary["accuracy"] is not None
 
 
 @pytest.mark.parametrize(
