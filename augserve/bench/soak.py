@@ -32,8 +32,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,7 +40,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..local import _die_with_parent, free_port
+from ..local import LocalDaemon, free_port
 from ..status import fetch_status
 
 START_TIMEOUT_S = 120.0  # workers import torch and OpenCV on a shared 2-core machine
@@ -187,59 +185,6 @@ def _memory(daemon_pid: int, status: dict) -> dict:
     daemon = rss_mib(daemon_pid)
     workers_total = round(sum(v for v in workers.values() if v is not None), 1)
     return {"daemon": daemon, "workers": workers, "workers_total": workers_total, "total": round((daemon or 0.0) + workers_total, 1), "trainers": rss_mib(os.getpid())}
-
-
-class _Daemon:
-    """``augserve serve`` as a child process on a free loopback port, its output in ``log_path``."""
-
-    def __init__(self, workers: int, log_path: str) -> None:
-        self.workers = workers
-        self.address = f"tcp://127.0.0.1:{free_port()}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        command = [sys.executable, "-m", "augserve", "serve", "--bind", self.address, "--workers", str(workers)]
-        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, chars: int = 3000) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        with open(self.log_path, "rb") as handle:
-            return handle.read().decode(errors="replace")[-chars:]
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                tail = self.log_tail().strip().splitlines()
-                raise ConnectionError(f"the soak's daemon exited with {self.process.returncode} during start-up: {tail[-1] if tail else 'no output'}")
-            try:
-                status = fetch_status(self.address, timeout=1.0)
-                if len(status["workers"]) >= self.workers:
-                    return status
-            except ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the soak's daemon did not have {self.workers} worker(s) within {timeout:.0f} s (log: {self.log_path})")
-            time.sleep(0.2)
-
-    def stop(self) -> int:
-        """SIGINT, as a user's Ctrl-C; returns the exit code (-9 when it had to be killed)."""
-        try:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGINT)
-                try:
-                    self.process.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-            return self.process.returncode
-        finally:
-            self._log.close()
 
 
 # --- trainers -----------------------------------------------------------------------------------------
@@ -482,7 +427,7 @@ def _trainers(config: SoakConfig, address: str, stop: threading.Event) -> tuple[
     return trainers, ledgers
 
 
-def _watch(config: SoakConfig, daemon: _Daemon, trainers: list[_Trainer], ledgers: dict[str, EpochLedger], chaos: _Chaos | None, progress) -> str | None:
+def _watch(config: SoakConfig, daemon: LocalDaemon, trainers: list[_Trainer], ledgers: dict[str, EpochLedger], chaos: _Chaos | None, progress) -> str | None:
     """Wait out the soak; returns why it stopped early (the daemon or a stream died), else None."""
     started = time.monotonic()
     deadline, next_progress = started + config.minutes * 60, started + config.progress_every_s
@@ -531,11 +476,12 @@ def _judge_jobs(ledgers: dict[str, EpochLedger], streams: list[StreamReport], mi
 
 
 def _soak(config: SoakConfig, folder: str, progress: Callable[[str], None] | None) -> dict:
-    daemon = _Daemon(config.workers, os.path.join(folder, "daemon.log"))
+    # On TCP, as a daemon serving other hosts would be (authenticated, encrypted batches).
+    daemon = LocalDaemon(config.workers, address=f"tcp://127.0.0.1:{free_port()}", log_path=os.path.join(folder, "daemon.log"))
     failures: list[str] = []
     stop = threading.Event()
     try:
-        memory_start = _memory(daemon.pid, daemon.wait_ready())
+        memory_start = _memory(daemon.pid, daemon.wait_ready(START_TIMEOUT_S))
         trainers, ledgers = _trainers(config, daemon.address, stop)
         chaos = _Chaos(daemon.address, daemon.pid, config.kill_every_s, stop, config.seed) if config.kill_every_s > 0 else None
         threads = [*trainers, *([chaos] if chaos else [])]
@@ -560,7 +506,7 @@ def _soak(config: SoakConfig, folder: str, progress: Callable[[str], None] | Non
                 failures.append(f"after {kills} kill(s) the daemon counts {end_status['worker_restarts']} restart(s) and {len(end_status['workers'])}/{config.workers} worker(s)")
     finally:
         stop.set()  # also on an error or Ctrl-C: no thread keeps streaming from a stopped daemon
-        exit_code = daemon.stop()
+        exit_code = daemon.stop(STOP_TIMEOUT_S)
     if exit_code != 0:
         failures.append(f"the daemon exited with {exit_code} (0 expected after SIGINT)")
 
