@@ -35,7 +35,7 @@ from . import protocol as P
 from . import security
 from .config import check_address
 from .control import Credentials, close_monitor, control_socket, silence_reason
-from .epochs import EpochPlan
+from .epochs import BatchIds, EpochPlan
 from .reorder import Reorderer
 
 log = logging.getLogger("augserve.client")
@@ -181,8 +181,8 @@ class Stream(torch.utils.data.IterableDataset):
         self._consumed_at_start = frozenset(attached.skip)
         self._consumed: set[int] = set(self._consumed_at_start)  # written by the consumer
         self._remaining = max(0, (self.epochs - self._epoch) * self.batches_per_epoch - len(self._consumed))
-        self._plan = EpochPlan(attached.num_samples, request.batch_size, request.seed, request.rank, request.world_size, request.shuffle, request.drop_last)
-        self._plan_cache: tuple[int, np.ndarray] | None = None
+        plan = EpochPlan(attached.num_samples, request.batch_size, request.seed, request.rank, request.world_size, request.shuffle, request.drop_last)
+        self._expected_ids = BatchIds(plan)  # what each batch may carry
         from pipelines import PipelineSpec
 
         self._normalize_by_version = {self.pipeline_version: PipelineSpec.model_validate(self.spec).normalize}
@@ -299,12 +299,6 @@ class Stream(torch.utils.data.IterableDataset):
             waiting.put(ValueError(body.message))  # a refused update leaves the stream running
         elif message.type in ("stream_error", "error"):
             raise StreamError(f"stream {self.id}: {body.message}")
-
-    def _expected_ids(self, epoch: int, index: int) -> np.ndarray:
-        if self._plan_cache is None or self._plan_cache[0] != epoch:
-            self._plan_cache = (epoch, self._plan.shard(epoch))  # one permutation per epoch
-        size = self._plan.batch_size
-        return self._plan_cache[1][index * size : (index + 1) * size]
 
     def _unpack(self, frames) -> Batch | None:
         """The batch in ``frames``, or ``None`` (logged) when it is malformed or not of this stream's plan."""

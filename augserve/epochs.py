@@ -78,3 +78,19 @@ class EpochPlan:
             raise ValueError(f"batch index {index} out of range [0, {self.num_batches()})")
         shard = self.shard(epoch)
         return shard[index * self.batch_size : (index + 1) * self.batch_size]
+
+
+class BatchIds:
+    """``batch_ids(epoch, index)``: the sample ids of one batch of ``plan``, like :meth:`EpochPlan.batch`
+    but building each epoch's permutation once (batches are asked for epoch by epoch, many per epoch)."""
+
+    def __init__(self, plan: EpochPlan) -> None:
+        self.plan = plan
+        self._epoch = -1
+        self._shard: np.ndarray | None = None
+
+    def __call__(self, epoch: int, index: int) -> np.ndarray:
+        if self._epoch != epoch:
+            self._shard, self._epoch = self.plan.shard(epoch), epoch
+        size = self.plan.batch_size
+        return self._shard[index * size : (index + 1) * size]

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import protocol as P
-from .epochs import EpochPlan
+from .epochs import BatchIds, EpochPlan
 from .meters import RateMeter, StageTotals
 
 Key = tuple[int, int]  # (epoch, batch index)
@@ -69,10 +68,10 @@ class StreamState:
     last_heard: float = 0.0
     times: StageTotals = field(default_factory=StageTotals)
     rate: RateMeter = field(default_factory=RateMeter)
-    _shard_epoch: int = -1
-    _shard: Any = None
+    _batch_ids: BatchIds = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._batch_ids = BatchIds(self.plan)
         self.epoch = self.start_epoch
         self._advance_past_skipped()
         self.versions.setdefault(self.pipeline_version, self.spec)
@@ -138,10 +137,7 @@ class StreamState:
             break
 
     def ids(self, epoch: int, index: int) -> list[int]:
-        if self._shard_epoch != epoch:  # one permutation per epoch, not per batch
-            self._shard, self._shard_epoch = self.plan.shard(epoch), epoch
-        size = self.plan.batch_size
-        return self._shard[index * size : (index + 1) * size].tolist()
+        return self._batch_ids(epoch, index).tolist()
 
     def task(self, epoch: int, index: int, state: TaskState, data_key: str | None) -> P.Task:
         """The ``task`` message for batch (epoch, index)."""
