@@ -34,7 +34,7 @@ from pipelines.normalize import normalize_images
 from . import protocol as P
 from . import security
 from .config import check_address
-from .control import Credentials, close_monitor, control_socket, silence_reason
+from .control import Credentials, close_monitor, control_socket, exchange
 from .epochs import BatchIds, EpochPlan
 from .reorder import Reorderer
 
@@ -120,13 +120,7 @@ class _Link:
 
     def attach(self, request: P.Attach, timeout: float) -> P.Attached:
         """The one blocking exchange: send ``attach``, wait for ``attached`` or a refusal."""
-        self.control.send_multipart(P.encode(request))
-        if not self.control.poll(timeout=int(timeout * 1000)):
-            raise ConnectionError(silence_reason(self.monitor, self.address, timeout, self.credentials))
-        try:
-            reply = P.decode(self.control.recv_multipart(), {"attached", "error"})
-        except P.ProtocolError as exc:
-            raise ConnectionError(f"the peer at {self.address} is not a compatible augserve daemon: {exc}") from None
+        reply = exchange(self.control, self.monitor, self.address, request, {"attached"}, timeout, self.credentials)
         close_monitor(self.control, self.monitor)
         self.monitor = None
         if reply.type == "error":

@@ -74,21 +74,26 @@ def silence_reason(monitor: zmq.Socket, address: str, timeout: float, credential
     return f"no augserve daemon answered at {address} within {timeout:g} s (is `augserve serve` running there?)"
 
 
+def exchange(sock: zmq.Socket, monitor: zmq.Socket, address: str, body: P.Body, expected: set[str], timeout: float, credentials: Credentials) -> P.Message:
+    """Send ``body`` on a connected control socket and wait for its reply (an ``error`` reply included).
+    ConnectionError, saying why, when nothing answers or the peer is not a compatible daemon."""
+    sock.send_multipart(P.encode(body))
+    if not sock.poll(timeout=int(timeout * 1000)):
+        raise ConnectionError(silence_reason(monitor, address, timeout, credentials))
+    try:
+        return P.decode(sock.recv_multipart(), expected | {"error"})
+    except P.ProtocolError as exc:
+        raise ConnectionError(f"the peer at {address} is not a compatible augserve daemon: {exc}") from None
+
+
 def request(address: str, body: P.Body, expected: set[str], timeout: float = 5.0, credentials: Credentials | None = None) -> P.Message:
-    """Send one request from a fresh connection and return the reply (an ``error`` reply included).
-    ConnectionError when nothing answers or the peer is not a compatible daemon."""
+    """:func:`exchange` from a fresh connection, closed afterwards."""
     credentials = credentials or Credentials.load()
     context = zmq.Context()
     sock = monitor = None
     try:
         sock, monitor = control_socket(context, address, credentials)
-        sock.send_multipart(P.encode(body))
-        if not sock.poll(timeout=int(timeout * 1000)):
-            raise ConnectionError(silence_reason(monitor, address, timeout, credentials))
-        try:
-            return P.decode(sock.recv_multipart(), expected | {"error"})
-        except P.ProtocolError as exc:
-            raise ConnectionError(f"the peer at {address} is not a compatible augserve daemon: {exc}") from None
+        return exchange(sock, monitor, address, body, expected, timeout, credentials)
     finally:
         if sock is not None:
             close_monitor(sock, monitor)
