@@ -383,16 +383,15 @@ def decode(frames: Sequence[Any], expected: frozenset[str] | set[str] | None = N
     limit = MAX_BUFFERS if message_type in _CARRIES_BUFFERS else 0
     if len(buffers) > limit:
         raise ProtocolError(f"'{message_type}' message has {len(buffers)} extra frame(s); at most {limit} allowed")
-    depth = _depth(header)
-    if depth > MAX_DEPTH:
+    too_deep, bad = _scan(header)
+    if too_deep:
         raise ProtocolError(f"'{message_type}' header nests more than {MAX_DEPTH} levels deep")
     fields = {k: v for k, v in header.items() if k not in ("proto", "v", "type")}
     try:
         body = MESSAGES[message_type].model_validate(fields)
     except ValidationError as exc:
         raise ProtocolError(f"bad '{message_type}' message: {describe_validation_error(exc)}") from None
-    bad = _non_finite(fields)  # free-form fields (specs, changes, status) are not checked by their models
-    if bad is not None:
+    if bad is not None:  # free-form fields (specs, changes, status) are not checked by their models
         raise ProtocolError(f"bad '{message_type}' message: {bad[0]} = {bad[1]!r}: not a finite number")
     return Message(message_type, body, buffers)
 
@@ -415,34 +414,25 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of a decoded header, without recursion (so no depth can overflow the stack)."""
-    deepest, stack = 0, [(value, 1)]
+def _scan(header: dict) -> tuple[bool, tuple[str, float] | None]:
+    """One walk over a decoded header, without recursion (so no depth can overflow the stack): whether
+    it nests deeper than MAX_DEPTH (the walk stops there), and the path and value of its first infinite
+    or NaN float, or ``None``."""
+    stack: list[tuple[str, Any, int]] = [("", header, 1)]
+    bad = None
     while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            items = item.values()
-        elif isinstance(item, list):
-            items = item
-        else:
+        path, item, level = stack.pop()
+        if isinstance(item, float):
+            if bad is None and not math.isfinite(item):
+                bad = (path, item)
             continue
-        deepest = max(deepest, level)
-        if deepest > MAX_DEPTH:
-            return deepest
-        stack.extend((child, level + 1) for child in items)
-    return deepest
-
-
-def _non_finite(value: Any) -> tuple[str, float] | None:
-    """Path and value of the first infinite or NaN float in a decoded header, or ``None``."""
-    stack = [("", value)]
-    while stack:
-        path, item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return path, item
-        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
-        stack.extend((f"{path}.{key}" if path else str(key), child) for key, child in children)
-    return None
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else None
+        if children is None:
+            continue
+        if level > MAX_DEPTH:
+            return True, bad
+        stack.extend((f"{path}.{key}" if path else str(key), child, level + 1) for key, child in children)
+    return False, bad
 
 
 def text_depth(text: str) -> int:
