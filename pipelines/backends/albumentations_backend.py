@@ -18,7 +18,8 @@ import torch
 from albumentations.augmentations.geometric import functional as AF
 
 from .. import geometry as G
-from ..plan import SamplePlan, source_map
+from ..plan import SamplePlan
+from ..source_map import source_map
 from .base import Backend, same_output_shape
 
 _BORDERS = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}

@@ -28,7 +28,7 @@ Local warps (``plan.chain``): ``fn.experimental.remap`` exists for the GPU only;
 whose output has the *input's* shape and which leaves pixels whose source falls outside the image
 unwritten (measured on an H200: garbage, not the documented constant 0). On the GPU the image is
 therefore placed on a canvas with a one-pixel ring of ``fill`` that also holds the output, the dense
-map (:func:`pipelines.plan.source_map` with a torch device, computed on the
+map (:func:`pipelines.source_map.source_map` with a torch device, computed on the
 GPU) is clamped into that canvas — which reproduces OpenCV's constant border exactly, or clamps into
 the image for ``replicate`` — and the output window is cropped. **On the CPU** DALI has no remap:
 those samples are resampled on the host with OpenCV's ``cv2.remap`` — the same kernel the
@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from ..plan import SamplePlan, source_map
+from ..plan import SamplePlan
+from ..source_map import source_map
 from .base import Backend
 
 THREADS_ENV = "AUGSERVE_DALI_THREADS"

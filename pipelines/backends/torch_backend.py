@@ -205,7 +205,7 @@ class TorchBackend(Backend):
         return grid
 
     def _chain_grid(self, plans: list[SamplePlan], in_hw, out_hw) -> torch.Tensor:
-        """Like :meth:`_affine_grid` for plans with the same chain signature (see ``plan.source_map``)."""
+        """Like :meth:`_affine_grid` for plans with the same chain signature (see ``source_map.source_map``)."""
         (in_h, in_w), (out_h, out_w) = in_hw, out_hw
         steps = list(zip(*(p.chain for p in plans)))  # step index → that step of every plan
         # One upload for every per-sample parameter of the chain.

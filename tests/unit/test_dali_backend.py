@@ -289,7 +289,7 @@ def test_cuda_without_cuda_is_refused():
 def test_gpu_remap_inputs_stay_inside_the_fill_ring(build, images):
     """The GPU remap path (NPP leaves out-of-image pixels unwritten) must only ever sample inside the
     canvas: its maps are built here on the CPU and checked, and the torch map equals the numpy one."""
-    from pipelines.plan import source_map
+    from pipelines.source_map import source_map
 
     spec = {"ops": [{"op": "rotate", "degrees": 40}, {"op": "warp", "magnitude": 0.08}, {"op": "resize", "short_side": 90}], "fill": 9}
     pipe = build(spec)

@@ -5,7 +5,8 @@ import pytest
 
 import pipelines
 from pipelines import geometry as G
-from pipelines.plan import AffineStep, WarpStep, source_map
+from pipelines.plan import AffineStep, WarpStep
+from pipelines.source_map import source_map
 from pipelines.pipeline import as_uint8_numpy
 
 CHAINS = {
