@@ -25,7 +25,8 @@ import zmq
 from . import protocol as P
 from . import security
 from .lru import LRUCache
-from .sources import CorruptImageError, SkipStats, iter_images, open_dataset
+from .batch import augment_batch
+from .sources import CorruptImageError, SkipStats, open_dataset
 
 log = logging.getLogger("augserve.worker")
 
@@ -223,20 +224,15 @@ class Worker:
 
         try:
             source = self._source(task.dataset)
-            kept_ids, images, labels = [], [], []
-            for sample_id, image, label in iter_images(source, task.ids, on_error=task.on_error, stats=stats):
-                kept_ids.append(sample_id)
-                images.append(image)
-                labels.append(label)
-            loaded = time.perf_counter()
-            if images:
-                pipe = self._pipeline(task.pipeline)
-                out = pipe(images, seed=task.seed, epoch=task.epoch, sample_ids=kept_ids)
-                if isinstance(out, list):
-                    raise ValueError("augmented images differ in size; add a crop or resize op to the pipeline so a batch can be stacked")
-                out = out.cpu()
-            else:  # every image of the batch was corrupt: an empty batch still completes the plan
+            pipe = self._pipeline(task.pipeline)
+            # Files are decoded between planning and augmenting (augserve.batch): the time spent
+            # reading and decoding is reported as the load stage, the rest of the call as augment.
+            out, kept_ids, labels, load_s = augment_batch(source, pipe, task.ids, task.seed, task.epoch, task.on_error, stats)
+            loaded = started + load_s
+            if out is None:  # every image of the batch was corrupt: an empty batch still completes the plan
                 out = np.zeros((0, 1, 1, 1), dtype=np.uint8)
+            elif isinstance(out, list):
+                raise ValueError("augmented images differ in size; add a crop or resize op to the pipeline so a batch can be stacked")
             augmented = time.perf_counter()
             labels_array = np.asarray(labels, dtype=np.int64)
             ids_array = np.asarray(kept_ids, dtype=np.int64)

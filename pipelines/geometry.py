@@ -96,25 +96,78 @@ def _cat(parts, axis):
     return torch.cat(parts, dim=axis)
 
 
+def _knots(count: int, like):
+    """Knot positions -1, 0, …, count-2 in ``like``'s dtype (and device)."""
+    if isinstance(like, np.ndarray):
+        return np.arange(-1, count - 1, dtype=like.dtype)
+    import torch
+
+    return torch.arange(-1, count - 1, dtype=like.dtype, device=like.device)
+
+
+def _clip_negative(a):
+    """``max(a, 0)`` in place (numpy or torch)."""
+    if isinstance(a, np.ndarray):
+        return np.maximum(a, 0.0, out=a)
+    return a.clamp_(min=0.0)
+
+
+def _spline(distance, kind: str):
+    """Basis function of ``kind`` at ``distance`` (>= 0, knot spacing 1), computed in place: ``distance``
+    must be a fresh array (it is overwritten and returned for ``grid``)."""
+    if kind == "grid":  # hat: max(1 - d, 0)
+        distance -= 1.0
+        distance *= -1.0
+        return _clip_negative(distance)
+    if kind == "elastic":  # cubic B-spline: (max(2 - d, 0)^3 - 4 max(1 - d, 0)^3) / 6
+        inner = _clip_negative(1.0 - distance)
+        distance -= 2.0
+        distance *= -1.0
+        outer = _clip_negative(distance)
+        weights = outer * outer
+        weights *= outer
+        cube = inner * inner
+        cube *= inner
+        cube *= 4.0
+        weights -= cube
+        weights /= 6.0
+        return weights
+    raise ValueError(f"unknown warp kind {kind!r}: expected 'grid' or 'elastic'")
+
+
 def basis_weights(u, count: int, kind: str):
     """Weights of ``count`` control knots (at -1, 0, …, count-2) for positions ``u`` (in cell units).
 
-    ``u``: array (numpy or torch) of any shape; returns ``u.shape + (count,)``. ``grid`` uses the linear
-    hat function, ``elastic`` the cubic B-spline (written with truncated powers so the same code runs on
-    numpy and torch).
+    ``u``: array (numpy or torch) of any shape; returns ``u.shape + (count,)`` in ``u``'s dtype. ``grid``
+    uses the linear hat function, ``elastic`` the cubic B-spline (written with truncated powers so the
+    same code runs on numpy and torch).
     """
-    if isinstance(u, np.ndarray):
-        knots = np.arange(-1, count - 1, dtype=u.dtype)
-    else:
-        import torch
+    return _spline(abs(u[..., None] - _knots(count, u)), kind)
 
-        knots = torch.arange(-1, count - 1, dtype=u.dtype, device=u.device)
-    distance = abs(u[..., None] - knots)
-    if kind == "grid":
-        return (1.0 - distance).clip(min=0.0)
-    if kind == "elastic":
-        return ((2.0 - distance).clip(min=0.0) ** 3 - 4.0 * (1.0 - distance).clip(min=0.0) ** 3) / 6.0
-    raise ValueError(f"unknown warp kind {kind!r}: expected 'grid' or 'elastic'")
+
+def _knot_major_weights(u, count: int, kind: str):
+    """:func:`basis_weights` laid out knots first: ``u`` (..., P) → (..., count, P). Each knot's row is
+    then one contiguous run over the points, which elementwise kernels and the sum over knots stream."""
+    return _spline(abs(u[..., None, :] - _knots(count, u)[:, None]), kind)
+
+
+def control_in_pixels(control, height: int, width: int, like=None):
+    """The extended control grid (…, cells+3, cells+3, 2) of a warp on a ``height``×``width`` canvas,
+    in pixels (controls are fractions of the shorter side); in ``like``'s dtype and device when given."""
+    extended = extend_control(control) * float(min(height, width))
+    if like is None:
+        return extended
+    if isinstance(like, np.ndarray):
+        return extended.astype(like.dtype, copy=False)
+    import torch
+
+    return torch.as_tensor(extended, dtype=like.dtype, device=like.device)
+
+
+def axis_weights(coordinates, extent: int, cells: int, kind: str):
+    """Basis weights (…, cells+3) of pixel ``coordinates`` along one axis of a canvas ``extent`` pixels
+    long, cut into ``cells`` cells: :func:`basis_weights` at the coordinates in cell units."""
+    return basis_weights(coordinates * (cells / extent), cells + 3, kind)
 
 
 def warp_displacement(x, y, control, kind: str, height: int, width: int):
@@ -123,23 +176,43 @@ def warp_displacement(x, y, control, kind: str, height: int, width: int):
     ``x``, ``y``: point coordinates (continuous pixel coordinates, numpy or torch): any shape for one
     ``control`` of shape (cells+1, cells+1, 2); shape (B, ...) for a batch of controls (B, cells+1,
     cells+1, 2). Controls are fractions of the shorter side. The sample
-    position of destination point p is ``p + displacement(p)``.
+    position of destination point p is ``p + displacement(p)``. Computed in the points' dtype.
+
+    Points anywhere (rotated, sheared): every point weighs all K = cells+3 knots per axis. On an
+    axis-aligned grid of points :func:`warp_factors` gives the same field for far less work.
     """
-    if control.ndim == 4 and x.ndim > 2:
-        # Batched controls (B, K, K, 2) pair with points (B, P): flatten (B, H, W) points so the
-        # matmul below pairs each sample's points with its own controls.
-        batch_shape = x.shape
-        dx, dy = warp_displacement(x.reshape(batch_shape[0], -1), y.reshape(batch_shape[0], -1), control, kind, height, width)
-        return dx.reshape(batch_shape), dy.reshape(batch_shape)
+    lead = tuple(x.shape[:1]) if control.ndim == 4 else ()  # a batch pairs each sample with its controls
+    points_x, points_y = x.reshape(*lead, -1), y.reshape(*lead, -1)  # (..., P)
     cells = control.shape[-3] - 1
-    extended = extend_control(control) * float(min(height, width))
     count = cells + 3
-    wy = basis_weights(y * (cells / height), count, kind)  # (..., K)
-    wx = basis_weights(x * (cells / width), count, kind)  # (..., K)
-    # field_c(p) = sum_k sum_l wy[p, k] * C[k, l, c] * wx[p, l]
-    dx = ((wy @ extended[..., 0]) * wx).sum(-1)
-    dy = ((wy @ extended[..., 1]) * wx).sum(-1)
-    return dx, dy
+    extended = control_in_pixels(control, height, width, like=points_x)  # (..., K rows k, K columns l, 2)
+    wy = _knot_major_weights(points_y * (cells / height), count, kind)  # (..., K, P)
+    wx = _knot_major_weights(points_x * (cells / width), count, kind)  # (..., K, P)
+    # field_c(p) = sum_l wx[l, p] * sum_k C[k, l, c] * wy[k, p]: one product for both components.
+    if isinstance(extended, np.ndarray):
+        table = np.moveaxis(extended, (-1, -2, -3), (-3, -2, -1))  # (..., 2, K l, K k)
+    else:
+        table = extended.permute(*range(extended.ndim - 3), -1, -2, -3)
+    rows = (table.reshape(*lead, 2 * count, count) @ wy).reshape(*lead, 2, count, -1)  # (..., 2, K, P)
+    rows *= wx[..., None, :, :]
+    field = rows.sum(-2)  # (..., 2, P)
+    return field[..., 0, :].reshape(x.shape), field[..., 1, :].reshape(y.shape)
+
+
+def warp_factors(xs, ys, control, kind: str, height: int, width: int):
+    """The warp on an axis-aligned grid of points, in separable form.
+
+    ``xs`` (W,) and ``ys`` (H,): coordinates of the grid's columns and rows (numpy or torch; with a batch
+    of controls (B, cells+1, cells+1, 2), shapes (B, W) and (B, H)). Returns ``(wy, wx, extended)``:
+    basis weights (…, H, K) of the rows and (…, W, K) of the columns, K = cells+3, and the extended
+    control grid (…, K, K, 2) in pixels, such that the displacement of point ``(xs[j], ys[i])`` is
+    ``dx = wy @ extended[..., 0] @ wx^T`` and ``dy = wy @ extended[..., 1] @ wx^T`` at ``[i, j]``: the
+    same field as :func:`warp_displacement` (a point's weights factor into a row and a column part),
+    for (H + W)·K weights instead of H·W·K.
+    """
+    cells = control.shape[-3] - 1
+    wy, wx = axis_weights(ys, height, cells, kind), axis_weights(xs, width, cells, kind)
+    return wy, wx, control_in_pixels(control, height, width, like=xs)
 
 
 def pixel_centers(height: int, width: int, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:

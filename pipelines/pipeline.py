@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .backends import backend_class
+from .decode_plan import largest_reduction, reaim, source_box
 from .images import as_batch
 from .normalize import normalize_images
-from .plan import SamplePlan, colour_runs_first, fuse, fuse_batch
+from .plan import SamplePlan, color_runs_first, fuse, fuse_batch
 from .sampling import BatchParams, SampleParams, sample_batch
 from .spec import PipelineSpec
+
+
+# decode(index, box or None, max_factor) -> (uint8 H×W×C array, (factor, top, left))
+DecodeRegion = Callable[[int, "tuple[float, float, float, float] | None", int], "tuple[np.ndarray, tuple[int, int, int]]"]
 
 
 class Pipeline:
@@ -30,7 +35,7 @@ class Pipeline:
         self.device = device
         self.fused = fused
         self._geometry_spec = spec.without_normalize()
-        self._color_first = colour_runs_first(self._geometry_spec)
+        self._color_first = color_runs_first(self._geometry_spec)
         self.backend = backend_class(backend)(self._geometry_spec, device)
 
     def __repr__(self) -> str:
@@ -70,6 +75,34 @@ class Pipeline:
             if tuple(record.in_shape) != tuple(shape):
                 raise ValueError(f"image {index}: shape {shape} does not match its record's in_shape {tuple(record.in_shape)}")
         return self._run(batch, BatchParams.from_records(list(params)))
+
+    def run_decoding(self, shapes: Sequence[Sequence[int]], decode: DecodeRegion, seed: int = 0, epoch: int = 0, sample_ids: Sequence[int] | None = None):
+        """Augment images that are not decoded yet: plan each from its header's shape, then decode.
+
+        ``shapes``: (H, W, C) of each image as its decoder will deliver it. ``decode(i, box,
+        max_factor)`` decodes image ``i``: at least the region ``box`` = (x0, y0, x1, y1) of the
+        full-resolution image (None: all of it), at a reduction of at most ``max_factor``; it returns
+        ``(array, (factor, top, left))`` — uint8 H×W×C and where it sits (see
+        :mod:`pipelines.decode_plan`). With the spec's ``decode: exact`` (or ``fused=False``) every
+        image is decoded whole and the output is byte-identical to decoding first and calling the
+        pipeline.
+        """
+        params = self._sample(shapes, seed, epoch, sample_ids)
+        if self.spec.decode == "exact" or not self.fused:
+            images = []
+            for index, shape in enumerate(params.in_shapes.tolist()):
+                image = decode(index, None, 1)[0]
+                if tuple(image.shape) != tuple(shape):
+                    raise ValueError(f"image {index}: decoded shape {tuple(image.shape)} differs from its header's {tuple(shape)}")
+                images.append(image)
+            return self._run(images, params)
+        plans = fuse_batch(params, self._color_first)
+        images = []
+        for index, plan in enumerate(plans):
+            image, (factor, top, left) = decode(index, source_box(plan), largest_reduction(plan))
+            plans[index] = reaim(plan, factor, top, left, image.shape)
+            images.append(image)
+        return self._finish(self.backend.run(images, plans))
 
     def _run(self, batch, params: BatchParams):
         if self.fused:

@@ -3,11 +3,11 @@
 All geometric ops of a sample compose into one forward matrix, so a backend resamples once (crop +
 flip + rotate + shear + resize = one ``warpAffine``). A local ``warp`` is not affine: then the chain
 becomes a dense source-coordinate map (affine pieces and warp fields evaluated back to front), still
-one resampling. Colour ops compose into one ``C×C`` matrix plus offset on the 0–255 scale.
+one resampling. Color ops compose into one ``C×C`` matrix plus offset on the 0–255 scale.
 
-The colour pass runs after the geometric one unless every colour op precedes every geometric op. The
-two orders differ only on pixels filled from outside the image (padding, rotated corners): with colour
-last those get the colour transform too.
+The color pass runs after the geometric one unless every color op precedes every geometric op. The
+two orders differ only on pixels filled from outside the image (padding, rotated corners): with color
+last those get the color transform too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import geometry as G
 from .sampling import BatchParams, SampleParams
 from .spec import COLOR_OPS, GEOMETRY_OPS, PipelineSpec
 
@@ -45,7 +44,7 @@ class SamplePlan:
     ``inverse``: 3×3 destination→source matrix in continuous pixel coordinates, set when the geometry is
     purely affine. ``chain``: set instead when a warp is present — steps to apply, in order, to
     destination points to reach source points. ``color``: ``(matrix C×C, offset C)`` on the 0–255 scale,
-    or ``None`` when the colour is unchanged.
+    or ``None`` when the color is unchanged.
     """
 
     in_shape: tuple[int, int, int]
@@ -60,110 +59,16 @@ class SamplePlan:
     def channels(self) -> int:
         return self.in_shape[2]
 
-    def pixel_copy(self) -> tuple[int, int, bool, bool] | None:
-        """(top, left, flip_x, flip_y) when every output pixel is exactly one input pixel — an integer
-        window, possibly mirrored — so a backend may slice instead of resampling; else ``None``.
-
-        The window's top-left (in input pixels) is where output pixel (0, 0) comes from before mirroring."""
-        if self.inverse is None:
-            return None
-        (a, b, tx), (c, d, ty) = self.inverse[0].tolist(), self.inverse[1].tolist()  # plain floats: cheap
-        if abs(b) > 1e-12 or abs(c) > 1e-12 or abs(abs(a) - 1.0) > 1e-12 or abs(abs(d) - 1.0) > 1e-12:
-            return None
-        out_h, out_w = self.out_hw
-        # Continuous source span of the output along x: [tx, tx + a * out_w] (reversed when a < 0).
-        left = tx if a > 0 else tx - out_w
-        top = ty if d > 0 else ty - out_h
-        if abs(left - round(left)) > 1e-9 or abs(top - round(top)) > 1e-9:
-            return None
-        return int(round(top)), int(round(left)), a < 0, d < 0
-
-
-def _forward_matrix(record: dict, hw: tuple[int, int]) -> tuple[np.ndarray | None, tuple[int, int]]:
-    """Forward matrix of one geometric record on an ``hw`` canvas and the canvas after it
-    (``None`` for a no-op)."""
-    height, width = hw
-    op = record["op"]
-    if op == "mirror":
-        if not (record["horizontal"] or record["vertical"]):
-            return None, hw
-        return G.mirror_matrix(record["horizontal"], record["vertical"], height, width), hw
-    if op in ("random_crop", "center_crop"):
-        return G.crop_matrix(record["top"], record["left"]), (record["height"], record["width"])
-    if op == "random_resized_crop":
-        out_h, out_w = record["size"]
-        matrix = G.resized_crop_matrix(record["top"], record["left"], record["height"], record["width"], out_h, out_w)
-        return matrix, (out_h, out_w)
-    if op == "resize":
-        out_h, out_w = record["height"], record["width"]
-        return G.scaling(out_w / width, out_h / height), (out_h, out_w)
-    if op == "rotate":
-        return (G.rotation_matrix(record["angle"], height, width) if record["applied"] else None), hw
-    if op == "shear":
-        return (G.shear_matrix(record["x"], record["y"], height, width) if record["applied"] else None), hw
-    raise ValueError(f"not a geometric op record: {op!r}")
-
-
-def _color_transform(record: dict, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(matrix, offset)`` of one colour record for images of ``channels`` channels (``None``: no-op)."""
-    op = record["op"]
-    if op == "pca_color":
-        if channels != 3:
-            raise ValueError(f"pca_color needs RGB images (3 channels), got {channels} channel(s)")
-        return np.eye(3), np.asarray(record["offset"], dtype=np.float64)
-    if op == "color_shift":
-        if not record["applied"]:
-            return None
-        return np.eye(channels), np.asarray(record["offset"][:channels], dtype=np.float64)
-    raise ValueError(f"not a colour op record: {op!r}")
-
 
 _GEOMETRY_NAMES = {cls.model_fields["op"].default for cls in GEOMETRY_OPS}
 _COLOR_NAMES = {cls.model_fields["op"].default for cls in COLOR_OPS}
 
 
-def colour_runs_first(spec: PipelineSpec) -> bool:
-    """True when every colour op of ``spec`` precedes every geometric op."""
+def color_runs_first(spec: PipelineSpec) -> bool:
+    """True when every color op of ``spec`` precedes every geometric op."""
     geometry = [i for i, op in enumerate(spec.ops) if op.op in _GEOMETRY_NAMES]
-    colour = [i for i, op in enumerate(spec.ops) if op.op in _COLOR_NAMES]
-    return bool(colour) and bool(geometry) and max(colour) < min(geometry)
-
-
-def fuse(params: SampleParams, color_first: bool = False) -> SamplePlan:
-    """Compose the records of one sample into a :class:`SamplePlan`."""
-    hw = params.in_shape[:2]
-    channels = params.in_shape[2]
-    forward = np.eye(3)
-    pieces: list[AffineStep | WarpStep] = []  # forward order
-    has_warp = False
-    color_matrix, color_offset = np.eye(channels), np.zeros(channels)
-    color_changed = False
-    for record in params.ops:
-        name = record["op"]
-        if name in _COLOR_NAMES:
-            transform = _color_transform(record, channels)
-            if transform is not None:
-                matrix, offset = transform
-                color_matrix, color_offset = matrix @ color_matrix, matrix @ color_offset + offset
-                color_changed = True
-        elif name == "warp":
-            if record["applied"]:
-                pieces.append(AffineStep(np.linalg.inv(forward)))
-                pieces.append(WarpStep(np.asarray(record["control"], dtype=np.float64), record["kind"], hw[0], hw[1]))
-                forward, has_warp = np.eye(3), True
-        else:
-            matrix, hw = _forward_matrix(record, hw)
-            if matrix is not None:
-                forward = matrix @ forward
-    plan = SamplePlan(params.in_shape, tuple(hw), sample_id=params.sample_id, color_first=color_first)
-    if has_warp:
-        pieces.append(AffineStep(np.linalg.inv(forward)))
-        plan.chain = list(reversed(pieces))  # destination → source order
-    else:
-        plan.inverse = np.linalg.inv(forward)
-    if color_changed:
-        plan.color = (color_matrix, color_offset)
-    return plan
+    color = [i for i, op in enumerate(spec.ops) if op.op in _COLOR_NAMES]
+    return bool(color) and bool(geometry) and max(color) < min(geometry)
 
 
 # --- the vectorised path: a whole batch of arrays at once --------------------------------------------
@@ -244,43 +149,116 @@ def _batch_forward(name: str, arrays: dict, hw: np.ndarray) -> tuple[np.ndarray 
 
 
 def fuse_batch(batch: BatchParams, color_first: bool = False) -> list[SamplePlan]:
-    """Fuse a whole batch with numpy (a few hundred microseconds for 256 samples). Samples whose local
-    warp applies take the per-sample path (:func:`fuse`), which builds their dense chain."""
+    """Fuse a whole batch with numpy (a few hundred microseconds for 256 samples): one forward matrix
+    per sample, composed op by op. A sample whose local warp applies gets a chain instead: the affine
+    piece before each warp, the warp, and the piece after, in destination → source order."""
     n = len(batch)
     channels = batch.in_shapes[:, 2]
     hw = batch.in_shapes[:, :2].copy()
     forward = _eyes(n)
     offset = np.zeros((n, 3))  # per sample; grey images use the first value
-    coloured = np.zeros(n, dtype=bool)
-    warped = np.zeros(n, dtype=bool)
+    colored = np.zeros(n, dtype=bool)
+    pieces: dict[int, list[AffineStep | WarpStep]] = {}  # forward order, warped samples only
     for name, arrays in batch.ops:
         if name in _COLOR_NAMES:
             if name == "pca_color":
                 if (channels != 3).any():
                     raise ValueError(f"pca_color needs RGB images (3 channels), got {int(channels[channels != 3][0])} channel(s)")
                 offset += arrays["offset"]
-                coloured[:] = True
+                colored[:] = True
             else:  # color_shift
                 applied = arrays["applied"].astype(bool)
                 offset[applied] += arrays["offset"][applied]
-                coloured |= applied
+                colored |= applied
         elif name == "warp":
-            warped |= arrays["applied"].astype(bool)
+            warped = np.flatnonzero(arrays["applied"])
+            if warped.size:
+                before = _invert_affine(forward[warped])
+                control = np.asarray(arrays["control"], dtype=np.float64)
+                for k, i in enumerate(warped.tolist()):
+                    steps = pieces.setdefault(i, [])
+                    steps.append(AffineStep(before[k]))
+                    steps.append(WarpStep(control[i], arrays["kind"], int(hw[i, 0]), int(hw[i, 1])))
+                forward[warped] = np.eye(3)
         else:
             matrices, hw = _batch_forward(name, arrays, hw)
             if matrices is not None:
                 forward = _compose(matrices, forward)
     inverse = _invert_affine(forward)
-    records = batch.records() if warped.any() else None
     plans = []
     for i in range(n):
-        if warped[i]:
-            plans.append(fuse(records[i], color_first))
-            continue
         count = int(channels[i])
         shape = (int(batch.in_shapes[i, 0]), int(batch.in_shapes[i, 1]), count)
-        plan = SamplePlan(shape, (int(hw[i, 0]), int(hw[i, 1])), inverse=inverse[i], sample_id=int(batch.sample_ids[i]), color_first=color_first)
-        if coloured[i]:
+        plan = SamplePlan(shape, (int(hw[i, 0]), int(hw[i, 1])), sample_id=int(batch.sample_ids[i]), color_first=color_first)
+        if i in pieces:
+            plan.chain = list(reversed([*pieces[i], AffineStep(inverse[i])]))
+        else:
+            plan.inverse = inverse[i]
+        if colored[i]:
             plan.color = (np.eye(count), offset[i, :count])
         plans.append(plan)
     return plans
+
+
+def fuse(params: SampleParams, color_first: bool = False) -> SamplePlan:
+    """The plan of one sample: :func:`fuse_batch` on a batch of one."""
+    return fuse_batch(BatchParams.from_records([params]), color_first)[0]
+
+
+# --- which plans copy or scale whole pixels ---------------------------------------------------------
+
+PIXEL_ATOL = 1e-9  # how far a matrix entry may sit from 0, ±1 or an integer and still count as one
+
+
+@dataclass(frozen=True)
+class AxisAligned:
+    """Per-sample facts about a batch's plans, for the backends' fast paths; arrays of length N.
+
+    ``aligned``: the geometry is affine with no rotation or shear — a scale and a translation per axis,
+    possibly mirrored. For those, in the *unmirrored* output (mirror it afterwards): output column
+    ``j`` samples source x ``left + scale_x * (j + 0.5)`` (continuous pixel coordinates), likewise for
+    rows. ``scale_x``/``scale_y`` (> 0) are source pixels per output pixel; ``left``/``top`` the
+    source coordinates of the output's left/top edge. ``copies``: aligned, unit scales and integer
+    ``left``/``top`` — the output is the window ``image[top:top+out_h, left:left+out_w]`` (mirrored
+    by ``flip_x``/``flip_y``), copied exactly. Values of samples that are not aligned are meaningless.
+    """
+
+    aligned: np.ndarray  # bool
+    copies: np.ndarray  # bool
+    flip_x: np.ndarray  # bool
+    flip_y: np.ndarray  # bool
+    scale_x: np.ndarray  # float64
+    scale_y: np.ndarray  # float64
+    left: np.ndarray  # float64
+    top: np.ndarray  # float64
+
+    def window(self, i: int) -> tuple[int, int]:
+        """``(top, left)`` of sample ``i``'s integer window (meaningful when ``copies[i]``)."""
+        return int(round(self.top[i])), int(round(self.left[i]))
+
+
+def _whole(values: np.ndarray) -> np.ndarray:
+    return np.abs(values - np.round(values)) <= PIXEL_ATOL
+
+
+def axis_aligned(plans: list[SamplePlan]) -> AxisAligned:
+    """The :class:`AxisAligned` facts of ``plans``, computed for the whole batch at once — the one
+    detector every backend uses, with one tolerance (:data:`PIXEL_ATOL`)."""
+    n = len(plans)
+    matrices = _eyes(n)
+    is_affine = np.zeros(n, dtype=bool)
+    out_hw = np.empty((n, 2))
+    for i, plan in enumerate(plans):
+        out_hw[i] = plan.out_hw
+        if plan.inverse is not None:
+            matrices[i], is_affine[i] = plan.inverse, True
+    a, d = matrices[:, 0, 0], matrices[:, 1, 1]
+    aligned = is_affine & (np.abs(matrices[:, 0, 1]) <= PIXEL_ATOL) & (np.abs(matrices[:, 1, 0]) <= PIXEL_ATOL) & (np.abs(a) > PIXEL_ATOL) & (np.abs(d) > PIXEL_ATOL)
+    flip_x, flip_y = a < 0, d < 0
+    # x = a * X + tx over the output's continuous X in [0, out_w]; mirrored: X -> out_w - X.
+    left = np.where(flip_x, matrices[:, 0, 2] + a * out_hw[:, 1], matrices[:, 0, 2])
+    top = np.where(flip_y, matrices[:, 1, 2] + d * out_hw[:, 0], matrices[:, 1, 2])
+    scale_x, scale_y = np.abs(a), np.abs(d)
+    unit = (np.abs(scale_x - 1.0) <= PIXEL_ATOL) & (np.abs(scale_y - 1.0) <= PIXEL_ATOL)
+    copies = aligned & unit & _whole(left) & _whole(top)
+    return AxisAligned(aligned, copies, flip_x & aligned, flip_y & aligned, scale_x, scale_y, left, top)

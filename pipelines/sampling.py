@@ -171,30 +171,35 @@ _RRC_TRIES = 10
 
 @register("random_resized_crop", lambda op: 4 * _RRC_TRIES)
 def _random_resized_crop(op: S.RandomResizedCrop, keys, start, hw):
+    # Whole-pixel boxes, as torchvision and albumentations cut them: the crop is then a plain integer
+    # window of the image, which a backend may resize directly (cv2.resize) instead of warping.
     height, width = hw[:, 0:1].astype(np.float64), hw[:, 1:2].astype(np.float64)
     u = uniforms(keys, start, 4 * _RRC_TRIES).reshape(len(keys), 4, _RRC_TRIES)
     fraction = op.scale[0] + (op.scale[1] - op.scale[0]) * u[:, 0]
     low, high = math.log(op.ratio[0]), math.log(op.ratio[1])
     aspect = np.exp(low + (high - low) * u[:, 1])
     area = height * width
-    box_w, box_h = np.sqrt(area * fraction * aspect), np.sqrt(area * fraction / aspect)
-    fits = (box_w <= width) & (box_h <= height)
+    box_w, box_h = np.round(np.sqrt(area * fraction * aspect)), np.round(np.sqrt(area * fraction / aspect))
+    fits = (box_w >= 1) & (box_h >= 1) & (box_w <= width) & (box_h <= height)
     first = np.argmax(fits, axis=1)  # the first try that fits (the Inception recipe's ten tries)
     rows = np.arange(len(keys))
     box_h, box_w = box_h[rows, first], box_w[rows, first]
-    top = u[rows, 2, first] * (height[:, 0] - box_h)
-    left = u[rows, 3, first] * (width[:, 0] - box_w)
+    # Uniform over the (room + 1) whole-pixel positions; min() guards u's float rounding at 1.
+    top = np.minimum(np.floor(u[rows, 2, first] * (height[:, 0] - box_h + 1)), height[:, 0] - box_h)
+    left = np.minimum(np.floor(u[rows, 3, first] * (width[:, 0] - box_w + 1)), width[:, 0] - box_w)
     fallback = ~fits.any(axis=1)
     if fallback.any():  # the largest centred box whose aspect lies within ratio
         h, w = height[fallback, 0], width[fallback, 0]
         ratio = w / h
-        fb_w = np.where(ratio < op.ratio[0], w, np.where(ratio > op.ratio[1], h * op.ratio[1], w))
-        fb_h = np.where(ratio < op.ratio[0], w / op.ratio[0], h)
+        fb_w = np.where(ratio < op.ratio[0], w, np.where(ratio > op.ratio[1], np.round(h * op.ratio[1]), w))
+        fb_h = np.where(ratio < op.ratio[0], np.round(w / op.ratio[0]), h)
+        fb_w, fb_h = np.clip(fb_w, 1, w), np.clip(fb_h, 1, h)
         box_h[fallback], box_w[fallback] = fb_h, fb_w
-        top[fallback], left[fallback] = (h - fb_h) / 2.0, (w - fb_w) / 2.0
+        top[fallback], left[fallback] = np.floor((h - fb_h) / 2.0), np.floor((w - fb_w) / 2.0)
     out_h, out_w = op.size
     n = len(keys)
-    return {"top": top, "left": left, "height": box_h, "width": box_w, "size": [out_h, out_w]}, np.tile([out_h, out_w], (n, 1))
+    arrays = {"top": top.astype(np.int64), "left": left.astype(np.int64), "height": box_h.astype(np.int64), "width": box_w.astype(np.int64)}
+    return {**arrays, "size": [out_h, out_w]}, np.tile([out_h, out_w], (n, 1))
 
 
 @register("rotate", lambda op: 2)
@@ -247,7 +252,7 @@ def _center_crop(op: S.CenterCrop, keys, start, hw):
     return {"top": top, "left": left, "height": np.full(n, out_h), "width": np.full(n, out_w)}, np.tile([out_h, out_w], (n, 1))
 
 
-# --- colour ------------------------------------------------------------------------------------------
+# --- color ------------------------------------------------------------------------------------------
 
 
 @register("pca_color", lambda op: normal_draws(3))

@@ -8,7 +8,7 @@ Units used throughout:
   * angles in degrees;
   * sizes and paddings in pixels, ``size`` as ``int`` (square) or ``[height, width]``;
   * ``scale`` as fractions of the image area, ``ratio`` as width / height;
-  * colour limits on the 0–255 scale; ``pca_color`` eigenvalues on the 0–1 scale (as in the papers);
+  * color limits on the 0–255 scale; ``pca_color`` eigenvalues on the 0–1 scale (as in the papers);
   * ``warp.magnitude`` as a fraction of the image's shorter side;
   * probabilities in [0, 1].
 """
@@ -88,8 +88,9 @@ class RandomCrop(OpSpec):
 
 
 class RandomResizedCrop(OpSpec):
-    """Cut a random box covering a fraction ``scale`` of the area with aspect ``ratio`` (width/height),
-    resized to ``size``. Ten tries, then a centred fallback — the Inception recipe."""
+    """Cut a random whole-pixel box covering a fraction ``scale`` of the area with aspect ``ratio``
+    (width/height; both before rounding to whole pixels, as torchvision does), resized to ``size``. Ten
+    tries, then a centred fallback — the Inception recipe."""
 
     op: Literal["random_resized_crop"] = "random_resized_crop"
     size: SizeHW
@@ -248,6 +249,12 @@ class PipelineSpec(BaseModel):
     ``border`` is how pixels from outside the source image are filled (padding, rotation corners):
     ``constant`` uses ``fill`` (0–255), ``replicate`` repeats the edge pixel.
 
+    ``decode`` applies to sources of image files (JPEG/PNG/BMP folders) served by workers: ``fast``
+    reads each file's header, plans the sample, then decodes only the region the plan reads, at the
+    largest JPEG DCT reduction (1/2, 1/4, 1/8) that keeps at least one source pixel per output pixel;
+    ``exact`` decodes every image whole at full resolution first. Same geometry either way; the
+    pixels differ by what DCT scaling changes (see the README's decode figures).
+
     ``PipelineSpec.model_validate`` accepts a dict, or YAML / JSON text of one.
     """
 
@@ -257,6 +264,7 @@ class PipelineSpec(BaseModel):
     ops: list[AnyOp] = Field(default_factory=list)
     border: Literal["constant", "replicate"] = "constant"
     fill: Annotated[int, Field(ge=0, le=255)] = 0
+    decode: Literal["fast", "exact"] = "fast"
 
     @model_validator(mode="before")
     @classmethod

@@ -78,13 +78,26 @@ def cmd_bench_pipelines(args) -> int:
 def cmd_bench_e2e(args) -> int:
     from .plots import check_png_path
 
-    _at_least(args, 1, "workers", "batch_size", "batches", "rounds", "images")
-    if args.images < args.batch_size:
+    _at_least(args, 1, "workers", "batch_size", "batches", "rounds", "images", "photo_count")
+    photos = args.photos or args.folder is not None
+    if args.no_npz and not photos:
+        raise ValueError("--no-npz leaves nothing to measure: add --photos or --folder DIR")
+    if args.scaling and args.no_npz:
+        raise ValueError("--scaling measures the .npz comparison: drop --no-npz")
+    if not args.no_npz and args.images < args.batch_size:
         raise ValueError(f"--images ({args.images}) must be at least --batch-size ({args.batch_size})")
+    if args.photo_count is not None and (args.folder is not None or not args.photos):
+        raise ValueError("--photo-count sizes the generated photos of --photos: it does not apply " + ("to --folder" if args.folder is not None else "without --photos"))
+    photo_count = 96 if args.photo_count is None else args.photo_count
+    if photos and args.folder is None and photo_count < args.batch_size:
+        raise ValueError(f"--photo-count ({photo_count}) must be at least --batch-size ({args.batch_size})")
     check_png_path(args.plot)
     from .e2e import format_table, json_rows, plot, run_e2e
 
-    result = run_e2e(workers=args.workers, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, images=args.images, progress=_progress(args), scaling=args.scaling)
+    result = run_e2e(
+        workers=args.workers, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, images=args.images, progress=_progress(args),
+        scaling=args.scaling, npz=not args.no_npz, photos=photos, folder=args.folder, photo_count=photo_count,
+    )  # fmt: skip
     if args.plot:
         result["plot"] = plot(result, args.plot)
     _print_rows_and_summary(args, json_rows(result), result, format_table(result) + _plot_note(args.plot))
@@ -135,11 +148,21 @@ def cmd_bench_transport(args) -> int:
     return 0
 
 
+def cmd_bench_decoders(args) -> int:
+    from .decoders import format_table, run_decoders
+
+    _at_least(args, 1, "photos", "rounds")
+    result = run_decoders(photos=args.photos, rounds=args.rounds, progress=_progress(args))
+    rows = [{"benchmark": "decoders", **row} for row in result["rows"]]
+    _print_rows_and_summary(args, rows, {"benchmark": "decoders", **result["config"]}, format_table(result))
+    return 0
+
+
 # --- registration ------------------------------------------------------------------------------------
 
 
 def add_bench_commands(bench_kinds, backends: list[str]) -> None:
-    """Register ``pipelines``, ``e2e``, ``trainer``, ``gpu``, ``soak`` and ``transport`` under ``augserve bench`` (``bench_kinds``: the
+    """Register ``pipelines``, ``e2e``, ``trainer``, ``gpu``, ``soak``, ``transport`` and ``decoders`` under ``augserve bench`` (``bench_kinds``: the
     ``bench`` parser's sub-parsers; ``backends``: the augmentation backend names)."""
 
     def common(sub) -> None:
@@ -156,13 +179,24 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     common(pipelines_)
     pipelines_.set_defaults(func=cmd_bench_pipelines)
 
-    e2e = bench_kinds.add_parser("e2e", help="images/s delivered to a trainer process: augserve vs torch DataLoader")
+    e2e = bench_kinds.add_parser(
+        "e2e", help="images/s delivered to a trainer process: augserve vs torch DataLoader",
+        description="Images/s delivered to a trainer process, augserve vs torch DataLoader + albumentations, alternating runs, medians. "
+        "By default on an .npz of decoded 256² images with the alexnet preset; --photos adds the same comparison on a folder of "
+        "generated JPEG photos (--folder DIR: on yours), --no-npz leaves the .npz one out. --workers, --batch-size, --batches and "
+        "--rounds apply to both.",
+    )  # fmt: skip
     e2e.add_argument("--workers", type=int, default=2, help="worker processes on both sides (with --scaling: the largest count)")
     e2e.add_argument("--batch-size", type=int, default=64)
     e2e.add_argument("--batches", type=int, default=30, help="timed batches per run (after 3 warm-up batches)")
     e2e.add_argument("--rounds", type=int, default=3, help="alternating runs per loader; medians are reported")
     e2e.add_argument("--images", type=int, default=512, help="images in the 256² source (.npz)")
-    e2e.add_argument("--scaling", action="store_true", help="measure every worker count from 1 to --workers (a scaling curve)")
+    e2e.add_argument("--scaling", action="store_true", help="measure the .npz comparison at every worker count from 1 to --workers (a scaling curve)")
+    e2e.add_argument("--photos", action="store_true", help="also compare on JPEG photos (generated: a mix of 500×375 and 1600×1200), random-resized-crop 224 + mirror + normalize; "
+                     "the baseline decodes each file with cv2.imread")  # fmt: skip
+    e2e.add_argument("--folder", metavar="DIR", help="the photo comparison on your own image folder (class sub-folders of JPEG/PNG/BMP files) instead of generated photos; implies --photos")
+    e2e.add_argument("--photo-count", type=int, metavar="N", help="photos generated for --photos, half at each size (default 96)")
+    e2e.add_argument("--no-npz", action="store_true", help="leave out the .npz comparison (with --photos or --folder)")
     common(e2e)
     e2e.set_defaults(func=cmd_bench_e2e)
 
@@ -215,3 +249,9 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     transport.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="longest wait for any one batch before the run fails")
     transport.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
     transport.set_defaults(func=cmd_bench_transport)
+
+    decoders = bench_kinds.add_parser("decoders", help="JPEG decoding of random-resized-crop regions: whole-image, DCT-reduced and region decoders vs ours")
+    decoders.add_argument("--photos", type=int, default=6, help="synthesized photos per size (1600×1200 and 500×375)")
+    decoders.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    decoders.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
+    decoders.set_defaults(func=cmd_bench_decoders)

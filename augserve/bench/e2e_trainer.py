@@ -1,6 +1,8 @@
 """The trainer process of ``augserve bench e2e``: consumes batches, touches each, prints one JSON line.
 
 ``python -m augserve.bench.e2e_trainer augserve --address A ...`` or ``... dataloader --source S ...``.
+``--workload npz`` (the default): the ``alexnet`` preset on an ``.npz`` of decoded images;
+``--workload photos``: ``PHOTO_SPEC`` on an ImageFolder of JPEG files (``--source`` is the folder).
 Timing starts after a few warm-up batches; "first batch" is measured from attach / DataLoader creation.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 import pipelines
+from augserve.bench.photo_folder import PHOTO_SPEC
 from pipelines.normalize import normalize_images
 
 WARMUP = 3
@@ -61,12 +65,59 @@ class CompatDataset(torch.utils.data.Dataset):
         return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(self.labels[index])
 
 
+class PhotoFolderDataset(torch.utils.data.Dataset):
+    """The photo workload (``PHOTO_SPEC``) as albumentations users write it: a full decode (``cv2.imread`` +
+    ``cv2.cvtColor`` BGR→RGB) of each file, then ``Compose([RandomResizedCrop((224, 224)),
+    HorizontalFlip(), Normalize(), ToTensorV2()])`` with default scale, ratio and ImageNet mean/std:
+    float32 3×224×224. Files and labels are those augserve lists for the folder (its ImageFolder)."""
+
+    def __init__(self, root: str) -> None:
+        from augserve.sources.folder import ImageFolder
+
+        folder = ImageFolder(root)
+        self.paths, self.labels = folder.paths, folder.labels.tolist()
+        self.compose = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        if self.compose is None:  # built in the worker process
+            import albumentations as A
+            from albumentations.pytorch import ToTensorV2
+
+            self.compose = A.Compose([A.RandomResizedCrop(size=(224, 224)), A.HorizontalFlip(), A.Normalize(), ToTensorV2()])
+        image = cv2.imread(self.paths[index], cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"OpenCV could not read {self.paths[index]}")
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return self.compose(image=image)["image"], self.labels[index]
+
+
 def _worker_init(_):
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
 
 
+def batches_from_photo_dataloader(args):
+    cv2.setNumThreads(0)  # before forking workers (see README: fork + OpenCV thread pool deadlock)
+    dataset = PhotoFolderDataset(args.source)
+    # One long run of reshuffled epochs, as augserve streams them: a bench folder holds a few batches,
+    # and a worker idling at every epoch's end (or restarting, without persistent workers) would cost
+    # the baseline time that an ImageNet-sized epoch never shows.
+    needed = (WARMUP + args.batches) * args.batch_size
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=needed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        worker_init_fn=_worker_init, drop_last=True, prefetch_factor=4,
+    )  # fmt: skip
+    yield from loader
+
+
 def batches_from_dataloader(args):
+    if args.workload == "photos":
+        yield from batches_from_photo_dataloader(args)
+        return
     cv2.setNumThreads(0)  # before forking workers (see README: fork + OpenCV thread pool deadlock)
     ship_uint8 = args.mode == "dataloader-uint8"
     loader = torch.utils.data.DataLoader(
@@ -83,7 +134,8 @@ def batches_from_dataloader(args):
 def batches_from_augserve(args):
     from augserve import connect
 
-    stream = connect(args.address, dataset="bench", pipeline="alexnet", batch_size=args.batch_size, seed=args.seed, epochs=1000, prefetch=8, timeout=30)
+    pipeline = PHOTO_SPEC if args.workload == "photos" else "alexnet"
+    stream = connect(args.address, dataset="bench", pipeline=pipeline, batch_size=args.batch_size, seed=args.seed, epochs=1000, prefetch=8, timeout=30)
     try:
         for batch in stream:
             yield batch.images, batch.labels
@@ -94,6 +146,7 @@ def batches_from_augserve(args):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["augserve", "dataloader", "dataloader-uint8"])
+    parser.add_argument("--workload", choices=["npz", "photos"], default="npz")
     parser.add_argument("--address")
     parser.add_argument("--source")
     parser.add_argument("--workers", type=int, default=2)
@@ -101,6 +154,21 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.workload == "photos" and args.mode == "dataloader-uint8":
+        parser.error("dataloader-uint8 exists for the npz workload only")
+    try:
+        result = measure(args)
+    except ValueError as exc:
+        # A file of the user's folder that cannot be read, re-raised here from a DataLoader worker with
+        # the worker's traceback in its text: its last line is the message, and exit status 2 tells
+        # the bench that this is the user's to fix.
+        print(str(exc).strip().splitlines()[-1].removeprefix("ValueError: "), file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
+
+
+def measure(args) -> dict:
+    """Consume ``WARMUP + args.batches`` batches; returns the JSON line's fields."""
     torch.set_num_threads(1)
     started = time.perf_counter()
     source = batches_from_augserve(args) if args.mode == "augserve" else batches_from_dataloader(args)
@@ -121,7 +189,7 @@ def main() -> None:
             break
     elapsed = time.perf_counter() - timed_start
     source.close()
-    print(json.dumps({"mode": args.mode, "images_per_s": timed_images / elapsed, "first_batch_s": first_batch, "images": timed_images, "checksum": checksum}))
+    return {"mode": args.mode, "images_per_s": timed_images / elapsed, "first_batch_s": first_batch, "images": timed_images, "checksum": checksum}
 
 
 if __name__ == "__main__":

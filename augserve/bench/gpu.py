@@ -2,7 +2,7 @@
 batch, plus the host-to-device copy path. Needs CUDA.
 
 The batch: 256 uint8 RGB 256×256 images → 224×224 with random-resized-crop + flip + rotate ±15° + shear
-±10° + PCA lighting + colour shift + normalize (the chain of ../shared/ANCHORS.md; kornia's and
+±10° + PCA lighting + color shift + normalize (the chain of ../shared/ANCHORS.md; kornia's and
 torchvision's sequences have no PCA lighting — they run the rest). Each candidate runs in interleaved
 rounds, timed with ``torch.cuda.synchronize``; medians are reported.
 """
@@ -67,7 +67,7 @@ def candidates(images_host: np.ndarray, device: str) -> dict:
             K.RandomResizedCrop((224, 224)), K.RandomHorizontalFlip(), K.RandomAffine(degrees=15, shear=10, p=1.0), K.Normalize(mean, std)
         ).to(device)
         nchw = gpu_uint8.permute(0, 3, 1, 2)
-        found["kornia AugmentationSequential"] = (lambda r: augment(nchw.float() / 255.0), "crop, flip, affine, normalize; no colour")
+        found["kornia AugmentationSequential"] = (lambda r: augment(nchw.float() / 255.0), "crop, flip, affine, normalize; no color")
     except Exception as exc:
         found["kornia AugmentationSequential"] = (None, f"unavailable: {type(exc).__name__}: {exc}")
     try:

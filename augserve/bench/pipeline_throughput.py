@@ -5,7 +5,7 @@ The compared chain is the AlexNet-style chain of ../shared/ANCHORS.md: horizonta
 crop, rotation ±15°, shear ±10°, AlexNet PCA lighting and an RGB shift. The baseline is an
 ``albumentations.Compose`` (HorizontalFlip, RandomResizedCrop, Affine(rotate, shear), RGBShift) applied
 image by image, plus the AlexNet PCA offset as a plain numpy float add — each op its own pass over the
-pixels. Ours samples per-sample parameters and runs one fused resampling plus one colour pass.
+pixels. Ours samples per-sample parameters and runs one fused resampling plus one color pass.
 
 ``per_op=True`` adds, on the same inputs, every op alone (:data:`PER_OP`) and every preset without its
 ``normalize``, each for every backend and for its ordinary albumentations equivalent
@@ -62,7 +62,8 @@ PER_OP: list[tuple[str, dict]] = [
 # Presets with an albumentations translation (every op they use has one).
 TRANSLATED_PRESETS = ("lenet5", "alexnet", "vgg", "resnet", "inception", "mobilenet")
 
-ORDINARY = "albumentations"  # implementation label of the ordinary albumentations equivalent
+ORDINARY = "albumentations"  # implementation label of the ordinary albumentations equivalent (collated)
+UNCOLLATED = "albumentations, uncollated"  # the same, its outputs discarded instead of batched
 
 
 def make_inputs(count: int, size: int = 256) -> np.ndarray:
@@ -89,10 +90,12 @@ def albumentations_baseline():
     rng = np.random.default_rng(0)
 
     def run(images: np.ndarray) -> int:
+        outputs = []
         for image in images:
             out = compose(image=image)["image"]
             offset = eigvec @ (rng.normal(0.0, 0.1, 3) * eigval) * 255.0
-            np.clip(out.astype(np.float32) + offset.astype(np.float32), 0, 255).astype(np.uint8)
+            outputs.append(np.clip(out.astype(np.float32) + offset.astype(np.float32), 0, 255).astype(np.uint8))
+        np.stack(outputs)  # the batch, as a DataLoader's collate makes it
         return len(images)
 
     return run
@@ -252,12 +255,15 @@ def ours(backend: str, spec, threads: int):
     return run
 
 
-def ordinary(spec, image_side: int):
+def ordinary(spec, image_side: int, collate: bool = True):
+    """The ordinary pipeline image by image; ``collate``: stack the outputs into one batch (what a
+    DataLoader delivers, and what ours returns), else discard them."""
     pipe = OrdinaryPipeline(spec, image_side)
 
     def run(images: np.ndarray, _round_index: int) -> int:
-        for image in images:
-            pipe(image)
+        outputs = [pipe(image) for image in images]
+        if collate:
+            np.stack(outputs)
         return len(images)
 
     return run
@@ -312,16 +318,18 @@ def run_per_op(inputs: np.ndarray, rounds: int = 3, threads: int = 1, backends: 
     albumentations equivalent, in one interleaved pass over identical inputs."""
     backends = backends or pipelines.BACKENDS.names()
     side = int(min(inputs.shape[1:3]))
-    implementations = [ORDINARY, *(f"augserve {b}" for b in backends)]
+    implementations = [UNCOLLATED, ORDINARY, *(f"augserve {b}" for b in backends)]
     candidates: dict[tuple[str, str, str], object] = {}
     for label, op in PER_OP:
         spec = PipelineSpec.model_validate({"name": label, "ops": [op]})
+        candidates[("op", label, UNCOLLATED)] = _bind(ordinary(spec, side, collate=False), inputs)
         candidates[("op", label, ORDINARY)] = _bind(ordinary(spec, side), inputs)
         for backend in backends:
             candidates[("op", label, f"augserve {backend}")] = _bind(ours(backend, spec, threads), inputs)
     for name in pipelines.list_presets():
         spec = pipelines.load_preset(name).without_normalize()
         if name in TRANSLATED_PRESETS:
+            candidates[("pipeline", name, UNCOLLATED)] = _bind(ordinary(spec, side, collate=False), inputs)
             candidates[("pipeline", name, ORDINARY)] = _bind(ordinary(spec, side), inputs)
         for backend in backends:
             candidates[("pipeline", name, f"augserve {backend}")] = _bind(ours(backend, spec, threads), inputs)
@@ -333,7 +341,7 @@ def run_per_op(inputs: np.ndarray, rounds: int = 3, threads: int = 1, backends: 
     for kind, name, implementation in keys:
         rate = results["\x1f".join((kind, name, implementation))]["images_per_s"]
         reference = results.get("\x1f".join((kind, name, ORDINARY)))
-        vs = round(rate / reference["images_per_s"], 2) if reference else None
+        vs = round(rate / reference["images_per_s"], 2) if reference and implementation != UNCOLLATED else None
         if kind == "op":
             per_op.append({"benchmark": "pipelines", "kind": "op", "op": name, "implementation": implementation, "images_per_s": round(rate, 1), "vs_albumentations": vs})
         else:

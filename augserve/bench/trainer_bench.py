@@ -87,7 +87,7 @@ def check(config: TrainerBenchConfig) -> dict:
     if spec.normalize is not None and len(spec.normalize.mean) not in (1, channels):
         raise ValueError(f"pipeline {config.pipeline} normalizes {len(spec.normalize.mean)} channels but {source.name} has {channels}")
     if channels == 1 and any(op.op in ("pca_color", "color_shift") for op in spec.ops):
-        raise ValueError(f"pipeline {config.pipeline} has colour ops; {source.name} is grey (1 channel)")
+        raise ValueError(f"pipeline {config.pipeline} has color ops; {source.name} is grey (1 channel)")
     size = output_size(spec) or source.image_size
     if size is None:
         raise ValueError(f"pipeline {config.pipeline} keeps each image's own size on {source.name}, whose images differ in size: batches need one size")

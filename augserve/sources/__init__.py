@@ -10,7 +10,8 @@ decoding them; ImageFolder datasets are confined to their root folder.
 from .base import DEFAULT_MAX_PIXELS, SPLITS, Source
 from .errors import CorruptImageError
 from .folder import ImageFolder
-from .iterate import SkipStats, iter_images
+from .decode import EncodedImage, Placement
+from .iterate import SkipStats, iter_encoded, iter_images
 from .npz import NpzSource
 from .open import open_dataset
 from .registry import builtin_names, register_builtin
@@ -19,11 +20,14 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SPLITS",
     "CorruptImageError",
+    "EncodedImage",
     "ImageFolder",
     "NpzSource",
+    "Placement",
     "SkipStats",
     "Source",
     "builtin_names",
+    "iter_encoded",
     "iter_images",
     "open_dataset",
     "register_builtin",

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import abc
 import operator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: decode imports this module, never the other way round
+    from .decode import EncodedImage, Placement
 
 SPLITS = ("train", "test")
 
@@ -87,11 +90,8 @@ class Source(abc.ABC):
     def _load(self, index: int) -> np.ndarray:
         """Image ``index`` (already range-checked), uint8 HWC."""
 
-    def load(self, index: int) -> np.ndarray:
-        """Image ``index`` as a C-contiguous uint8 HWC array (C = ``channels``).
-
-        Raises ``CorruptImageError`` (naming the file) for a file that cannot be decoded.
-        """
+    def _index(self, index: int) -> int:
+        """``index`` as an int in range, or TypeError/IndexError naming it."""
         try:
             i = operator.index(index)
         except TypeError:
@@ -99,7 +99,41 @@ class Source(abc.ABC):
         n = len(self)
         if not 0 <= i < n:
             raise IndexError(f"image index {i} out of range for {self.name!r} ({self.split}, {n} images)")
-        return np.ascontiguousarray(self._load(i))
+        return i
+
+    def load(self, index: int) -> np.ndarray:
+        """Image ``index`` as a C-contiguous uint8 HWC array (C = ``channels``).
+
+        Raises ``CorruptImageError`` (naming the file) for a file that cannot be decoded.
+        """
+        return np.ascontiguousarray(self._load(self._index(index)))
+
+    def load_encoded(self, index: int) -> "EncodedImage | None":
+        """Image ``index`` read and checked but not decoded (``decode.EncodedImage``: its oriented
+        height and width are known), or None when this source holds decoded arrays (then use ``load``).
+
+        Lets a worker sample an augmentation from the shape before decoding, then ``decode`` only
+        what the augmentation keeps. Range-checked like ``load``; raises ``CorruptImageError``
+        (naming the file) for a file refused without decoding (unreadable, bad header, over the
+        pixel cap, truncated).
+        """
+        return self._load_encoded(self._index(index))
+
+    def _load_encoded(self, index: int) -> "EncodedImage | None":
+        """Image ``index`` (already range-checked) undecoded; None: this source holds arrays."""
+        return None
+
+    def decode(
+        self, encoded: "EncodedImage", box: tuple[float, float, float, float] | None = None, max_factor: int = 1
+    ) -> "tuple[np.ndarray, Placement]":
+        """Decode what ``load_encoded`` returned, with this source's ``channels``: at least ``box``
+        (x0, y0, x1, y1 of the oriented image; None: all of it) at up to 1/``max_factor`` scale.
+
+        Returns ``(array, placement)`` as ``decode.decode_encoded`` does; with no box and
+        ``max_factor=1`` the array equals ``load(index)``. Only sources whose ``load_encoded``
+        returns images implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} holds decoded arrays: it has no encoded images to decode")
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly summary: name, split, size, num_classes, channels, image_size."""

@@ -15,7 +15,9 @@ and listed in sorted order; names starting with "." are ignored. Images are deco
 uint8 HWC with ``channels`` = 3 (RGB; grey files replicated) or 1 (grey), so one dataset has one
 channel count. Listing happens at construction; decoding never does. Only regular files are
 listed (a FIFO or device named ``x.jpg`` would block or never end when read). ``max_pixels`` caps
-height × width of every image (default ``base.DEFAULT_MAX_PIXELS``); see ``decode.read_image``.
+height × width of every image (default ``base.DEFAULT_MAX_PIXELS``); see ``decode.read_encoded``.
+``load_encoded`` reads and checks a file without decoding it, and ``decode`` then decodes all of it
+or only the part an augmentation keeps (``decode.decode_encoded``).
 
 The dataset is confined to ``root``: symbolic links (to files or folders, at any depth, including
 ``train/`` and the class folders) are followed only when their real path stays inside the real
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import SPLITS, Source, check_max_pixels, check_split
-from .decode import read_image
+from .decode import EncodedImage, Placement, decode_encoded, read_encoded
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -194,4 +196,13 @@ class ImageFolder(Source):
         return self._channels
 
     def _load(self, index: int) -> np.ndarray:
-        return read_image(self.paths[index], self._channels, self._max_pixels)
+        return self.decode(self._load_encoded(index))[0]
+
+    def _load_encoded(self, index: int) -> EncodedImage:
+        return read_encoded(self.paths[index], self._max_pixels)
+
+    def decode(
+        self, encoded: EncodedImage, box: tuple[float, float, float, float] | None = None, max_factor: int = 1
+    ) -> tuple[np.ndarray, Placement]:
+        """``decode_encoded(encoded, self.channels, box, max_factor)``; see ``Source.decode``."""
+        return decode_encoded(encoded, self._channels, box, max_factor)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 from .base import Source
+from .decode import EncodedImage
 from .errors import CorruptImageError
 
 logger = logging.getLogger(__name__)
+
+_Item = TypeVar("_Item")
 
 ON_ERROR = ("skip", "raise")
 
@@ -33,6 +36,13 @@ class SkipStats:
             self.paths.append(path)
 
 
+def _check(on_error: str, stats: SkipStats | None) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if stats is not None and not isinstance(stats, SkipStats):
+        raise TypeError(f"stats must be a SkipStats or None, got {type(stats).__name__}")
+
+
 def iter_images(
     source: Source,
     indices: Iterable[int] | None = None,
@@ -45,21 +55,40 @@ def iter_images(
     With ``on_error="skip"`` an image that raises ``CorruptImageError`` is logged with its path,
     recorded in ``stats`` (when given) and left out; with ``"raise"`` the error propagates.
     """
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    if stats is not None and not isinstance(stats, SkipStats):
-        raise TypeError(f"stats must be a SkipStats or None, got {type(stats).__name__}")
+    _check(on_error, stats)
     # Validation above runs at call time; the generator below only starts on the first next().
-    return _iterate(source, range(len(source)) if indices is None else indices, on_error, stats)
+    return _iterate(source, source.load, range(len(source)) if indices is None else indices, on_error, stats)
+
+
+def iter_encoded(
+    source: Source,
+    indices: Iterable[int] | None = None,
+    on_error: str = "skip",
+    stats: SkipStats | None = None,
+) -> Iterator[tuple[int, EncodedImage | None, int]]:
+    """Yield ``(index, encoded, label)`` for each of ``indices`` (default: every image, in order).
+
+    ``encoded`` is what ``source.load_encoded(index)`` returns: the file read and checked but not
+    decoded (``decode.EncodedImage``; decode it with ``source.decode``), or None for every index of
+    a source that holds decoded arrays (use ``iter_images`` there). Files refused without decoding
+    (unreadable, bad header, over the pixel cap, truncated) are skipped or raised as in
+    ``iter_images``; a file that fails only when decoded raises from ``source.decode`` later.
+    """
+    _check(on_error, stats)
+    return _iterate(source, source.load_encoded, range(len(source)) if indices is None else indices, on_error, stats)
 
 
 def _iterate(
-    source: Source, indices: Iterable[int], on_error: str, stats: SkipStats | None
-) -> Iterator[tuple[int, np.ndarray, int]]:
+    source: Source,
+    load: Callable[[int], _Item],
+    indices: Iterable[int],
+    on_error: str,
+    stats: SkipStats | None,
+) -> Iterator[tuple[int, _Item, int]]:
     labels = source.labels  # fetched once: sources return a fresh array per access
     for index in indices:
         try:
-            image = source.load(index)  # range-checks index before it is used on labels
+            item = load(index)  # range-checks index before it is used on labels
         except CorruptImageError as exc:
             if on_error == "raise":
                 raise
@@ -67,4 +96,4 @@ def _iterate(
             if stats is not None:
                 stats.record(exc.path)
             continue
-        yield int(index), image, int(labels[index])
+        yield int(index), item, int(labels[index])

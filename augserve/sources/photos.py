@@ -1,4 +1,4 @@
-"""``photos``: the colour photographs bundled with scikit-image, one class per photograph.
+"""``photos``: the color photographs bundled with scikit-image, one class per photograph.
 
 Images are RGB uint8 (H, W, 3) of varying sizes (300×451 up to 872×1000). There is only a
 "train" split: with one image per class the set exists to preview and benchmark augmentation

@@ -1,4 +1,4 @@
-"""``shapes``: procedurally drawn coloured shapes on textured backgrounds, labelled by shape.
+"""``shapes``: procedurally drawn colored shapes on textured backgrounds, labelled by shape.
 
 Images are RGB uint8 (size, size, 3). Image ``i`` is a pure function of (seed, split, i, size),
 drawn on demand by ``load(i)``: its random numbers come from ``SeedSequence([seed, split id, i])``,
@@ -6,8 +6,8 @@ so any worker can draw any image without generating the ones before it, and trai
 (split ids 0 and 1) never share an image. Shapes are drawn in coordinates relative to the image
 side, so the same (seed, split, i) gives the same picture at every ``size``.
 
-Colour, position, scale (circumradius 18–38 % of the side) and rotation are random, and the
-background is a gradient, stripes or smooth noise in other random colours, so the task is
+Color, position, scale (circumradius 18–38 % of the side) and rotation are random, and the
+background is a gradient, stripes or smooth noise in other random colors, so the task is
 learnable but not solvable from a single pixel statistic.
 """
 
@@ -63,7 +63,7 @@ def _polygon(label: str) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A float32 (size, size, 3) texture in 0..255 blending two nearby random colours."""
+    """A float32 (size, size, 3) texture in 0..255 blending two nearby random colors."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     kind = rng.integers(3)
     angle = rng.uniform(0, 2 * np.pi)
@@ -76,19 +76,19 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         cells = int(rng.integers(3, 9))
         coarse = rng.random((cells, cells), dtype=np.float32)
         t = np.clip(cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC), 0, 1)
-    # The second colour stays near the first so the background has less contrast than the shape.
+    # The second color stays near the first so the background has less contrast than the shape.
     c0 = rng.uniform(0, 255, 3)
     c1 = np.clip(c0 + rng.uniform(-90, 90, 3), 0, 255)
     return (c0 + t[..., None] * (c1 - c0)).astype(np.float32)
 
 
-def _shape_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
-    """A random RGB colour at least 120 (Euclidean, 0..255 scale) away from the background mean."""
+def _shape_color(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """A random RGB color at least 120 (Euclidean, 0..255 scale) away from the background mean."""
     mean = background.reshape(-1, 3).mean(axis=0)
     for _ in range(8):
-        colour = rng.uniform(0, 255, 3)
-        if np.linalg.norm(colour - mean) >= 120:
-            return colour
+        color = rng.uniform(0, 255, 3)
+        if np.linalg.norm(color - mean) >= 120:
+            return color
     # Rare (grey backgrounds): fall back to whichever of black and white is farther.
     return np.zeros(3) if mean.sum() > 3 * 127.5 else np.full(3, 255.0)
 
@@ -122,9 +122,9 @@ def render(seed: int, split_id: int, index: int, label: int, size: int) -> np.nd
     """Draw one image: RGB uint8 (size, size, 3) of shape ``CLASSES[label]``."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, split_id, index]))
     background = _background(rng, size)
-    colour = _shape_colour(rng, background).astype(np.float32)
+    color = _shape_color(rng, background).astype(np.float32)
     alpha = _shape_mask(rng, CLASSES[label], size)[..., None].astype(np.float32) / 255.0
-    image = background * (1.0 - alpha) + colour * alpha
+    image = background * (1.0 - alpha) + color * alpha
     image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)  # sensor-like grain
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 

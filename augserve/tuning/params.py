@@ -13,7 +13,7 @@ naming the parameter and the spec's complaint.
 
 Defaults, when the user lists no parameter, cover the classic augmentation strengths — and only for
 ops the base spec already has (no op is inserted: where an op goes in the chain, and whether it makes
-sense at all, e.g. colour noise on grey digits, is the recipe's decision, not the tuner's):
+sense at all, e.g. color noise on grey digits, is the recipe's decision, not the tuner's):
 
 ============================== ============ =====================================================
 path                           range        note

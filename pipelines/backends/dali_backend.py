@@ -1,7 +1,7 @@
 """NVIDIA DALI backend: the fused sample plans as one DALI pipeline fed through ``external_source``.
 
 Each batch goes through a pipeline built once per *structure* — which geometry pass (``warp_affine``
-or ``remap``), whether a colour pass runs and on which side of it — and reused for every later batch
+or ``remap``), whether a color pass runs and on which side of it — and reused for every later batch
 (building one costs far more than running it). Per-sample parameters travel next to the images as
 DALI per-sample argument inputs: the 2×3 ``matrix`` and output ``size`` of ``warp_affine``, the
 ``M`` (C×C) and ``T`` (C) of ``coord_transform``; the dense maps of ``remap`` as inputs.
@@ -21,8 +21,8 @@ Conventions, checked against OpenCV (the albumentations backend is the reference
   which is OpenCV's ``BORDER_REPLICATE`` for bilinear sampling.
 * ``coord_transform`` to uint8 and ``cast`` round half away from zero and saturate; OpenCV's
   ``saturate_cast`` rounds half to even. The two differ by one level on exact ``.5`` ties only, which
-  continuous random offsets practically never produce. An identity colour (``M = I``, ``T = 0``) is
-  exact, so a sample without a colour change that shares a colour pass with others keeps its bytes.
+  continuous random offsets practically never produce. An identity color (``M = I``, ``T = 0``) is
+  exact, so a sample without a color change that shares a color pass with others keeps its bytes.
 
 Local warps (``plan.chain``): ``fn.experimental.remap`` exists for the GPU only; it is NPP's remap,
 whose output has the *input's* shape and which leaves pixels whose source falls outside the image
@@ -32,8 +32,8 @@ map (:func:`pipelines.source_map.source_map` with a torch device, computed on th
 GPU) is clamped into that canvas — which reproduces OpenCV's constant border exactly, or clamps into
 the image for ``replicate`` — and the output window is cropped. **On the CPU** DALI has no remap:
 those samples are resampled on the host with OpenCV's ``cv2.remap`` — the same kernel the
-albumentations backend uses — and only their colour pass runs in a (colour-only) DALI pipeline, in
-the plan's order. Samples of one batch are grouped by (geometry pass, channels, colour order), so a
+albumentations backend uses — and only their color pass runs in a (color-only) DALI pipeline, in
+the plan's order. Samples of one batch are grouped by (geometry pass, channels, color order), so a
 sample's output never depends on the other samples of its batch.
 
 Threads: ``num_threads`` (argument, else ``$AUGSERVE_DALI_THREADS``, else 1 — one thread per worker
@@ -47,49 +47,49 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from ..plan import SamplePlan
+from ..borders import BORDERS
+from ..plan import AxisAligned, SamplePlan, axis_aligned
 from ..source_map import source_map
+from . import opencv_kernels
 from .base import Backend
 
 THREADS_ENV = "AUGSERVE_DALI_THREADS"
 _MIN_BATCH = 16  # pipelines are built for at least this many samples, then grow by powers of two
-_BORDERS = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}
 
 
 @dataclass(frozen=True)
 class Structure:
     """What a DALI pipeline computes. ``geometry``: ``"window"`` (``slice`` + ``flip``: integer
     windows and flips, copied exactly), ``"affine"`` (``warp_affine``), ``"remap"`` (``experimental.remap``,
-    GPU only) or ``"none"`` (colour only); ``colour``: ``None``, ``"first"`` (before the geometry) or
+    GPU only) or ``"none"`` (color only); ``color``: ``None``, ``"first"`` (before the geometry) or
     ``"last"``."""
 
     geometry: str
-    colour: str | None
+    color: str | None
 
 
 @pipeline_def
 def _augment(structure: Structure, on_gpu: bool, border: str, fill: int):
     """The graph of one :class:`Structure`. Named inputs: ``images`` (H×W×C uint8, host), ``anchor`` /
     ``shape`` ([y, x] / [h, w] int32) and ``flip_h`` / ``flip_v`` (int32 0/1), ``matrix`` (2×3 float32,
-    dst→src), ``size`` ([out_h, out_w] float32), ``colour_m`` (C×C float32), ``colour_t``
+    dst→src), ``size`` ([out_h, out_w] float32), ``color_m`` (C×C float32), ``color_t``
     (C float32), ``canvas`` ([h, w] int32), ``mapx``/``mapy`` (canvas-sized float32), ``crop``
     ([out_h, out_w] float32)."""
     images = fn.external_source(name="images", layout="HWC", dtype=types.UINT8)
     if on_gpu:
         images = images.gpu()
 
-    def colour(data):
-        matrix = fn.external_source(name="colour_m", dtype=types.FLOAT)
-        offset = fn.external_source(name="colour_t", dtype=types.FLOAT)
+    def color(data):
+        matrix = fn.external_source(name="color_m", dtype=types.FLOAT)
+        offset = fn.external_source(name="color_t", dtype=types.FLOAT)
         return fn.coord_transform(data, M=matrix, T=offset, dtype=types.UINT8)
 
-    if structure.colour == "first":
-        images = colour(images)
+    if structure.color == "first":
+        images = color(images)
     if structure.geometry == "window":  # integer window (+ flips): a copy, no resampling
         anchor = fn.external_source(name="anchor", dtype=types.INT32)
         shape = fn.external_source(name="shape", dtype=types.INT32)
@@ -100,14 +100,14 @@ def _augment(structure: Structure, on_gpu: bool, border: str, fill: int):
     elif structure.geometry == "affine":
         matrix = fn.external_source(name="matrix", dtype=types.FLOAT)
         size = fn.external_source(name="size", dtype=types.FLOAT)
-        fill_arg = {"fill_value": float(fill)} if border == "constant" else {}
+        fill_arg = {"fill_value": float(fill)} if BORDERS[border].pads_with_fill else {}
         images = fn.warp_affine(
             images, matrix=matrix, size=size, inverse_map=True, interp_type=types.INTERP_LINEAR, **fill_arg
         )
     elif structure.geometry == "remap":
-        images = _remap(images, fill if border == "constant" else 0)
-    if structure.colour == "last":
-        images = colour(images)
+        images = _remap(images, fill if BORDERS[border].pads_with_fill else 0)
+    if structure.color == "last":
+        images = color(images)
     return images
 
 
@@ -178,8 +178,9 @@ class DaliBackend(Backend):
             raise ValueError("empty batch: no images were given")
         groups: dict[tuple, list[int]] = {}
         windows: dict[int, tuple] = {}
+        facts = axis_aligned(plans)
         for index, plan in enumerate(plans):
-            window = _window(plan, images[index].shape, self.border)
+            window = _window(facts, index, plan.out_hw, images[index].shape, self.border)
             if window is not None:
                 geometry, windows[index] = "window", window
             else:
@@ -201,18 +202,18 @@ class DaliBackend(Backend):
 
     def _run_group(self, geometry: str, images: list[np.ndarray], plans: list[SamplePlan], windows: list):
         """One pass of DALI (plus, for CPU remaps, OpenCV on the host) over samples of one structure."""
-        colour = None
+        color = None
         if any(plan.color is not None for plan in plans):
-            colour = "first" if plans[0].color_first else "last"
+            color = "first" if plans[0].color_first else "last"
         images = [np.ascontiguousarray(image) for image in images]
         if geometry == "remap" and not self.on_gpu:
-            if colour == "first":
-                images = self._as_numpy(self._execute(Structure("none", colour), images, plans))
+            if color == "first":
+                images = self._as_numpy(self._execute(Structure("none", color), images, plans))
             images = [self._remap_on_host(image, plan) for image, plan in zip(images, plans)]
-            if colour != "last":
+            if color != "last":
                 return self._host_to_output(images)
-            return self._execute(Structure("none", colour), images, plans)
-        return self._execute(Structure(geometry, colour), images, plans, windows)
+            return self._execute(Structure("none", color), images, plans)
+        return self._execute(Structure(geometry, color), images, plans, windows)
 
     # --- DALI -----------------------------------------------------------------------------------------
 
@@ -232,8 +233,8 @@ class DaliBackend(Backend):
 
     def _execute(self, structure: Structure, images: list[np.ndarray], plans: list[SamplePlan], windows=None):
         inputs = {"images": images}
-        if structure.colour is not None:
-            inputs["colour_m"], inputs["colour_t"] = _colour_inputs(plans)
+        if structure.color is not None:
+            inputs["color_m"], inputs["color_t"] = _color_inputs(plans)
         if structure.geometry == "window":
             inputs["anchor"] = [np.asarray(w[0], dtype=np.int32) for w in windows]
             inputs["shape"] = [np.asarray(plan.out_hw, dtype=np.int32) for plan in plans]
@@ -295,10 +296,7 @@ class DaliBackend(Backend):
 
     def _remap_on_host(self, image: np.ndarray, plan: SamplePlan) -> np.ndarray:
         """OpenCV bilinear remap (integer pixel centres, hence the −0.5): DALI's CPU build has no remap."""
-        map_x, map_y = source_map(plan)
-        fill = (float(self.fill),) * image.shape[2]
-        out = cv2.remap(image, map_x - 0.5, map_y - 0.5, cv2.INTER_LINEAR, borderMode=_BORDERS[self.border], borderValue=fill)
-        return out if out.ndim == 3 else out[..., None]
+        return opencv_kernels.remap(image, plan, self.border, self.fill)
 
     def _as_numpy(self, out) -> list[np.ndarray]:
         return [o.numpy() for o in out]
@@ -310,28 +308,21 @@ class DaliBackend(Backend):
         return tensors
 
 
-def _window(plan: SamplePlan, shape: tuple[int, ...], border: str) -> tuple[tuple[int, int], int, int] | None:
-    """``((top, left), flip_h, flip_v)`` when the plan's geometry copies an integer window, possibly
-    flipped — so ``slice`` + ``flip`` reproduce it exactly — else ``None``. With ``replicate`` the window
-    must lie inside the image (``slice`` pads with a constant only)."""
-    m = plan.inverse
-    if m is None or abs(m[0, 1]) > 1e-12 or abs(m[1, 0]) > 1e-12:
+def _window(facts: AxisAligned, index: int, out_hw: tuple[int, int], shape: tuple[int, ...], border: str) -> tuple[tuple[int, int], int, int] | None:
+    """``((top, left), flip_h, flip_v)`` when sample ``index`` copies an integer window, possibly
+    flipped — so ``slice`` + ``flip`` reproduce it exactly — else ``None``. ``slice`` pads with a
+    constant only, so under a border mode that does not fill, the window must lie inside the image."""
+    if not facts.copies[index]:
         return None
-    out_h, out_w = plan.out_hw
-    start = []
-    for scale, shift, extent in ((m[1, 1], m[1, 2], out_h), (m[0, 0], m[0, 2], out_w)):
-        if abs(abs(scale) - 1.0) > 1e-12 or abs(shift - round(shift)) > 1e-9:
-            return None
-        # destination centre k + 0.5 samples source centre scale * (k + 0.5) + shift
-        start.append(int(round(shift)) if scale > 0 else int(round(shift)) - extent)
-    top, left = start
-    if border != "constant" and not (0 <= top and 0 <= left and top + out_h <= shape[0] and left + out_w <= shape[1]):
+    (top, left), (out_h, out_w) = facts.window(index), out_hw
+    inside = 0 <= top and 0 <= left and top + out_h <= shape[0] and left + out_w <= shape[1]
+    if not (inside or BORDERS[border].pads_with_fill):
         return None
-    return (top, left), int(m[0, 0] < 0), int(m[1, 1] < 0)
+    return (top, left), int(facts.flip_x[index]), int(facts.flip_y[index])
 
 
-def _colour_inputs(plans: list[SamplePlan]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-sample ``M`` (C×C) and ``T`` (C) float32; identity for samples whose colour is unchanged."""
+def _color_inputs(plans: list[SamplePlan]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-sample ``M`` (C×C) and ``T`` (C) float32; identity for samples whose color is unchanged."""
     matrices, offsets = [], []
     for plan in plans:
         channels = plan.channels

@@ -11,7 +11,7 @@ geometry):
   points of the batch at once (points flattened to (B, P), warp weights as (B, P, K) @ (B, K, K));
 * plans that only move whole pixels (integer windows, possibly mirrored: crops, centre crops, flips,
   random crops with padding) are copied by indexing — exact, and no float pass at all;
-* colour is one per-sample ``C×C`` matrix plus offset, in float32, then round half to even and clamp
+* color is one per-sample ``C×C`` matrix plus offset, in float32, then round half to even and clamp
   (OpenCV's ``saturate_cast``). Each pass rounds to the uint8 grid, like the CPU reference.
 
 Images outside the source are ``fill`` (``border="constant"``; sampling ``image - fill`` with zero
@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import geometry as G
-from ..plan import AffineStep, SamplePlan
+from ..borders import BORDERS
+from ..plan import AffineStep, AxisAligned, SamplePlan, axis_aligned
 from .base import Backend, same_output_shape
 
-_PADDING = {"constant": "zeros", "replicate": "border"}
-_EXACT_ATOL = 1e-9  # how far a matrix entry may sit from ±1 / 0 / an integer for a plain pixel copy
 _CHAIN_ELEMENTS = 1 << 24  # per warp-chain chunk: bounds each (B, P, K) weight temporary to 64 MB
 
 
@@ -149,16 +148,11 @@ class TorchBackend(Backend):
     def _geometry(self, group: _Group):
         """Split a group into pixel copies, affine resamplings and warp chains; run each batched."""
         plans = group.plans
-        affine = [k for k, p in enumerate(plans) if p.inverse is not None]
-        exact: list[int] = []
-        interpolated: list[int] = []
-        if affine:
-            matrices = np.stack([plans[k].inverse for k in affine])
-            is_exact, windows = _pixel_copies(matrices)
-            exact = [k for k, e in zip(affine, is_exact) if e]
-            windows = windows[is_exact]
-            interpolated = [k for k, e in zip(affine, is_exact) if not e]
-            affine_matrices = matrices[~is_exact]
+        facts = axis_aligned(plans)
+        exact = [k for k in range(len(plans)) if facts.copies[k]]
+        windows = _windows(facts, exact, group.out_hw)
+        interpolated = [k for k, p in enumerate(plans) if p.inverse is not None and not facts.copies[k]]
+        affine_matrices = np.stack([plans[k].inverse for k in interpolated]) if interpolated else None
         chains: dict[tuple, list[int]] = defaultdict(list)
         for k, plan in enumerate(plans):
             if plan.inverse is None:
@@ -177,8 +171,8 @@ class TorchBackend(Backend):
         results = []
         for members, image in pieces:
             member_plans = [plans[k] for k in members]
-            colour = None if member_plans[0].color_first else self._color_tensors(member_plans)
-            image = self._finish(image, colour)
+            color = None if member_plans[0].color_first else self._color_tensors(member_plans)
+            image = self._finish(image, color)
             results.append(([group.positions[k] for k in members], image))
         return results
 
@@ -245,7 +239,7 @@ class TorchBackend(Backend):
         fill = float(self.fill) if self.border == "constant" else 0.0
         if fill:
             source.sub_(fill)
-        out = F.grid_sample(source, grid, mode="bilinear", padding_mode=_PADDING[self.border], align_corners=False)
+        out = F.grid_sample(source, grid, mode="bilinear", padding_mode=BORDERS[self.border].torch_padding, align_corners=False)
         if fill:
             out.add_(fill)
         return out
@@ -297,10 +291,10 @@ class TorchBackend(Backend):
                 out[k][:, (cols < 0) | (cols >= width)] = self.fill
         return out
 
-    # --- colour and the uint8 conversion -------------------------------------------------------------
+    # --- color and the uint8 conversion -------------------------------------------------------------
 
-    def _color_tensors(self, plans: list[SamplePlan]) -> "_Colour | None":
-        """The colour pass of ``plans`` as device tensors; ``None`` when no plan changes the colour."""
+    def _color_tensors(self, plans: list[SamplePlan]) -> "_Color | None":
+        """The color pass of ``plans`` as device tensors; ``None`` when no plan changes the color."""
         if all(p.color is None for p in plans):
             return None
         channels = plans[0].channels
@@ -315,43 +309,43 @@ class TorchBackend(Backend):
             if np.all(fraction > 1e-4):
                 # ±1024 saturates 0..255 exactly like any larger offset, and fits int16.
                 whole = torch.from_numpy(np.clip(np.round(offsets), -1024, 1024).astype(np.float32)).to(self._device)
-                return _Colour(None, whole, integral=True)
-            return _Colour(None, torch.from_numpy(offsets.astype(np.float32)).to(self._device), integral=False)
+                return _Color(None, whole, integral=True)
+            return _Color(None, torch.from_numpy(offsets.astype(np.float32)).to(self._device), integral=False)
         packed = torch.from_numpy(np.concatenate([offsets, matrices.reshape(len(plans), -1)], axis=1).astype(np.float32)).to(self._device)
-        return _Colour(packed[:, channels:].reshape(-1, channels, channels), packed[:, :channels], integral=False)
+        return _Color(packed[:, channels:].reshape(-1, channels, channels), packed[:, :channels], integral=False)
 
-    def _finish(self, image: torch.Tensor, colour: "_Colour | None") -> torch.Tensor:
-        """Colour and uint8 conversion of a geometry result: uint8 (n, h, w, C).
+    def _finish(self, image: torch.Tensor, color: "_Color | None") -> torch.Tensor:
+        """Color and uint8 conversion of a geometry result: uint8 (n, h, w, C).
 
         ``image``: float (n, C, h, w) from resampling — a convex combination of pixels and ``fill``, so
         inside 0..255 — or uint8 (n, h, w, C) from pixel copies. As on the CPU reference, the resampled
-        image is rounded to whole numbers before its colour pass."""
+        image is rounded to whole numbers before its color pass."""
         if image.dtype == torch.uint8:
-            if colour is None:
+            if color is None:
                 return image
-            if colour.integral:
-                shifted = image.to(torch.int16).add_(colour.offsets.to(torch.int16)[:, None, None, :])
+            if color.integral:
+                shifted = image.to(torch.int16).add_(color.offsets.to(torch.int16)[:, None, None, :])
                 return _to_uint8(shifted.clamp_(0, 255))
             image = image.to(torch.float32)
-            colour.apply(image, channel_dim=3)
+            color.apply(image, channel_dim=3)
             return _to_uint8(image.round_().clamp_(0.0, 255.0))
-        if colour is None:
+        if color is None:
             return _to_uint8(image.round_().permute(0, 2, 3, 1))
-        if colour.integral:  # round(v) + k = round(v + k) for whole k: one rounding
-            image.add_(colour.offsets[:, :, None, None])
+        if color.integral:  # round(v) + k = round(v + k) for whole k: one rounding
+            image.add_(color.offsets[:, :, None, None])
         else:
             image.round_()
-            colour.apply(image, channel_dim=1)
+            color.apply(image, channel_dim=1)
         return _to_uint8(image.round_().clamp_(0.0, 255.0).permute(0, 2, 3, 1))
 
     def _color_uint8(self, images: torch.Tensor, plans: list[SamplePlan]) -> torch.Tensor:
-        """Colour pass on the uint8 input, before geometry (``color_first``): uint8 (n, H, W, C)."""
+        """Color pass on the uint8 input, before geometry (``color_first``): uint8 (n, H, W, C)."""
         return self._finish(images, self._color_tensors(plans))
 
 
 @dataclass
-class _Colour:
-    """Per-sample colour on the device: ``matrices`` (n, C, C) or ``None`` for identities, ``offsets``
+class _Color:
+    """Per-sample color on the device: ``matrices`` (n, C, C) or ``None`` for identities, ``offsets``
     (n, C) on the 0–255 scale; ``integral`` when the offsets were rounded to whole numbers (see
     :meth:`TorchBackend._color_tensors`)."""
 
@@ -381,24 +375,16 @@ class _Colour:
         image.add_(self.offsets.view(shape))
 
 
-def _pixel_copies(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which dst→src matrices only move whole pixels (linear part diag(±1), integer translation), and
-    their windows ``(r0, sr, c0, sc)``: destination (i, j) takes source pixel (r0 + sr i, c0 + sc j)."""
-    sx, sy = matrices[:, 0, 0], matrices[:, 1, 1]
-    tx, ty = matrices[:, 0, 2], matrices[:, 1, 2]
-    exact = (
-        (np.abs(np.abs(sx) - 1.0) < _EXACT_ATOL)
-        & (np.abs(np.abs(sy) - 1.0) < _EXACT_ATOL)
-        & (np.abs(matrices[:, 0, 1]) < _EXACT_ATOL)
-        & (np.abs(matrices[:, 1, 0]) < _EXACT_ATOL)
-        & (np.abs(tx - np.round(tx)) < _EXACT_ATOL)
-        & (np.abs(ty - np.round(ty)) < _EXACT_ATOL)
-    )
-    # Centre (j + 0.5) maps to s (j + 0.5) + t, i.e. pixel s j + t for s = 1 and s j + t - 1 for s = -1.
-    step_x, step_y = np.where(sx > 0, 1, -1), np.where(sy > 0, 1, -1)
-    c0 = np.round(tx).astype(np.int64) - (step_x < 0)
-    r0 = np.round(ty).astype(np.int64) - (step_y < 0)
-    return exact, np.stack([r0, step_y, c0, step_x], axis=1).astype(np.int64)
+def _windows(facts: AxisAligned, members: list[int], out_hw: tuple[int, int]) -> np.ndarray:
+    """``(r0, sr, c0, sc)`` per pixel-copy member: destination (i, j) takes source pixel
+    (r0 + sr i, c0 + sc j), sr, sc = ±1 (a mirrored window starts at its far edge)."""
+    out_h, out_w = out_hw
+    windows = np.empty((len(members), 4), dtype=np.int64)
+    for row, k in enumerate(members):
+        top, left = facts.window(k)
+        flip_y, flip_x = bool(facts.flip_y[k]), bool(facts.flip_x[k])
+        windows[row] = (top + (out_h - 1) * flip_y, -1 if flip_y else 1, left + (out_w - 1) * flip_x, -1 if flip_x else 1)
+    return windows
 
 
 def _inside(windows: np.ndarray, out_h: int, out_w: int, height: int, width: int) -> np.ndarray:

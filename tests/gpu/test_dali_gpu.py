@@ -2,7 +2,7 @@
 
 GPU ``warp_affine`` uses the same float maths as the CPU build; local warps go through DALI's GPU-only
 ``experimental.remap`` (NPP) instead of OpenCV's ``cv2.remap``, so they get an interpolation tolerance.
-Measured on an H200 (DALI 2.4): flips, windows, padding and colour are byte-identical to both
+Measured on an H200 (DALI 2.4): flips, windows, padding and color are byte-identical to both
 references; every interpolated case is within 1 level (mean |diff| <= 0.0022).
 """
 
@@ -34,7 +34,7 @@ CASES = {
     # name: (spec, exact against the CPU build of DALI)
     "mirror": ({"ops": [{"op": "mirror", "horizontal": 0.5, "vertical": 0.5}]}, True),
     "crop_padding": ({"ops": [{"op": "random_crop", "size": 60, "padding": 8}]}, True),
-    "colour": ({"ops": [{"op": "pca_color", "alpha_std": 0.5}, {"op": "color_shift", "limit": 30}]}, True),
+    "color": ({"ops": [{"op": "pca_color", "alpha_std": 0.5}, {"op": "color_shift", "limit": 30}]}, True),
     "rotate": ({"ops": [{"op": "rotate", "degrees": 30}]}, False),
     "random_resized_crop": ({"ops": [{"op": "random_resized_crop", "size": 48}, {"op": "mirror"}]}, False),
     "resize": ({"ops": [{"op": "resize", "short_side": 100}, {"op": "center_crop", "size": 90}]}, False),
@@ -45,7 +45,7 @@ CASES = {
     "warp_grows": ({"ops": [{"op": "warp", "magnitude": 0.03}, {"op": "resize", "short_side": 96}]}, False),
     "warp_fill": ({"ops": [{"op": "rotate", "degrees": 30}, {"op": "warp", "magnitude": 0.05}], "fill": 77}, False),
     "warp_replicate": ({"ops": [{"op": "rotate", "degrees": 30}, {"op": "warp", "magnitude": 0.05}], "border": "replicate"}, False),
-    "colour_first_warp": ({"ops": [{"op": "color_shift", "limit": 30}, {"op": "warp", "magnitude": 0.04, "p": 0.5}]}, False),
+    "color_first_warp": ({"ops": [{"op": "color_shift", "limit": 30}, {"op": "warp", "magnitude": 0.04, "p": 0.5}]}, False),
 }
 
 

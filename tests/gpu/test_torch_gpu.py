@@ -1,8 +1,8 @@
 """The torch backend on CUDA against its CPU run and the albumentations reference (same params).
 
-CPU and CUDA run the same float32 maths (grid build, ``grid_sample``, colour); they may round a value
+CPU and CUDA run the same float32 maths (grid build, ``grid_sample``, color); they may round a value
 on a .5 boundary differently (FMA, different instruction order), so interpolated outputs get a one-level
-tolerance. Pixel copies and colour-only chains are exact.
+tolerance. Pixel copies and color-only chains are exact.
 """
 
 import numpy as np
@@ -31,7 +31,7 @@ CASES = {
     # name: (spec, exact between CPU and CUDA)
     "mirror": ({"ops": [{"op": "mirror", "horizontal": 0.5, "vertical": 0.5}]}, True),
     "crop_padding_fill": ({"ops": [{"op": "random_crop", "size": 60, "padding": 8}, {"op": "mirror"}], "fill": 77}, True),
-    "colour": ({"ops": [{"op": "pca_color", "alpha_std": 0.5}, {"op": "color_shift", "limit": 30}]}, True),
+    "color": ({"ops": [{"op": "pca_color", "alpha_std": 0.5}, {"op": "color_shift", "limit": 30}]}, True),
     "rotate": ({"ops": [{"op": "rotate", "degrees": 30}]}, False),
     "random_resized_crop": ({"ops": [{"op": "random_resized_crop", "size": 48}, {"op": "mirror"}]}, False),
     "resize": ({"ops": [{"op": "resize", "short_side": 100}, {"op": "center_crop", "size": 90}]}, False),
@@ -39,7 +39,7 @@ CASES = {
     "fill": ({"ops": [{"op": "rotate", "degrees": 40}, {"op": "color_shift", "limit": 30}], "fill": 128}, False),
     "elastic": ({"ops": [{"op": "warp", "kind": "elastic", "magnitude": 0.03}, {"op": "random_resized_crop", "size": 48}]}, False),
     "grid_warp": ({"ops": [{"op": "rotate", "degrees": 10}, {"op": "warp", "kind": "grid", "magnitude": 0.05, "p": 0.5}]}, False),
-    "colour_first": ({"ops": [{"op": "color_shift", "limit": 60}, {"op": "rotate", "degrees": 20}]}, False),
+    "color_first": ({"ops": [{"op": "color_shift", "limit": 60}, {"op": "rotate", "degrees": 20}]}, False),
 }
 
 

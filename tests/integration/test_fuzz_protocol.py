@@ -279,7 +279,7 @@ FIELDS: dict[str, tuple[tuple | st.SearchStrategy, tuple | st.SearchStrategy]] =
     "dataset": (("shapes", "shapes", "shapes", "digits", "photos"), ("imagenet", "/etc", "", LONG[201], "folder")),
     "split": (("train", "test"), ("val", "", None)),
     "dataset_options": ((dict(SHAPES), dict(SHAPES), {"size": 16, "n": 20}, {}),
-                        ({"size": 8}, {"n": 0}, {"n": 10_000_001}, {"size": 2**63}, {"size": "32"}, {"colour": "red"},
+                        ({"size": 8}, {"n": 0}, {"n": 10_000_001}, {"size": 2**63}, {"size": "32"}, {"color": "red"},
                          {f"k{i}": i for i in range(33)}, {"x" * 65: 1}, {"size": True}, {"size": 32.0})),  # fmt: skip
     "pipeline": (GOOD_SPECS, BAD_SPECS),
     "batch_size": ((16, 16, 1, 50), (0, -1, 65_537, 2**20, 2**20 + 1, 2**63, 16.5, "16")),

@@ -77,7 +77,7 @@ def refused(address: str, **overrides) -> str:
         ({"batch_size": 0}, "batch_size = 0"),
         ({"rank": 3, "world_size": 3}, "rank"),
         ({"dataset_options": {"size": 8}}, "size"),
-        ({"dataset_options": {"colour": "red"}}, "colour"),
+        ({"dataset_options": {"color": "red"}}, "color"),
         ({"pipeline": {"ops": [{"op": "random_crop", "size": 64}]}}, "random_crop size 64"),
         ({"resume": {"epoch": 0, "delivered": [999]}}, "outside"),
     ],

@@ -1,6 +1,6 @@
 """The DALI backend (CPU build of DALI) against the albumentations/OpenCV reference on identical params.
 
-Measured on these inputs (DALI 2.4, OpenCV 5.0): flips, integer windows, padding, identity and colour
+Measured on these inputs (DALI 2.4, OpenCV 5.0): flips, integer windows, padding, identity and color
 offsets are byte-identical; bilinear resampling (rotate, shear, resized crops, resize) differs from
 OpenCV's fixed-point ``warpAffine`` by at most 1 level on under 4% of the values (mean |diff| <= 0.035).
 Local warps run through ``cv2.remap`` on the CPU (DALI's remap is GPU-only), so they are exact here.
@@ -101,9 +101,9 @@ PARITY = {
     "warp_elastic_crop": ({"ops": [{"op": "warp", "kind": "elastic", "magnitude": 0.03}, {"op": "random_crop", "size": 48}]}, True),
     "pca_color": ({"ops": [{"op": "pca_color", "alpha_std": 0.5}]}, True),
     "color_shift": ({"ops": [{"op": "color_shift", "limit": 40}]}, True),
-    "colour_then_rotate": ({"ops": [{"op": "color_shift", "limit": 40}, {"op": "rotate", "degrees": 30}]}, False),
-    "rotate_then_colour": ({"ops": [{"op": "rotate", "degrees": 30}, {"op": "pca_color", "alpha_std": 0.5}]}, False),
-    "rotate_warp_colour": (
+    "color_then_rotate": ({"ops": [{"op": "color_shift", "limit": 40}, {"op": "rotate", "degrees": 30}]}, False),
+    "rotate_then_color": ({"ops": [{"op": "rotate", "degrees": 30}, {"op": "pca_color", "alpha_std": 0.5}]}, False),
+    "rotate_warp_color": (
         {"ops": [{"op": "rotate", "degrees": 20}, {"op": "warp", "magnitude": 0.04, "p": 0.5}, {"op": "color_shift", "limit": 30}]},
         False,
     ),
@@ -152,7 +152,7 @@ def test_presets_lenet5_grey_with_normalize(build):
     assert (out - ref).abs().mean().item() < INTERP_MEAN * level
 
 
-def test_grey_colour_shift_and_rotation(build):
+def test_grey_color_shift_and_rotation(build):
     rng = np.random.default_rng(13)
     batch = rng.integers(0, 256, (6, 40, 30, 1), dtype=np.uint8)
     ref, out = both(build, {"ops": [{"op": "color_shift", "limit": 50}]}, batch)
@@ -245,15 +245,15 @@ def test_num_threads_option_and_environment(monkeypatch):
         DaliBackend(spec, num_threads=0)
 
 
-def test_colour_rounding_matches_opencv_except_on_exact_ties():
+def test_color_rounding_matches_opencv_except_on_exact_ties():
     """DALI rounds half away from zero, OpenCV half to even: equal off ties, within 1 level on them."""
     image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
     backend = DaliBackend(spec_of([{"op": "color_shift"}]))
     for offset, exact in ((0.25, True), (-7.75, True), (300.0, True), (-300.0, True), (0.5, False), (10.5, False)):
-        colour = (np.eye(3), np.full(3, offset))
-        plan = SamplePlan((16, 16, 3), (16, 16), inverse=np.eye(3), color=colour)
+        color = (np.eye(3), np.full(3, offset))
+        plan = SamplePlan((16, 16, 3), (16, 16), inverse=np.eye(3), color=color)
         out = backend.run([image], [plan])[0].numpy().astype(int)
-        ref = apply_color(image, *colour).astype(int)
+        ref = apply_color(image, *color).astype(int)
         if exact:
             np.testing.assert_array_equal(out, ref)
         else:

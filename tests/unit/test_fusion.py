@@ -16,7 +16,7 @@ CHAINS = {
         {"op": "rotate", "degrees": 20},
         {"op": "shear", "degrees": 10},
     ],
-    "resize_crop_flip_colour": [
+    "resize_crop_flip_color": [
         {"op": "resize", "short_side": 48},
         {"op": "random_crop", "size": 40, "padding": 2},
         {"op": "mirror"},
@@ -37,17 +37,17 @@ def differences(a, b):
 
 
 # (max mean |diff|, max 99th-percentile |diff|) over the inner region, in uint8 levels. Measured with
-# this test's data (rgb_batch, seed=4): crop_flip_rotate_shear 1.34 / 5, resize_crop_flip_colour
+# this test's data (rgb_batch, seed=4): crop_flip_rotate_shear 1.34 / 5, resize_crop_flip_color
 # 0.45 / 4, warp_between_affines 0.45 / 2; worst over 24 runs (pipeline seeds 0-7 × fixture-style
 # batches from rng seeds 1234, 1, 2): 1.70 / 7, 0.50 / 4, 0.52 / 3. The bounds are ~1.2-1.5× the
 # worst mean and 1-2 levels above the worst p99 (room for OpenCV / numpy rounding differences). For
 # scale, perturbing the fused output gives: 0.25 px shift mean 2.7-3.5 / p99 8-12, 1° rotation
-# 2.5-3.8 / 9-15, +3 level colour offset 3.0-3.5 / 5-7 — all caught here, whereas the old single
+# 2.5-3.8 / 9-15, +3 level color offset 3.0-3.5 / 5-7 — all caught here, whereas the old single
 # bound (mean < 3, p99 < 24) passed the shift and rotation on the warp chain, the rotation on the
-# colour chain and the colour offset on the warp chain.
+# color chain and the color offset on the warp chain.
 BOUNDS = {
     "crop_flip_rotate_shear": (2.0, 8),  # crop + rotate + shear resampled separately vs once: the most blur
-    "resize_crop_flip_colour": (0.75, 5),
+    "resize_crop_flip_color": (0.75, 5),
     "warp_between_affines": (0.75, 4),
 }
 
@@ -65,7 +65,7 @@ def test_fused_equals_step_by_step(rgb_batch, name):
     assert mean < max_mean and p99 <= max_p99, (mean, p99)
 
 
-def test_colour_only_chain_fuses_exactly(rgb_batch):
+def test_color_only_chain_fuses_exactly(rgb_batch):
     spec = {"ops": [{"op": "color_shift", "limit": 30}, {"op": "pca_color", "alpha_std": 0.2}]}
     fused = as_uint8_numpy(pipelines.build(spec)(rgb_batch, seed=2))
     steps = as_uint8_numpy(pipelines.build(spec, fused=False)(rgb_batch, seed=2))

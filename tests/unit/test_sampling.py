@@ -15,18 +15,27 @@ def records(spec, n=4000, shape=(256, 256, 3), seed=0):
 
 def test_random_resized_crop_area_fraction_stays_within_scale():
     ops = records({"ops": [{"op": "random_resized_crop", "size": 224, "scale": [0.2, 0.6], "ratio": [0.75, 1.3333333]}]})
-    fractions = np.array([o[0]["height"] * o[0]["width"] / 256**2 for o in ops])
-    aspects = np.array([o[0]["width"] / o[0]["height"] for o in ops])
-    assert fractions.min() >= 0.2 - 1e-9 and fractions.max() <= 0.6 + 1e-9
-    assert aspects.min() >= 0.75 - 1e-6 and aspects.max() <= 1.3333333 + 1e-6
+    heights = np.array([o[0]["height"] for o in ops], dtype=float)
+    widths = np.array([o[0]["width"] for o in ops], dtype=float)
+    fractions = heights * widths / 256**2
+    # Whole-pixel boxes (as torchvision cuts them): each side is rounded, so area and aspect may leave
+    # their ranges by at most what half a pixel on each side allows.
+    slack = (0.5 * (heights + widths) + 0.25) / 256**2
+    assert np.all(fractions >= 0.2 - slack) and np.all(fractions <= 0.6 + slack)
+    aspects = widths / heights
+    aspect_slack = 0.5 / heights + 0.5 * widths / heights**2 + 1e-9
+    assert np.all(aspects >= 0.75 - aspect_slack) and np.all(aspects <= 1.3333333 + aspect_slack)
     # Uniform in [0.2, 0.6]: mean 0.4, and each fifth of the range gets about a fifth of the draws.
     assert abs(fractions.mean() - 0.4) < 0.01
     counts, _ = np.histogram(fractions, bins=5, range=(0.2, 0.6))
     assert counts.min() > 0.15 * len(fractions)
-    # Boxes lie inside the image.
+    # Boxes are whole pixels inside the image, and every position of a box is drawn.
     for o in ops:
         r = o[0]
-        assert r["top"] >= 0 and r["left"] >= 0 and r["top"] + r["height"] <= 256 + 1e-9 and r["left"] + r["width"] <= 256 + 1e-9
+        assert all(isinstance(r[k], int) for k in ("top", "left", "height", "width"))
+        assert r["top"] >= 0 and r["left"] >= 0 and r["top"] + r["height"] <= 256 and r["left"] + r["width"] <= 256
+    small = records({"ops": [{"op": "random_resized_crop", "size": 8, "scale": [0.25, 0.25], "ratio": [1.0, 1.0]}]}, n=2000, shape=(4, 4, 3))
+    assert {(o[0]["top"], o[0]["left"]) for o in small} == {(t, l) for t in range(3) for l in range(3)}
 
 
 def test_random_resized_crop_falls_back_to_a_centred_box_on_extreme_aspect():

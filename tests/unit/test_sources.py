@@ -159,7 +159,7 @@ def test_shapes_labels_and_options():
         ({"size": "64"}, TypeError, "size"),
         ({"n": 0}, ValueError, "n"),
         ({"seed": -1}, ValueError, "seed"),
-        ({"colour": 1}, TypeError, "colour"),
+        ({"color": 1}, TypeError, "color"),
     ],
 )
 def test_shapes_option_errors(options, error, word):
@@ -495,10 +495,10 @@ def test_npz_fortran_order_and_grey(tmp_path: Path):
     grey = rng.integers(0, 256, (4, 3, 2), dtype=np.uint8)
     np.savez(tmp_path / "f.npz", images=images, labels=np.zeros(6, np.int8))
     np.savez(tmp_path / "g.npz", images=grey, labels=np.arange(4))
-    colour, mono = open_dataset(tmp_path / "f.npz"), open_dataset(tmp_path / "g.npz")
+    color, mono = open_dataset(tmp_path / "f.npz"), open_dataset(tmp_path / "g.npz")
     for i in range(6):
-        assert_image(colour.load(i), 3)
-        np.testing.assert_array_equal(colour.load(i), images[i])
+        assert_image(color.load(i), 3)
+        np.testing.assert_array_equal(color.load(i), images[i])
     assert_image(mono.load(3), 1)
     np.testing.assert_array_equal(mono.load(3)[..., 0], grey[3])
 

@@ -1,7 +1,7 @@
 """The batched torch backend (CPU) against the albumentations/OpenCV reference, on identical parameters.
 
 Measured on the 64×80 test images (smooth and noise, seeds below), torch vs albumentations 2.0.8 /
-OpenCV 5.0 bilinear: pixel copies (mirror, crops, padding) and colour-only chains are byte-identical;
+OpenCV 5.0 bilinear: pixel copies (mirror, crops, padding) and color-only chains are byte-identical;
 interpolated chains (rotate, shear, random-resized-crop, resize, warps) differ by at most 1 level, on
 ≤ 1.2% of the values (mean abs diff ≤ 0.012, worst for down-scaling resize). Bounds below: mean < 0.05,
 99.9th percentile ≤ 1, max ≤ 2 — a little above what was measured, not tuned to pass.
@@ -65,7 +65,7 @@ EXACT = {
     "center_crop_larger_than_image": [{"op": "center_crop", "size": [70, 90]}],
     "pca_color": [{"op": "pca_color", "alpha_std": 0.5}],
     "color_shift": [{"op": "color_shift", "limit": 60}],
-    "crop_flip_colour": [{"op": "random_crop", "size": 48, "padding": 4}, {"op": "mirror"}, {"op": "pca_color"}, {"op": "color_shift"}],
+    "crop_flip_color": [{"op": "random_crop", "size": 48, "padding": 4}, {"op": "mirror"}, {"op": "pca_color"}, {"op": "color_shift"}],
 }
 
 INTERPOLATED = {
@@ -89,13 +89,13 @@ INTERPOLATED = {
         {"op": "pca_color"},
         {"op": "color_shift", "limit": 15},
     ],
-    "colour_first": [{"op": "color_shift", "limit": 60}, {"op": "rotate", "degrees": 20}],
+    "color_first": [{"op": "color_shift", "limit": 60}, {"op": "rotate", "degrees": 20}],
 }
 
 
 @pytest.mark.parametrize("border", [("constant", 0), ("constant", 130), ("replicate", 0)], ids=["zeros", "fill130", "replicate"])
 @pytest.mark.parametrize("name", sorted(EXACT))
-def test_pixel_copies_and_colour_are_exact(name, border):
+def test_pixel_copies_and_color_are_exact(name, border):
     spec = {"ops": EXACT[name], "border": border[0], "fill": border[1]}
     batch = images("noise")
     ref, out = both(spec, batch)
@@ -219,8 +219,8 @@ def test_determinism_and_batch_independence():
     assert other_seed.tobytes() != first.tobytes()
 
 
-def test_colour_matrices_and_half_offsets_follow_the_reference():
-    """Hand-made plans exercise what no current op produces: a full C×C colour matrix and offsets on a
+def test_color_matrices_and_half_offsets_follow_the_reference():
+    """Hand-made plans exercise what no current op produces: a full C×C color matrix and offsets on a
     .5 tie (round half to even depends on the pixel's parity). OpenCV's ``cv2.transform`` is itself
     off by one on ~8% of the values for a mixing matrix (measured against float64), the torch backend
     on ~1.4%, so matrices are checked against float64 and the reference within one level."""

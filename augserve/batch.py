@@ -1,0 +1,81 @@
+"""One batch of a task, loaded and augmented: what a worker computes between a task and its send.
+
+Sources of decoded arrays (digits, shapes, ``.npz``) are loaded and then augmented. Sources of image
+files (folders) take the plan-aware path: each file's header gives its shape, the pipeline plans
+every sample from the shapes, and only then is each file decoded — the region its plan reads, at
+the reduction the plan allows when the spec says ``decode: fast`` (``Pipeline.run_decoding``).
+A file that fails only when decoded is skipped (or raised) like one refused from its header, and the
+rest of the batch is planned again without it: each sample's parameters depend on its own id and
+shape alone, so the others come out the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .sources import CorruptImageError, SkipStats, Source, iter_encoded, iter_images
+
+log = logging.getLogger("augserve.worker")
+
+
+def augment_batch(source: Source, pipe, ids: Sequence[int], seed: int, epoch: int, on_error: str, stats: SkipStats):
+    """``(images, kept_ids, labels, load_s)``: uint8 N×H×W×C on the CPU (a tensor, or a list of
+    tensors when sizes differ; None when every sample was skipped), the ids and labels of the samples
+    kept, and the seconds spent reading and decoding (the rest was augmenting)."""
+    started = time.perf_counter()
+    encoded = list(iter_encoded(source, ids, on_error=on_error, stats=stats))
+    if encoded and encoded[0][1] is None:  # a source of arrays: nothing to plan before decoding
+        return _decoded(source, pipe, ids, seed, epoch, on_error, stats)
+    load_s = time.perf_counter() - started
+    while encoded:
+        failed: list[int] = []
+
+        def decode(index: int, box, max_factor: int):
+            nonlocal load_s
+            begin = time.perf_counter()
+            try:
+                array, placement = source.decode(encoded[index][1], box, max_factor)
+            except CorruptImageError:
+                failed.append(index)
+                raise
+            finally:
+                load_s += time.perf_counter() - begin
+            return array, (placement.factor, placement.top, placement.left)
+
+        shapes = [(image.height, image.width, source.channels) for _, image, _ in encoded]
+        kept = [sample_id for sample_id, _, _ in encoded]
+        try:
+            out = pipe.run_decoding(shapes, decode, seed=seed, epoch=epoch, sample_ids=kept)
+        except CorruptImageError as exc:
+            if on_error == "raise" or not failed:
+                raise
+            log.warning("skipping %s", exc)
+            stats.record(exc.path)
+            del encoded[failed[0]]
+            continue
+        return _on_cpu(out), kept, [label for _, _, label in encoded], load_s
+    return None, [], [], load_s
+
+
+def _decoded(source: Source, pipe, ids, seed: int, epoch: int, on_error: str, stats: SkipStats):
+    started = time.perf_counter()
+    kept, images, labels = [], [], []
+    for sample_id, image, label in iter_images(source, ids, on_error=on_error, stats=stats):
+        kept.append(sample_id)
+        images.append(image)
+        labels.append(label)
+    load_s = time.perf_counter() - started
+    if not images:
+        return None, [], [], load_s
+    return _on_cpu(pipe(images, seed=seed, epoch=epoch, sample_ids=kept)), kept, labels, load_s
+
+
+def _on_cpu(out):
+    if isinstance(out, list):
+        return [o.cpu() for o in out]
+    return out.cpu() if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))

@@ -1,0 +1,69 @@
+"""Plan-aware decoding: what part of the source a plan reads, at what resolution, and the same plan
+re-aimed at a decoded region.
+
+A sample's parameters depend only on its image's shape, so a worker can read a file's header, fuse
+the plan, and only then decode — the region the plan samples, at the largest JPEG DCT reduction
+(1/2, 1/4, 1/8) that still gives the output at least one source pixel per output pixel along every
+direction. :func:`reaim` folds the region's offset and the reduction into the plan's matrix, so the
+geometry is unchanged: output pixel ``p`` samples the same point of the picture as before.
+
+Coordinates are continuous pixel coordinates of the full-resolution source (:mod:`pipelines.geometry`).
+A decoded array at ``factor`` placed at ``(top, left)`` holds, in its pixel ``(i, j)``, the square
+``[left + factor j, left + factor (j + 1)) × [top + factor i, top + factor (i + 1))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .plan import AffineStep, SamplePlan
+
+REDUCTIONS = (8, 4, 2, 1)  # what JPEG's DCT scaling offers (libjpeg also has 3/8 … 7/8; not used)
+
+
+def source_box(plan: SamplePlan) -> tuple[float, float, float, float] | None:
+    """``(x0, y0, x1, y1)``: the part of the source the plan's bilinear taps can touch (its output's
+    corners mapped back, one pixel of margin), clipped to the image; None when the plan reads the
+    whole image anyway (a local warp) or nothing of it."""
+    if plan.inverse is None:
+        return None
+    height, width = plan.in_shape[:2]
+    out_h, out_w = plan.out_hw
+    corners = np.array([[0.0, 0.0, 1.0], [out_w, 0.0, 1.0], [0.0, out_h, 1.0], [out_w, out_h, 1.0]])
+    mapped = corners @ plan.inverse[:2].T
+    x0, y0 = mapped.min(axis=0) - 1.0
+    x1, y1 = mapped.max(axis=0) + 1.0
+    x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
+def largest_reduction(plan: SamplePlan) -> int:
+    """The largest factor of :data:`REDUCTIONS` at which the source still has at least one pixel per
+    output pixel along every direction: the smallest singular value of the plan's dst→src linear
+    part (source pixels per output pixel, least-stretched direction). 1 for a local warp."""
+    if plan.inverse is None:
+        return 1
+    linear = plan.inverse[:2, :2]
+    smallest = float(np.linalg.svd(linear, compute_uv=False).min())
+    for factor in REDUCTIONS:
+        if smallest >= factor - 1e-9:
+            return factor
+    return 1
+
+
+def reaim(plan: SamplePlan, factor: int, top: int, left: int, shape: tuple[int, ...]) -> SamplePlan:
+    """``plan`` sampling a decoded array of ``shape`` (H×W×C) placed at ``(top, left)`` at
+    ``factor``, instead of the full-resolution source: array coordinates are
+    ``(x - left) / factor``, folded into the matrix (or into the chain's last step)."""
+    to_array = np.array([[1.0 / factor, 0.0, -left / factor], [0.0, 1.0 / factor, -top / factor], [0.0, 0.0, 1.0]])
+    in_shape = (int(shape[0]), int(shape[1]), plan.in_shape[2])
+    if plan.inverse is not None:
+        return replace(plan, in_shape=in_shape, inverse=to_array @ plan.inverse)
+    chain = list(plan.chain)
+    chain[-1] = AffineStep(to_array @ chain[-1].inverse)  # the step that lands on the source
+    return replace(plan, in_shape=in_shape, chain=chain)
+
