@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test test-gpu bench bench-pipelines bench-e2e bench-trainer degradation clean
+.PHONY: demo test test-gpu bench bench-pipelines bench-e2e bench-photos bench-decoders bench-trainer degradation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,13 +29,20 @@ test: $(VENV)/.installed
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q tests/gpu
 
-bench: bench-pipelines bench-e2e bench-trainer
+bench: bench-pipelines bench-e2e bench-photos bench-decoders bench-trainer
 
 bench-pipelines: $(VENV)/.installed
-	$(VENV)/bin/augserve bench pipelines
+	$(VENV)/bin/augserve bench pipelines --per-op
 
 bench-e2e: $(VENV)/.installed
 	$(VENV)/bin/augserve bench e2e
+
+# JPEG photos (500×375 and 1600×1200) → random-resized-crop 224 + mirror + normalize, 2 workers.
+bench-photos: $(VENV)/.installed
+	$(VENV)/bin/augserve bench e2e --photos --no-npz --photo-count 96 --batch-size 32 --batches 20 --rounds 3 --workers 2
+
+bench-decoders: $(VENV)/.installed
+	$(VENV)/bin/augserve bench decoders
 
 bench-trainer: $(VENV)/.installed
 	$(VENV)/bin/augserve bench trainer

@@ -26,7 +26,11 @@ computed from the same timings: ROI for f = 1 and a DCT-scaled decode otherwise 
 ``decode_encoded`` does), the ``cost_model_prefers_region`` variant that also takes ROI at f ≥ 2
 when the box ends high in the image, and the per-sample best (a bound no rule reaches).
 
-Run: ``python -m augserve.bench.decoders`` (a markdown table; ``--json`` for the raw result).
+The summary also gives, per size, how far a whole pipeline lands from exact decoding: random-resized-
+crop 224 + mirror run with ``decode: fast`` (region and reduction as planned) and ``decode: exact``
+on the same samples, mean absolute difference of the outputs in uint8 levels (``pipeline_mad``).
+
+Run: ``augserve bench decoders`` (a markdown table; ``--json`` for the rows and the summary).
 """
 
 from __future__ import annotations
@@ -227,6 +231,28 @@ def cost_model_prefers_region(box: Box, height: int, width: int, factor: int, hu
     return region < h + (1 - h) / factor**2
 
 
+def pipeline_mad(files: list[EncodedImage], seed: int = 0) -> dict[str, float]:
+    """Per image size: mean |fast - exact| (uint8 levels) of random-resized-crop 224 + mirror outputs,
+    the same samples planned once and decoded both ways (``Pipeline.run_decoding``)."""
+    import pipelines
+
+    spec = {"ops": [{"op": "random_resized_crop", "size": OUTPUT}, {"op": "mirror"}]}
+    fast, exact = pipelines.build(spec), pipelines.build({**spec, "decode": "exact"})
+    result = {}
+    for size in dict.fromkeys(f"{f.width}×{f.height}" for f in files):
+        group = [f for f in files if f"{f.width}×{f.height}" == size]
+
+        def decode(index, box, max_factor, group=group):
+            array, placement = decode_encoded(group[index], 3, box, max_factor)
+            return array, (placement.factor, placement.top, placement.left)
+
+        shapes = [(f.height, f.width, 3) for f in group]
+        ours = fast.run_decoding(shapes, decode, seed=seed).numpy().astype(np.int16)
+        reference = exact.run_decoding(shapes, decode, seed=seed).numpy().astype(np.int16)
+        result[size] = float(np.abs(ours - reference).mean())
+    return result
+
+
 def run_decoders(photos: int = 6, rounds: int = 3, progress=None, boxes_per_photo: int = 4, seed: int = 0) -> dict:
     """Time every candidate on ``photos`` photos per size, ``boxes_per_photo`` crop boxes each, ``rounds`` times.
 
@@ -303,6 +329,7 @@ def run_decoders(photos: int = 6, rounds: int = 3, progress=None, boxes_per_phot
                 row["decoded_kpixels"] = statistics.fmean(kpixels[(size, name)])
             rows.append(row)
     config = {
+        "pipeline_mad": pipeline_mad(files, seed),
         "photos": photos,
         "rounds": rounds,
         "boxes_per_photo": boxes_per_photo,
@@ -335,6 +362,8 @@ def format_table(result: dict) -> str:
     lines = [
         f"JPEG q{config['quality']}, random-resized-crop boxes (scale {SCALE[0]}–{SCALE[1]}, output {config['output']}²), "
         f"{config['photos']} photos × {config['boxes_per_photo']} boxes per size, {config['rounds']} rounds, OpenCV {config['opencv']}",
+        "pipeline (random-resized-crop 224 + mirror), decode fast vs exact, mean |difference|: "
+        + ", ".join(f"{k} {v:.2f} levels" for k, v in config["pipeline_mad"].items()),
         "bits per pixel: " + ", ".join(f"{k} {v:.2f}" for k, v in config["bits_per_pixel"].items())
         + "; boxes per factor: " + "; ".join(
             f"{k}: " + ", ".join(f"f={f} {n}" for f, n in counts.items() if n) for k, counts in config["factor_counts"].items()

@@ -118,18 +118,30 @@ def resize_window(image: np.ndarray, facts: AxisAligned, i: int, out_hw: tuple[i
     (x0, skip_x, length_x), (y0, skip_y, length_y) = across, down
     if (skip_x + out_w) * (skip_y + out_h) > _MAX_RESIZE_WASTE * out_w * out_h:
         return None
+    code = flip_code(bool(facts.flip_x[i]), bool(facts.flip_y[i]))
+    # A mirror commutes with resizing a region that maps exactly onto the output: mirror whichever
+    # of the two is smaller (the region, when enlarging).
+    exact_fit = skip_x == 0 and skip_y == 0 and round(length_x / sx) == out_w and round(length_y / sy) == out_h
+    flip_first = code is not None and exact_fit and length_x * length_y < out_w * out_h
+    region = image[y0 : y0 + length_y, x0 : x0 + length_x]
+    if flip_first:
+        region = _hwc(cv2.flip(region, code))
     # In float32: OpenCV's uint8 resize truncates its fixed-point sums (0.12 levels low on average);
     # float weights and one rounding at the end agree with the warp and the other backends.
-    region = image[y0 : y0 + length_y, x0 : x0 + length_x].astype(np.float32)
-    resized = cv2.resize(region, None, fx=1.0 / sx, fy=1.0 / sy, interpolation=cv2.INTER_LINEAR)
-    code = flip_code(bool(facts.flip_x[i]), bool(facts.flip_y[i]))
-    target = out if code is None else None
+    resized = cv2.resize(region.astype(np.float32), None, fx=1.0 / sx, fy=1.0 / sy, interpolation=cv2.INTER_LINEAR)
+    target = out if code is None or flip_first else None
     # convertScaleAbs: round half to even and saturate to uint8 (values are never negative).
     result = _hwc(cv2.convertScaleAbs(resized[skip_y : skip_y + out_h, skip_x : skip_x + out_w], dst=as_2d(target)))
-    edges = _edge_strips(left, sx, out_w, x0, x0 + length_x), _edge_strips(top, sy, out_h, y0, y0 + length_y)
-    if any(edges[0]) or any(edges[1]):
-        _redo_edges(image, (sx, sy, left, top), result, edges, border, fill)
-    if code is not None:
+    (n_left, n_right), (n_top, n_bottom) = _edge_strips(left, sx, out_w, x0, x0 + length_x), _edge_strips(top, sy, out_h, y0, y0 + length_y)
+    if n_left or n_right or n_top or n_bottom:
+        # Column j of the result samples x = a * (j + 0.5) + tx: mirrored when flipped first.
+        a, tx, d, ty = sx, left, sy, top
+        if flip_first and facts.flip_x[i]:
+            a, tx, n_left, n_right = -sx, left + sx * out_w, n_right, n_left
+        if flip_first and facts.flip_y[i]:
+            d, ty, n_top, n_bottom = -sy, top + sy * out_h, n_bottom, n_top
+        _redo_edges(image, (a, tx, d, ty), result, ((n_left, n_right), (n_top, n_bottom)), border, fill)
+    if code is not None and not flip_first:
         return _hwc(cv2.flip(result, code, dst=as_2d(out)))
     return result
 
@@ -143,21 +155,23 @@ def _edge_strips(start: float, scale: float, count: int, first: int, end: int) -
     return min(max(low, 0), count), min(max(high, 0), count)
 
 
-def _redo_edges(image: np.ndarray, aligned: tuple[float, float, float, float], result: np.ndarray, edges, border: str, fill: int) -> None:
+def _redo_edges(image: np.ndarray, axes: tuple[float, float, float, float], result: np.ndarray, edges, border: str, fill: int) -> None:
     """Overwrite the edge strips of ``result`` with ``warpAffine`` on each strip's own output window.
-    ``aligned``: (scale_x, scale_y, left, top) of the unmirrored plan."""
-    sx, sy, left, top = aligned
+    ``axes``: ``(a, tx, d, ty)``: output pixel (i, j) of ``result`` samples source
+    ``(a (j + 0.5) + tx, d (i + 0.5) + ty)`` (``a``, ``d`` negative where mirrored)."""
+    a, tx, d, ty = axes
     out_h, out_w = result.shape[:2]
     (n_left, n_right), (n_top, n_bottom) = edges
     fills = (float(fill),) * image.shape[2]
+    mode = BORDERS[border].opencv
     strips = [(0, n_top, 0, out_w), (out_h - n_bottom, out_h, 0, out_w), (0, out_h, 0, n_left), (0, out_h, out_w - n_right, out_w)]
     for r0, r1, c0, c1 in strips:
         if r1 <= r0 or c1 <= c0:
             continue
-        # OpenCV's integer pixel centres, origin at the strip: x_pixel = sx * c + sx * (c0 + 0.5) + left - 0.5.
-        matrix = np.array([[sx, 0.0, sx * (c0 + 0.5) + left - 0.5], [0.0, sy, sy * (r0 + 0.5) + top - 0.5]])
-        strip = cv2.warpAffine(image, matrix, (c1 - c0, r1 - r0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=BORDERS[border].opencv, borderValue=fills)
-        result[r0:r1, c0:c1] = _hwc(strip)
+        # OpenCV's integer pixel centres, origin at the strip: x_pixel = a * c + a * (c0 + 0.5) + tx - 0.5.
+        matrix = np.array([[a, 0.0, a * (c0 + 0.5) + tx - 0.5], [0.0, d, d * (r0 + 0.5) + ty - 0.5]])
+        # Written in place: OpenCV takes the strided view of the strip as its destination.
+        cv2.warpAffine(image, matrix, (c1 - c0, r1 - r0), dst=as_2d(result[r0:r1, c0:c1]), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=mode, borderValue=fills)
 
 
 def apply_color(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -139,3 +139,45 @@ def test_batched_warp_displacement_pairs_each_sample_with_its_controls():
         ex, ey = G.warp_displacement(x, y, controls[b], "elastic", 3, 4)
         np.testing.assert_allclose(dx[b], ex, atol=1e-12)
         np.testing.assert_allclose(dy[b], ey, atol=1e-12)
+
+
+def test_a_sample_fuses_the_same_alone_and_in_any_batch():
+    """fuse() is fuse_batch() on a batch of one: warped and plain samples of a mixed batch get the
+    same matrices and chains as when fused alone."""
+    from pipelines.plan import fuse, fuse_batch
+    from pipelines.sampling import BatchParams
+
+    spec = {"ops": [{"op": "random_resized_crop", "size": 40}, {"op": "warp", "kind": "elastic", "p": 0.5}, {"op": "rotate", "degrees": 10}, {"op": "pca_color"}]}
+    pipe = pipelines.build(spec)
+    records = pipe.sample_params([(60, 70, 3)] * 12, seed=4, sample_ids=range(12))
+    batch = fuse_batch(BatchParams.from_records(records))
+    assert {plan.chain is None for plan in batch} == {True, False}  # the batch mixes both kinds
+    for record, together in zip(records, batch):
+        alone = fuse(record)
+        assert alone.out_hw == together.out_hw and alone.in_shape == together.in_shape
+        np.testing.assert_array_equal(alone.color[1], together.color[1])
+        if together.chain is None:
+            np.testing.assert_array_equal(alone.inverse, together.inverse)
+            continue
+        assert [type(s) for s in alone.chain] == [AffineStep, WarpStep, AffineStep]
+        for a, b in zip(alone.chain, together.chain):
+            if isinstance(a, AffineStep):
+                np.testing.assert_array_equal(a.inverse, b.inverse)
+            else:
+                np.testing.assert_array_equal(a.control, b.control)
+                assert (a.kind, a.height, a.width) == (b.kind, b.height, b.width) == ("elastic", 40, 40)
+
+
+def test_axis_aligned_facts():
+    from pipelines.plan import SamplePlan, axis_aligned
+
+    crop = SamplePlan((50, 60, 3), (20, 30), inverse=G.translation(7, 5))
+    mirrored = SamplePlan((50, 60, 3), (20, 30), inverse=G.translation(7, 5) @ G.mirror_matrix(True, False, 20, 30))
+    scaled = SamplePlan((50, 60, 3), (20, 30), inverse=G.translation(3, 4) @ G.scaling(0.5, 2.0))
+    rotated = SamplePlan((50, 60, 3), (20, 30), inverse=G.rotation_matrix(10, 20, 30))
+    facts = axis_aligned([crop, mirrored, scaled, rotated])
+    assert facts.aligned.tolist() == [True, True, True, False]
+    assert facts.copies.tolist() == [True, True, False, False]
+    assert facts.window(0) == facts.window(1) == (5, 7)
+    assert facts.flip_x.tolist() == [False, True, False, False]
+    assert (facts.scale_x[2], facts.scale_y[2], facts.left[2], facts.top[2]) == (0.5, 2.0, 3.0, 4.0)

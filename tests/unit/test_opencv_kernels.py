@@ -62,11 +62,15 @@ def test_resize_path_writes_into_the_batch_slot():
         np.testing.assert_array_equal(out[i], K.resize_window(image, facts, i, plan.out_hw, "constant", 0, None))
 
 
-def test_edge_strips_are_the_warp_exactly():
-    """Output pixels whose taps reach past the region are computed by the warp itself."""
+@pytest.mark.parametrize("mirror", [(False, False), (True, False), (False, True), (True, True)])
+def test_edge_strips_are_the_warp_exactly(mirror):
+    """Output pixels whose taps reach past the region are computed by the warp itself — also when
+    the region is mirrored before it is resized."""
+    from pipelines import geometry as G
+
     image = noise(count=1, shape=(40, 40, 3))[0]
     # Enlarge the 10×10 box at (5, 7) to 40×40: scale 0.25, strips of 2 outputs on each side.
-    inverse = np.array([[0.25, 0.0, 7.0], [0.0, 0.25, 5.0], [0.0, 0.0, 1.0]])
+    inverse = np.array([[0.25, 0.0, 7.0], [0.0, 0.25, 5.0], [0.0, 0.0, 1.0]]) @ G.mirror_matrix(*mirror, 40, 40)
     plan = SamplePlan((40, 40, 3), (40, 40), inverse=inverse)
     facts = axis_aligned([plan])
     fast = K.resize_window(image, facts, 0, (40, 40), "constant", 0, None)
