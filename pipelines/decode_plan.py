@@ -55,6 +55,19 @@ def largest_reduction(plan: SamplePlan) -> int:
     return 1
 
 
+def on_canvas(region: np.ndarray, top: int, left: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A full-resolution region put back where it came from, on a zero canvas of the image's
+    ``shape`` (H×W×C): the plan then runs unchanged, so its output has the same bytes as with the
+    whole image decoded — re-aiming the matrix instead would shift the warp's coordinate arithmetic
+    and flip a few roundings. Cheap: the canvas is ``np.zeros`` (pages the OS hands out zeroed on
+    first touch), and only the region's pages are written; the plan reads nothing outside the region
+    (:func:`source_box` covers every bilinear tap)."""
+    canvas = np.zeros(shape, dtype=region.dtype)
+    height, width = region.shape[:2]
+    canvas[top : top + height, left : left + width] = region
+    return canvas
+
+
 def reaim(plan: SamplePlan, factor: int, top: int, left: int, shape: tuple[int, ...]) -> SamplePlan:
     """``plan`` sampling a decoded array of ``shape`` (H×W×C) placed at ``(top, left)`` at
     ``factor``, instead of the full-resolution source: array coordinates are

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .backends import backend_class
-from .decode_plan import largest_reduction, reaim, source_box
+from .decode_plan import largest_reduction, on_canvas, reaim, source_box
 from .images import as_batch
 from .normalize import normalize_images
 from .plan import SamplePlan, color_runs_first, fuse, fuse_batch
@@ -100,7 +100,11 @@ class Pipeline:
         images = []
         for index, plan in enumerate(plans):
             image, (factor, top, left) = decode(index, source_box(plan), largest_reduction(plan))
-            plans[index] = reaim(plan, factor, top, left, image.shape)
+            if factor == 1:  # the same bytes as an exact decode: see decode_plan.on_canvas
+                if image.shape != plan.in_shape:
+                    image = on_canvas(image, top, left, plan.in_shape)
+            else:
+                plans[index] = reaim(plan, factor, top, left, image.shape)
             images.append(image)
         return self._finish(self.backend.run(images, plans))
 
