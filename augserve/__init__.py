@@ -4,6 +4,9 @@
     stream = connect("tcp://127.0.0.1:5555", dataset="digits", pipeline="lenet5", batch_size=256)
     for batch in stream:
         batch.images, batch.labels, batch.sample_ids, batch.epoch
+
+    from augserve import Loader            # a drop-in for a training DataLoader: one epoch per iter()
+    loader = Loader("tcp://127.0.0.1:5555", dataset="digits", pipeline="lenet5", batch_size=64)
 """
 
 __version__ = "0.1.0"
@@ -17,4 +20,13 @@ def connect(address, dataset, pipeline, batch_size, **options):
     return _connect(address, dataset, pipeline, batch_size, **options)
 
 
-__all__ = ["__version__", "connect"]
+def __getattr__(name: str):
+    """``augserve.Loader``, imported on first use (it needs torch, as the client does)."""
+    if name == "Loader":
+        from .loader import Loader
+
+        return Loader
+    raise AttributeError(f"module 'augserve' has no attribute {name!r}")
+
+
+__all__ = ["Loader", "__version__", "connect"]

@@ -21,7 +21,7 @@ import socket as host_socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -55,6 +55,9 @@ class Batch:
     on the stream's device. ``labels``, ``sample_ids``: int64 (N,). ``epoch``, ``index``: its place in
     the plan. ``pipeline_version``: the spec version that made it. ``skipped``: paths of corrupt files
     left out of it.
+
+    ``images, labels = batch`` unpacks it as a ``(images, labels)`` pair, the shape a training step
+    written for a ``DataLoader`` expects; ``len(batch)`` stays the number of samples.
     """
 
     images: torch.Tensor
@@ -67,6 +70,19 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.images, self.labels))
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
+        """This batch with ``images``, ``labels`` and ``sample_ids`` on ``device`` (a new Batch; Lightning
+        and Accelerate call it to place a batch)."""
+        images, labels, ids = (t.to(device, non_blocking=non_blocking) for t in (self.images, self.labels, self.sample_ids))
+        return replace(self, images=images, labels=labels, sample_ids=ids)
+
+    def pin_memory(self) -> "Batch":
+        """This batch in pinned host memory (what ``DataLoader(pin_memory=True)`` calls)."""
+        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(), sample_ids=self.sample_ids.pin_memory())
 
 
 def _data_address(daemon: str) -> str:
