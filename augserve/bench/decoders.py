@@ -22,9 +22,9 @@ Every call is timed on its own; the candidates take turns on each box (the order
 noise of a shared machine falls on all of them alike. Reported per image size: the median and mean
 milliseconds per image of each candidate, and its mean absolute difference (uint8 levels) from the
 exact decode reduced by ``cv2.INTER_AREA`` to the same grid. ``rule`` rows are per-sample choices
-computed from the same timings: ROI for f = 1 and a DCT-scaled decode otherwise (what
-``decode_encoded`` does), the ``cost_model_prefers_region`` variant that also takes ROI at f ≥ 2
-when the box ends high in the image, and the per-sample best (a bound no rule reaches).
+computed from the same timings: ROI for f = 1 and a DCT-scaled decode otherwise, the cost model
+of ``decode.region_beats_scaling`` that also takes ROI at f ≥ 2 when the box is small and ends high
+in the image (what ``decode_encoded`` does), and the per-sample best (a bound no rule reaches).
 
 The summary also gives, per size, how far a whole pipeline lands from exact decoding: random-resized-
 crop 224 + mirror run with ``decode: fast`` (region and reduction as planned) and ``decode: exact``
@@ -44,7 +44,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from augserve.sources.decode import EncodedImage, Placement, decode_encoded
+from augserve.sources.decode import EncodedImage, Placement, decode_encoded, region_beats_scaling
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 SIZES = ((1600, 1200), (500, 375))  # (width, height)
@@ -218,19 +218,6 @@ def _mad(exact: np.ndarray, region: np.ndarray, placement: Placement, box: Box) 
     return float(np.abs(region[:rows, :cols].astype(np.int16) - reference).mean())
 
 
-def cost_model_prefers_region(box: Box, height: int, width: int, factor: int, huffman_share: float = 0.5) -> bool:
-    """Whether a region decode at full scale should beat a DCT-scaled decode of the whole image.
-
-    A model, not a measurement: entropy (Huffman) decoding is ``huffman_share`` of a whole decode and
-    cannot be skipped for the rows above the box; the rest (inverse DCT, upsampling, color) scales
-    with the pixels produced. Region: ``h·y1/H + (1−h)·area/(H·W)``; DCT-scaled: ``h + (1−h)/f²``.
-    """
-    x0, y0, x1, y1 = box
-    h = huffman_share
-    region = h * y1 / height + (1 - h) * (x1 - x0) * (y1 - y0) / (height * width)
-    return region < h + (1 - h) / factor**2
-
-
 def pipeline_mad(files: list[EncodedImage], seed: int = 0) -> dict[str, float]:
     """Per image size: mean |fast - exact| (uint8 levels) of random-resized-crop 224 + mirror outputs,
     the same samples planned once and decoded both ways (``Pipeline.run_decoding``)."""
@@ -306,7 +293,7 @@ def run_decoders(photos: int = 6, rounds: int = 3, progress=None, boxes_per_phot
             roi[s] if factor == 1 else scaled[s] for s, (_file, _box, factor) in enumerate(samples)
         ]
         rules["rule: cost model (ROI or cv2 reduced)"] = [
-            roi[s] if factor == 1 or cost_model_prefers_region(box, file.height, file.width, factor) else scaled[s]
+            roi[s] if factor == 1 or region_beats_scaling(box, (file.height, file.width), factor) else scaled[s]
             for s, (file, box, factor) in enumerate(samples)
         ]
     rules["rule: per-sample best (bound)"] = [min(per_sample[n][s] for n in names) for s in range(len(samples))]

@@ -226,9 +226,11 @@ def test_fast_decode_matches_the_exact_one(files, name, channels):
     for max_factor in (1, 2, 4, 8):
         for box in _boxes(encoded.height, encoded.width, seed=max_factor):
             array, placement = decode_encoded(encoded, channels, box, max_factor=max_factor)
-            expected_factor = max_factor if encoded.kind == "jpeg" else 1
-            assert placement.factor == expected_factor
+            # A JPEG at the factor asked for, or at full scale where decoding just the box is cheaper.
+            assert placement.factor in ((max_factor, 1) if encoded.kind == "jpeg" else (1,))
             mad = _compare(array, placement, exact, box)
+            if placement.factor == 1:
+                assert mad == 0, (name, box, placement, mad)  # full scale: the exact decode's pixels
             if placement.factor > 1:
                 bound = (MAD_BOUND_422 if "4:2:2" in name else MAD_BOUND)[placement.factor]
                 assert mad <= bound, (name, box, placement, mad)
@@ -375,7 +377,7 @@ def test_image_folder_load_encoded_and_decode(folder, channels):
     np.testing.assert_array_equal(array, source.load(0))
     assert array.shape[2] == channels and placement == Placement(1, 0, 0)
     crop, placement = source.decode(encoded, (10, 20, 110, 140), max_factor=2)
-    assert placement.factor == 2 and crop.shape[2] == channels
+    assert placement.factor in (1, 2) and crop.shape[2] == channels
     with pytest.raises(IndexError, match="out of range"):
         source.load_encoded(len(source))
     with pytest.raises(TypeError, match="integer"):
@@ -426,3 +428,16 @@ def test_decoder_bench_runs_and_formats():
     assert all(row["mad"] < 1.5 for row in exact)
     table = format_table(result)
     assert table.count("\n| 1600×1200 |") == table.count("\n| 500×375 |") > 0
+
+
+@pytest.mark.parametrize("box, factor, region", [
+    ((0, 0, 200, 100), 2, True),       # small and at the top: decoding stops early
+    ((0, 300, 1600, 1200), 2, False),   # most of the image, down to its last row
+    ((0, 0, 1600, 1200), 2, False),     # everything: the scaled decode transforms a quarter of it
+    ((0, 600, 1600, 1200), 8, False),   # half the image at full scale vs 1/64 of the transforms
+    ((0, 0, 400, 300), 8, True),        # even at 1/8, every row is entropy-decoded by the scaled decode
+])
+def test_region_beats_scaling(box, factor, region):
+    from augserve.sources.decode import region_beats_scaling
+
+    assert region_beats_scaling(box, (1200, 1600), factor) is region
