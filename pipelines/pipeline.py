@@ -100,7 +100,7 @@ class Pipeline:
         images = []
         for index, plan in enumerate(plans):
             image, (factor, top, left) = decode(index, source_box(plan), largest_reduction(plan))
-            if factor == 1:  # the same bytes as an exact decode: see decode_plan.on_canvas
+            if factor == 1 and self.backend.reads_only_sampled_pixels:  # the exact decode's bytes: see on_canvas
                 if image.shape != plan.in_shape:
                     image = on_canvas(image, top, left, plan.in_shape)
             else:

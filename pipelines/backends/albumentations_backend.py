@@ -31,6 +31,7 @@ apply_color = K.apply_color  # the color pass, also used by tests as the referen
 class AlbumentationsBackend(Backend):
     name = "albumentations"
     devices = ("cpu",)
+    reads_only_sampled_pixels = True  # slices, cv2.resize of a region, warpAffine/remap taps
 
     def run(self, images, plans):
         if isinstance(images, torch.Tensor):

@@ -21,6 +21,11 @@ class Backend(ABC):
 
     name: str = ""
     devices: tuple[str, ...] = ("cpu",)
+    # Whether the kernels read only the pixels they sample, so an image's untouched pixels cost nothing:
+    # a decoded region can then go back on a (lazily zeroed) canvas of the image's size and the plan
+    # run unchanged (see Pipeline.run_decoding). Backends that convert or upload whole images re-aim
+    # the plan at the region instead.
+    reads_only_sampled_pixels: bool = False
 
     def __init__(self, spec: PipelineSpec, device: str = "cpu") -> None:
         kind = device.split(":")[0]

@@ -127,3 +127,23 @@ def test_reaim_maps_the_same_points():
         source = p.inverse @ point
         array = moved.inverse @ point
         np.testing.assert_allclose(array[:2], (source[:2] - [8, 16]) / 4)
+
+
+def test_backends_that_read_whole_images_get_the_plan_re_aimed_instead():
+    """The torch backend converts whole images, so a region is not put back on a canvas: the plan
+    is re-aimed at it (same geometry; a level of rounding at most)."""
+    images = [smooth(seed=s) for s in range(4)]
+    spec = {"ops": [{"op": "random_resized_crop", "size": 48}, {"op": "mirror"}]}
+    pipe = pipelines.build(spec, backend="torch")
+    assert not pipe.backend.reads_only_sampled_pixels and pipelines.build(spec).backend.reads_only_sampled_pixels
+    shapes = []
+
+    def full_resolution(index, box, max_factor):
+        region, placement = region_decoder(images)(index, box, 1)
+        shapes.append(region.shape)
+        return region, placement
+
+    out = pipe.run_decoding([i.shape for i in images], full_resolution, seed=2, sample_ids=range(4)).numpy().astype(int)
+    diff = np.abs(out - pipe(images, seed=2, sample_ids=range(4)).numpy().astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.02
+    assert all(shape[:2] != (300, 400) for shape in shapes)  # regions, not whole images
