@@ -33,6 +33,7 @@ from pipelines.normalize import normalize_images
 
 from . import protocol as P
 from . import security
+from .closing import Closing
 from .config import check_address
 from .control import Credentials, close_monitor, control_socket, exchange
 from .epochs import BatchIds, EpochPlan
@@ -164,7 +165,7 @@ class _Link:
                 pass
 
 
-class Stream(torch.utils.data.IterableDataset):
+class Stream(Closing, torch.utils.data.IterableDataset):
     """Batches from a daemon. Made by :func:`connect`; iterate it (or hand it to
     ``DataLoader(stream, batch_size=None)``)."""
 
@@ -447,18 +448,6 @@ class Stream(torch.utils.data.IterableDataset):
         os.close(self._wake_read)
         os.close(self._wake_write)
         self._link.close(detach_linger_ms=200)  # give the detach a moment to leave
-
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _pipeline_payload(pipeline: Any):

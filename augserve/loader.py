@@ -54,6 +54,7 @@ from typing import Any, Iterator
 import torch
 
 from .client import Batch, Stream, connect
+from .closing import Closing
 from .config import check_address
 
 STATE_VERSION = 1
@@ -63,7 +64,7 @@ _OWNED = ("epochs", "resume")
 _OPTIONS = frozenset(inspect.signature(connect).parameters) - {"address", "dataset", "pipeline", "batch_size", "seed", "rank", "world_size", *_OWNED}
 
 
-class Loader(torch.utils.data.IterableDataset):
+class Loader(Closing, torch.utils.data.IterableDataset):
     """Batches of a daemon, one epoch per ``iter()``: a drop-in for a training ``DataLoader``.
 
     ``address``, ``dataset``, ``pipeline``, ``batch_size``, ``seed``: as for :func:`augserve.connect`;
@@ -290,18 +291,6 @@ class Loader(torch.utils.data.IterableDataset):
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None
-
-    def __enter__(self) -> "Loader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __getstate__(self):
         raise TypeError("a Loader holds live sockets and cannot be pickled; use DataLoader(loader, batch_size=None) with num_workers=0")
