@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import stat
-import threading
 from dataclasses import dataclass
 
 import cv2
@@ -32,6 +31,7 @@ import numpy as np
 
 from .base import check_max_pixels
 from .errors import CorruptImageError
+from .region_decoder import region_decoder
 from .headers import JPEG_MAGIC, PNG_MAGIC, image_size, jpeg_frame, jpeg_orientation, png_orientation
 
 __all__ = ["EncodedImage", "Placement", "decode_encoded", "image_size", "read_encoded", "read_image"]
@@ -341,63 +341,6 @@ def read_image(path: str | os.PathLike, channels: int = 3, max_pixels: int | Non
     return decode_encoded(read_encoded(path, max_pixels), channels)[0]
 
 
-# --- the region decoder -----------------------------------------------------------------------------
-
-_ROI = threading.local()  # per thread, and made anew in a forked child: nvImageCodec's CPU decoder
-_INHERITED: list = []
-
-
-class _RegionDecoder:
-    """nvImageCodec's CPU-only JPEG decoder (libjpeg-turbo with crop and skip-scanlines) and its
-    decode parameters per channel count."""
-
-    def __init__(self, nvimgcodec) -> None:
-        self.nvimgcodec = nvimgcodec
-        self.decoder = nvimgcodec.Decoder(
-            device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
-            backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
-            max_num_cpu_threads=1,  # a worker process is one core: no thread pool of its own
-        )
-        self.params = {
-            channels: nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=spec, sample_format=layout)
-            for channels, spec, layout in (
-                (1, nvimgcodec.ColorSpec.GRAY, nvimgcodec.SampleFormat.I_Y),
-                (3, nvimgcodec.ColorSpec.SRGB, nvimgcodec.SampleFormat.I_RGB),
-            )
-        }
-
-    def decode(self, raw: bytes, channels: int, i0: int, j0: int, i1: int, j1: int) -> np.ndarray | None:
-        """Rows [i0, i1) × columns [j0, j1) of the stored image: RGB or 2-D grey, owned; None on failure."""
-        nvimgcodec = self.nvimgcodec
-        try:
-            stream = nvimgcodec.CodeStream(raw).get_sub_code_stream(region=nvimgcodec.Region(i0, j0, i1, j1))
-            decoded = self.decoder.decode(stream, params=self.params[channels])
-        except Exception:  # noqa: BLE001 - whatever went wrong, OpenCV decodes it or gives read_image's reason
-            return None
-        if decoded is None:
-            return None
-        array = np.array(decoded.cpu())  # a copy the caller owns, not a view of nvImageCodec's buffer
-        if array.shape[:2] != (i1 - i0, j1 - j0) or array.shape[2:] not in ((1,), (3,)):
-            return None
-        return array.reshape(array.shape[0], array.shape[1]) if channels == 1 else array
-
-
-def _region_decoder() -> _RegionDecoder | None:
-    """This thread's region decoder, or None where nvImageCodec is not installed."""
-    state = getattr(_ROI, "state", None)
-    if state is None or state[0] != os.getpid():
-        if state is not None:  # inherited through fork: never destroy it here, its threads live in the parent
-            _INHERITED.append(state)
-        try:
-            from nvidia import nvimgcodec
-        except ImportError:
-            state = (os.getpid(), None)
-        else:
-            state = (os.getpid(), _RegionDecoder(nvimgcodec))
-        _ROI.state = state
-    return state[1]
-
-
 # Entropy (Huffman) decoding's share of a whole JPEG decode: it cannot be skipped for the rows above a
 # region, whatever the decoder. A round figure; with it the rule below decodes the bench's 1600×1200
 # boxes 1.74× faster than whole decodes, against 1.55× for "region only at full scale" (augserve
@@ -444,6 +387,6 @@ def _decode_jpeg_region(image: EncodedImage, channels: int, stored_box, factor: 
     # builds decode alike. CMYK/YCCK, 12-bit, lossless and arithmetic-coded files go to OpenCV.
     if frame.marker not in (0xC0, 0xC1, 0xC2) or frame.precision != 8 or frame.components not in (1, 3):
         return None
-    decoder = _region_decoder()
+    decoder = region_decoder()
     array = None if decoder is None else decoder.decode(image.raw, channels, i0, j0, i1, j1)
     return None if array is None else (array, Placement(1, i0, j0))

@@ -299,7 +299,7 @@ def test_region_decoder_falls_back_to_opencv(files, monkeypatch):
     encoded = read_encoded(files["jpeg exif 8"])
     box = (10.5, 20.25, 90.0, 61.0)
     fast = decode_encoded(encoded, 3, box)
-    monkeypatch.setattr(decode, "_region_decoder", lambda: None)
+    monkeypatch.setattr(decode, "region_decoder", lambda: None)
     slow = decode_encoded(encoded, 3, box)
     assert fast[1] == slow[1] and fast[0].tobytes() == slow[0].tobytes()
 
@@ -441,3 +441,20 @@ def test_region_beats_scaling(box, factor, region):
     from augserve.sources.decode import region_beats_scaling
 
     assert region_beats_scaling(box, (1200, 1600), factor) is region
+
+
+def _decode_in_child(path):
+    encoded = read_encoded(path)
+    return decode_encoded(encoded, 3, (10.0, 20.0, 90.0, 61.0))[0].tobytes()
+
+
+def test_a_forked_child_decodes_regions_with_its_own_decoder(files):
+    """Workers are forked from a parent that may have decoded already: the child makes its own
+    region decoder (the parent's threads do not exist there) and gets the same bytes."""
+    import multiprocessing
+
+    path = files["jpeg exif 8"]
+    here = _decode_in_child(path)  # the parent's decoder exists now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        there = pool.apply(_decode_in_child, (path,))
+    assert there == here

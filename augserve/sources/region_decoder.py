@@ -1,0 +1,68 @@
+"""nvImageCodec's CPU-only JPEG decoder, for decoding just a region of a JPEG at full scale.
+
+libjpeg-turbo's crop and skip-scanlines behind nvImageCodec's Python API (installed with DALI): it
+entropy-decodes the rows down to the region's last, transforms only the region's columns, and stops.
+One decoder per thread, made anew in a forked child (its threads live in the parent), and none where
+nvImageCodec is not installed: the caller then decodes with OpenCV.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+_ROI = threading.local()  # per thread, and made anew in a forked child: nvImageCodec's CPU decoder
+_INHERITED: list = []
+
+
+class RegionDecoder:
+    """nvImageCodec's CPU-only JPEG decoder (libjpeg-turbo with crop and skip-scanlines) and its
+    decode parameters per channel count."""
+
+    def __init__(self, nvimgcodec) -> None:
+        self.nvimgcodec = nvimgcodec
+        self.decoder = nvimgcodec.Decoder(
+            device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+            backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
+            max_num_cpu_threads=1,  # a worker process is one core: no thread pool of its own
+        )
+        self.params = {
+            channels: nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=spec, sample_format=layout)
+            for channels, spec, layout in (
+                (1, nvimgcodec.ColorSpec.GRAY, nvimgcodec.SampleFormat.I_Y),
+                (3, nvimgcodec.ColorSpec.SRGB, nvimgcodec.SampleFormat.I_RGB),
+            )
+        }
+
+    def decode(self, raw: bytes, channels: int, i0: int, j0: int, i1: int, j1: int) -> np.ndarray | None:
+        """Rows [i0, i1) × columns [j0, j1) of the stored image: RGB or 2-D grey, owned; None on failure."""
+        nvimgcodec = self.nvimgcodec
+        try:
+            stream = nvimgcodec.CodeStream(raw).get_sub_code_stream(region=nvimgcodec.Region(i0, j0, i1, j1))
+            decoded = self.decoder.decode(stream, params=self.params[channels])
+        except Exception:  # noqa: BLE001 - whatever went wrong, OpenCV decodes it or gives read_image's reason
+            return None
+        if decoded is None:
+            return None
+        array = np.array(decoded.cpu())  # a copy the caller owns, not a view of nvImageCodec's buffer
+        if array.shape[:2] != (i1 - i0, j1 - j0) or array.shape[2:] not in ((1,), (3,)):
+            return None
+        return array.reshape(array.shape[0], array.shape[1]) if channels == 1 else array
+
+
+def region_decoder() -> RegionDecoder | None:
+    """This thread's region decoder, or None where nvImageCodec is not installed."""
+    state = getattr(_ROI, "state", None)
+    if state is None or state[0] != os.getpid():
+        if state is not None:  # inherited through fork: never destroy it here, its threads live in the parent
+            _INHERITED.append(state)
+        try:
+            from nvidia import nvimgcodec
+        except ImportError:
+            state = (os.getpid(), None)
+        else:
+            state = (os.getpid(), RegionDecoder(nvimgcodec))
+        _ROI.state = state
+    return state[1]
