@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_credentials(status)
     status.set_defaults(func=cmd_status)
 
-    from .tuning.cli import add_parser as add_tune_parser
+    from trainer.tuning.cli import add_parser as add_tune_parser  # tuning drives training: it sits above the service
 
     add_tune_parser(commands)
     from .keys_cli import add_parser as add_keys_parser

@@ -9,8 +9,10 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
 
 import torch
 
@@ -102,12 +104,29 @@ def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-class Run:
-    """Everything a run holds; :meth:`fit` trains, :meth:`summary` reports."""
+class StopRequested(RuntimeError):
+    """Raised at the next batch once :meth:`Run.request_stop` was called."""
 
-    def __init__(self, config: TrainConfig) -> None:
+
+# Model initialisation draws from torch's global generator: runs started in several threads at once
+# (tuning trials) seed and build under this lock, so a model's first weights depend on its seed alone.
+_INIT_LOCK = threading.Lock()
+
+
+class Run:
+    """Everything a run holds; :meth:`fit` trains, :meth:`summary` reports.
+
+    Hooks for what drives a run (the tuner, a notebook): ``epoch_callbacks`` are called as
+    ``callback(run, row)`` after every epoch with that epoch's history row (``val_accuracy`` included);
+    one that raises ends the run with its exception. :meth:`request_stop` (any thread) ends the run
+    with :class:`StopRequested` at its next batch.
+    """
+
+    def __init__(self, config: TrainConfig, epoch_callbacks: Iterable[Callable[["Run", dict], None]] = ()) -> None:
         config.validate()
         self.config = config
+        self.epoch_callbacks = list(epoch_callbacks)
+        self._stop = threading.Event()
         self.device = pick_device(config.device)
         self.world = dist_utils.World.from_environment(self.device)
         self.precision = Precision.create(self.device, config.amp, config.channels_last)
@@ -121,13 +140,19 @@ class Run:
 
     # --- set-up ----------------------------------------------------------------------------------------
 
+    def request_stop(self) -> None:
+        """End the run at its next batch (it raises :class:`StopRequested` from :meth:`fit`)."""
+        self._stop.set()
+
     def _make_model(self, stream) -> torch.nn.Module:
         from . import models, transfer
 
         channels = int(stream.dataset_info.get("channels", 3))
         num_classes = len(stream.classes)
         self._in_channels = channels
-        model = models.create(self.config.model, num_classes=num_classes, in_channels=channels)
+        with _INIT_LOCK:
+            torch.manual_seed(self.config.seed)
+            model = models.create(self.config.model, num_classes=num_classes, in_channels=channels)
         if self.config.pretrained:
             transfer.load_pretrained(model, self.config.pretrained)
         transfer.freeze(model, self.config.freeze)
@@ -228,6 +253,8 @@ class Run:
                     batch = next(iterator)
                 except StopIteration:
                     break
+                if self._stop.is_set():
+                    raise StopRequested(f"stopped on request at step {self.step}")
                 if batch.epoch != epoch:
                     if stats is not None:
                         bar.close()
@@ -291,6 +318,8 @@ class Run:
         if self.world.is_main and self.config.progress:
             shown = f"{val:.4f}" if val is not None else "n/a"
             log.info("epoch %d: loss %.4f, train acc %.4f, val acc %s, %.0f img/s, stall %.1f%%", epoch + 1, stats.loss, stats.accuracy, shown, row["img_per_s"], row["stall_pct"])
+        for callback in self.epoch_callbacks:
+            callback(self, row)
 
     # --- evaluation ------------------------------------------------------------------------------------
 

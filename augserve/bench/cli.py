@@ -112,7 +112,7 @@ def cmd_bench_trainer(args) -> int:
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     check_png_path(args.plot)
-    from .trainer_bench import TrainerBenchConfig, format_table, json_rows, plot, run_trainer_bench
+    from trainer.bench.trainer_bench import TrainerBenchConfig, format_table, json_rows, plot, run_trainer_bench
 
     config = TrainerBenchConfig(
         model=args.model, dataset=args.dataset, dataset_options=parse_options(args.dataset_option),

@@ -47,7 +47,7 @@ def write_source(path: str, count: int, size: int = 256) -> None:
 
 def _run_trainer(mode: str, args: list[str], timeout: float) -> dict:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "augserve.bench.e2e_trainer", mode, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run([sys.executable, "-m", "trainer.bench.e2e_trainer", mode, *args], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode == 2:  # the user's to fix (an unreadable file in --folder): one line
         lines = proc.stderr.strip().splitlines()
         raise ValueError(f"{mode} trainer: {lines[-1] if lines else 'exit status 2'}")

@@ -24,9 +24,9 @@ def daemon_address():
 
 
 def tune(*args, timeout=120):
-    """``augserve tune ...`` (through ``python -m augserve.tuning``, the same parser and error handling)."""
+    """``augserve tune ...`` (through ``python -m trainer.tuning``, the same parser and error handling)."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.run([sys.executable, "-m", "augserve.tuning", *args], capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-m", "trainer.tuning", *args], capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 
 def summary_of(proc) -> dict:
@@ -88,7 +88,7 @@ def test_a_resumed_study_must_keep_its_settings(daemon_address, tmp_path):
 
 
 def test_user_mistakes_end_in_one_line(daemon_address, tmp_path, capsys):
-    from augserve.tuning.cli import main
+    from trainer.tuning.cli import main
 
     cases = [
         (["--model", "lenet9", "--dataset", "digits"], "unknown model 'lenet9'"),

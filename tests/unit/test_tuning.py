@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 import pipelines
-from augserve.tuning import apply_values, baseline_values, build_search_space, default_params, parse_param
-from augserve.tuning.params import Param
+from trainer.tuning import apply_values, baseline_values, build_search_space, default_params, parse_param
+from trainer.tuning.params import Param
 from pipelines import PipelineSpec
 
 LENET = pipelines.load_preset("lenet5")  # random_crop, rotate (10, p 0.8), shear (8, p 0.5), normalize
@@ -170,7 +170,7 @@ def test_param_round_trips_to_a_dict():
 
 
 def test_prepare_checks_model_pipeline_and_params_before_any_daemon(tmp_path):
-    from augserve.tuning.study import TuneConfig, prepare
+    from trainer.tuning.study import TuneConfig, prepare
 
     plan = prepare(TuneConfig(model="lenet5_relu", dataset="digits", out=str(tmp_path)))
     assert plan.pipeline_name == "lenet5" and [p.name for p in plan.params] == ["rotate.degrees", "shear.degrees"]
@@ -188,10 +188,10 @@ def test_prepare_checks_model_pipeline_and_params_before_any_daemon(tmp_path):
 def test_trial_run_reports_each_epoch_and_prunes(tmp_path):
     import optuna
 
-    from augserve.tuning.study import _trial_run_class
     from trainer.loop import EpochStats
     from trainer.metrics import MetricsLog
-    from trainer.run import TrainConfig
+    from trainer.run import Run, TrainConfig
+    from trainer.tuning.study import trial_reporter
 
     class FakeTrial:
         def __init__(self, prune):
@@ -203,11 +203,10 @@ def test_trial_run_reports_each_epoch_and_prunes(tmp_path):
         def should_prune(self):
             return self.prune
 
-    TrialRun = _trial_run_class()
     config = TrainConfig(model="lenet5_relu", epochs=3, connect="tcp://127.0.0.1:9", progress=False, tensorboard=False)
 
     def run_with(trial):
-        run = TrialRun(config, trial)
+        run = Run(config, epoch_callbacks=[trial_reporter(trial, config.epochs)])
         run.optimizer = SimpleNamespace(param_groups=[{"lr": 0.1}])
         run.evaluate = lambda: 0.5
         return run
@@ -228,7 +227,7 @@ def test_trial_run_reports_each_epoch_and_prunes(tmp_path):
 def test_trials_table_csv_and_importances_note(tmp_path):
     import optuna
 
-    from augserve.tuning import report
+    from trainer.tuning import report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
@@ -261,7 +260,7 @@ def test_trials_table_csv_and_importances_note(tmp_path):
 def test_add_parser_registers_tune_on_a_command():
     import argparse
 
-    from augserve.tuning.cli import add_parser, config_from, run_command
+    from trainer.tuning.cli import add_parser, config_from, run_command
 
     parser = argparse.ArgumentParser(prog="augserve")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -273,7 +272,7 @@ def test_add_parser_registers_tune_on_a_command():
 
 
 def test_main_turns_mistakes_into_one_line_and_status_2(capsys):
-    from augserve.tuning.cli import main
+    from trainer.tuning.cli import main
 
     assert main(["--model", "lenet5_relu", "--dataset", "digits", "--param", "rotate.degrees=0:999"]) == 2
     err = capsys.readouterr().err.strip()

@@ -16,7 +16,7 @@ as ``trainer.metrics.StepTimer`` measures it in training runs). Runs alternate b
 (the order flips every round) and medians are reported. One extra run trains on a single pre-made batch
 (no loader at all): the model's own ceiling on this machine.
 
-``python -m augserve.bench.trainer_bench MODE --config JSON`` is the trainer process (MODE: augserve,
+``python -m trainer.bench.trainer_bench MODE --config JSON`` is the trainer process (MODE: augserve,
 dataloader or synthetic); it prints one JSON line.
 """
 
@@ -74,7 +74,7 @@ def check(config: TrainerBenchConfig) -> dict:
     from trainer import models
     from trainer.data import output_size
 
-    from .pipeline_throughput import ordinary_for_preset
+    from augserve.bench.pipeline_throughput import ordinary_for_preset
 
     ordinary_for_preset(config.pipeline)  # refuses pipelines without an albumentations equivalent
     spec = pipelines.load_preset(config.pipeline)
@@ -110,7 +110,7 @@ def check(config: TrainerBenchConfig) -> dict:
 
 def _run_child(mode: str, config: TrainerBenchConfig, address: str | None, seed: int) -> dict:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": str(config.threads)}
-    command = [sys.executable, "-m", "augserve.bench.trainer_bench", mode, "--config", json.dumps(asdict(config)), "--seed", str(seed)]
+    command = [sys.executable, "-m", "trainer.bench.trainer_bench", mode, "--config", json.dumps(asdict(config)), "--seed", str(seed)]
     if address:
         command += ["--address", address]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env)
@@ -121,9 +121,9 @@ def _run_child(mode: str, config: TrainerBenchConfig, address: str | None, seed:
 
 def run_trainer_bench(config: TrainerBenchConfig, progress=None) -> dict:
     """Measure and return the result dict (rows per loader, medians, ratio)."""
-    from ..local import local_daemon
+    from augserve.local import local_daemon
 
-    from .plots import cpu_name
+    from augserve.bench.plots import cpu_name
 
     info = check(config)
     served = {} if _builtin(config.dataset) else {SERVED_NAME: os.path.abspath(config.dataset)}
@@ -195,7 +195,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> str:
-    from .plots import loader_comparison
+    from augserve.bench.plots import loader_comparison
 
     rows = result["rows"]
     labels = [LOADERS.get(row["loader"], "model alone\n(no loader)").replace(" + ", "\n+ ").replace(" (", "\n(") for row in rows]
@@ -212,7 +212,7 @@ class OrdinaryDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: str, options: dict, pipeline: str) -> None:
         from augserve.sources import open_dataset
 
-        from .pipeline_throughput import ordinary_for_preset
+        from augserve.bench.pipeline_throughput import ordinary_for_preset
 
         self.source = open_dataset(dataset, split="train", **options)
         self.labels = self.source.labels
@@ -245,7 +245,7 @@ def _forever(loader):
 
 def _dataloader_batches(config: TrainerBenchConfig, seed: int):
     # The class from the imported module, not from ``__main__``: picklable by reference for any start method.
-    from augserve.bench.trainer_bench import OrdinaryDataset as Dataset
+    from trainer.bench.trainer_bench import OrdinaryDataset as Dataset
 
     dataset = Dataset(config.dataset, config.dataset_options, config.pipeline)
     workers = config.workers
@@ -281,7 +281,7 @@ def _synthetic_batches(config: TrainerBenchConfig, seed: int):
 
 
 def child_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m augserve.bench.trainer_bench")
+    parser = argparse.ArgumentParser(prog="python -m trainer.bench.trainer_bench")
     parser.add_argument("mode", choices=["augserve", "dataloader", "synthetic"])
     parser.add_argument("--config", required=True, help="TrainerBenchConfig as JSON")
     parser.add_argument("--address")

@@ -2,7 +2,7 @@
 
 How a study runs
 ----------------
-* **Search space** — :mod:`augserve.tuning.params`: fields of the base spec (``--param``) or the defaults.
+* **Search space** — :mod:`trainer.tuning.params`: fields of the base spec (``--param``) or the defaults.
 * **Sampler** — TPE, seeded (``--seed``). Its first ``startup_trials`` trials are random (default
   ``min(10, max(2, trials // 3))``); when the study is new, the very first trial is the base spec itself
   (its values that lie inside the ranges), so the table always shows what the tuning bought.
@@ -16,8 +16,9 @@ How a study runs
   trials on their first epoch would bias the study towards weak augmentation. Disabled for the first
   ``prune_startup`` complete trials (default ``min(5, max(2, trials // 4))``) and altogether with
   ``prune=False``.
-* **Trials are in-process training runs** (:class:`trainer.run.Run`, subclassed as :class:`TrialRun` to
-  report each epoch to Optuna and raise ``TrialPruned``), attached to one daemon for the whole study:
+* **Trials are in-process training runs** (:class:`trainer.run.Run`, with the epoch callback
+  :func:`trial_reporter` that reports each epoch to Optuna and raises ``TrialPruned``, and its
+  ``request_stop`` for Ctrl-C), attached to one daemon for the whole study:
   ``connect`` or an embedded one (``trainer.data.embedded_daemon``). In-process rather than one
   ``python -m trainer train`` subprocess per trial because pruning needs per-epoch reports (a
   subprocess would need a side channel), a subprocess pays a 3–5 s interpreter + torch import per trial
@@ -40,7 +41,7 @@ How a study runs
   (model, dataset, base spec, search space, epochs, batch size, lr, seed) is refused rather than mixed.
 * **Outputs** (``out``) — ``best.yaml`` (the best trial's spec; ``--pipeline best.yaml`` trains with
   it), ``trials.csv``, ``history.png``, ``importances.png``, and ``trials/trial-NNNN.yaml`` (each trial's
-  spec). See :mod:`augserve.tuning.report`.
+  spec). See :mod:`trainer.tuning.report`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ SETTINGS_ATTR = "augserve_tune_settings"
 
 # Model creation draws from torch's global generator; trials running in threads take turns here so
 # each gets the weights its seed gives.
-_INIT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -224,22 +224,24 @@ def daemon_workers(address: str) -> int:
 # --- one trial ---------------------------------------------------------------------------------------
 
 
-class _Stoppable:
-    """A stream that raises KeyboardInterrupt at its next batch once ``stop`` is set: Ctrl-C reaches only
-    the main thread, and trials running in worker threads must not train on to their end."""
+@contextlib.contextmanager
+def _forward_stop(stop: threading.Event, run):
+    """While the block runs, a set ``stop`` becomes ``run.request_stop()``."""
+    done = threading.Event()
 
-    def __init__(self, stream, stop: threading.Event) -> None:
-        self._stream = stream
-        self._stop = stop
+    def watch() -> None:
+        while not done.is_set():
+            if stop.wait(0.05):
+                run.request_stop()
+                return
 
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-    def __iter__(self):
-        for batch in self._stream:
-            if self._stop.is_set():
-                raise KeyboardInterrupt
-            yield batch
+    watcher = threading.Thread(target=watch, daemon=True, name="trial-stop")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 @contextlib.contextmanager
@@ -267,45 +269,26 @@ def _stop_on_interrupt(stop: threading.Event):
         optuna_log.removeFilter(quiet_once_stopped)
 
 
-def _trial_run_class():
+def trial_reporter(trial, epochs: int):
+    """An epoch callback for :class:`trainer.run.Run`: reports each epoch's held-out accuracy to the
+    Optuna ``trial`` and ends the run (``optuna.TrialPruned``) when the pruner says so; the last epoch
+    is never pruned."""
     import optuna
-    import torch
 
-    from trainer.run import Run
+    def report(run, row: dict) -> None:
+        value, epoch = row.get("val_accuracy"), row["epoch"]
+        if value is None:
+            raise ValueError(f"dataset {run.config.dataset!r} has no held-out split to score trials on")
+        trial.report(value, epoch)
+        if epoch < epochs and trial.should_prune():
+            raise optuna.TrialPruned(f"held-out accuracy {value:.4f} after epoch {epoch} is below the median of earlier trials")
 
-    class TrialRun(Run):
-        """A :class:`~trainer.run.Run` that reports each epoch's held-out accuracy to an Optuna trial and
-        stops (``optuna.TrialPruned``) when the pruner says so."""
-
-        def __init__(self, config, trial, stop: threading.Event | None = None) -> None:
-            super().__init__(config)
-            self.trial = trial
-            self.stop = stop
-
-        def _train(self, stream, metrics) -> None:
-            super()._train(_Stoppable(stream, self.stop) if self.stop is not None else stream, metrics)
-
-        def _make_model(self, stream):
-            with _INIT_LOCK:
-                torch.manual_seed(self.config.seed)
-                return super()._make_model(stream)
-
-        def _end_epoch(self, epoch, stats, metrics) -> None:
-            super()._end_epoch(epoch, stats, metrics)
-            value = self.history[-1].get("val_accuracy")
-            if value is None:
-                raise ValueError(f"dataset {self.config.dataset!r} has no held-out split to score trials on")
-            self.trial.report(value, epoch + 1)
-            if epoch + 1 < self.config.epochs and self.trial.should_prune():
-                raise optuna.TrialPruned(f"held-out accuracy {value:.4f} after epoch {epoch + 1} is below the median of earlier trials")
-
-    return TrialRun
+    return report
 
 
 def make_objective(plan: Plan, address: str, stop: threading.Event | None = None) -> Callable:
-    from trainer.run import TrainConfig
+    from trainer.run import Run, StopRequested, TrainConfig
 
-    TrialRun = _trial_run_class()
     c = plan.config
     trial_dir = os.path.join(plan.out, "trials")
     spec_name = f"{plan.base.name or 'custom'}-tuned"
@@ -323,9 +306,15 @@ def make_objective(plan: Plan, address: str, stop: threading.Event | None = None
             batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device, connect=address, out=None,
             tensorboard=False, progress=False,
         )  # fmt: skip
-        run = TrialRun(config, trial, stop)
+        run = Run(config, epoch_callbacks=[trial_reporter(trial, c.epochs)])
+        # Ctrl-C reaches only the main thread: trials in worker threads watch ``stop`` and end at their
+        # next batch, as FAIL (KeyboardInterrupt), to run again on resume.
+        watcher = _forward_stop(stop, run) if stop is not None else contextlib.nullcontext()
         try:
-            summary = run.fit()
+            with watcher:
+                summary = run.fit()
+        except StopRequested:
+            raise KeyboardInterrupt from None
         finally:
             run.world.close()
         if summary.get("accuracy") is None:

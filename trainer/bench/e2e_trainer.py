@@ -1,6 +1,6 @@
 """The trainer process of ``augserve bench e2e``: consumes batches, touches each, prints one JSON line.
 
-``python -m augserve.bench.e2e_trainer augserve --address A ...`` or ``... dataloader --source S ...``.
+``python -m trainer.bench.e2e_trainer augserve --address A ...`` or ``... dataloader --source S ...``.
 ``--workload npz`` (the default): the ``alexnet`` preset on an ``.npz`` of decoded images;
 ``--workload photos``: ``PHOTO_SPEC`` on an ImageFolder of JPEG files (``--source`` is the folder).
 Timing starts after a few warm-up batches; "first batch" is measured from attach / DataLoader creation.

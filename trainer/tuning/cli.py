@@ -1,6 +1,6 @@
 """``augserve tune``: the argparse side. ``add_parser(subcommands)`` registers the subcommand on the
 ``augserve`` command's subparsers (with ``func=run_command``); ``main(argv)`` runs it on its own
-(``python -m augserve.tuning ...``) with the same error handling as ``augserve``: a mistake ends in one
+(``python -m trainer.tuning ...``) with the same error handling as ``augserve``: a mistake ends in one
 line ``augserve: error: ...`` on stderr and exit status 2.
 
 This module imports nothing heavy (no torch, no optuna) until the command runs.

@@ -1,7 +1,0 @@
-"""``python -m augserve.tuning ...`` = ``augserve tune ...``."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())
