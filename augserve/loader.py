@@ -72,6 +72,9 @@ class Loader(Closing, torch.utils.data.IterableDataset):
     ``options``: any other :func:`~augserve.connect` argument (``split``, ``shuffle``, ``drop_last``,
     ``prefetch``, ``ordered``, ``device``, ``dataset_options``, ``timeout``, ...), except ``epochs`` and
     ``resume``, which the loader sets (use :meth:`set_epoch` and :meth:`load_state_dict`).
+    ``drop_last`` left unset is True when the world size is above 1: every rank then takes the same
+    number of steps (a rank with one batch more would wait forever in DDP's all-reduce; a
+    ``DistributedSampler`` pads for the same reason), and False on one process.
 
     Yields :class:`~augserve.client.Batch` objects; ``images, labels = batch`` unpacks one. Works on its
     own and as ``DataLoader(loader, batch_size=None)`` (``num_workers=0``). See the module docstring for
@@ -270,8 +273,9 @@ class Loader(Closing, torch.utils.data.IterableDataset):
     def _attach(self, epoch: int, skip: frozenset, topology: tuple[int, int]) -> Stream:
         rank, world_size = topology
         resume = {"epoch": epoch, "delivered": sorted(skip), "fingerprint": self._fingerprint}
+        options = {"drop_last": world_size > 1, **self.options}
         return connect(self.address, self.dataset_name, self.pipeline, self.batch_size, seed=self.seed, epochs=epoch + 1,
-                       rank=rank, world_size=world_size, resume=resume, **self.options)  # fmt: skip
+                       rank=rank, world_size=world_size, resume=resume, **options)  # fmt: skip
 
     # --- teardown ---------------------------------------------------------------------------------------
 

@@ -112,12 +112,28 @@ def test_ranks_from_the_process_group_and_explicit_ranks_share_each_epoch_exactl
             assert loader.state_dict()["world_size"] == 1  # a group of one gathers nothing
     finally:
         dist.destroy_process_group()
-    with make_loader(daemon.address, rank=0, world_size=2) as r0, make_loader(daemon.address, rank=1, world_size=2) as r1:
+    with make_loader(daemon.address, rank=0, world_size=2, drop_last=False) as r0, make_loader(daemon.address, rank=1, world_size=2, drop_last=False) as r1:
         assert len(r0) == len(r1) == 7  # 100 samples each in batches of 16
         ids = [i for loader in (r0, r1) for batch in loader for i in batch.sample_ids.tolist()]
         with pytest.raises(ValueError, match="not of rank 1"):
             r1.load_state_dict(r0.state_dict())
     assert sorted(ids) == list(range(200))
+
+
+def test_ranks_take_the_same_number_of_steps_unless_told_otherwise(daemon):
+    """33 samples over 2 ranks in batches of 16: 17 and 16 samples, 2 and 1 batches with drop_last=False
+    (a DDP job would hang in its all-reduce). Left unset, drop_last is on under world_size > 1."""
+    small = {**SHAPES, "n": 33}
+
+    def lengths(**options):
+        with make_loader(daemon.address, rank=0, world_size=2, dataset_options=small, **options) as r0:
+            with make_loader(daemon.address, rank=1, world_size=2, dataset_options=small, **options) as r1:
+                return len(r0), len(r1), sum(len(b) for b in r0) + sum(len(b) for b in r1)
+
+    assert lengths(drop_last=False) == (2, 1, 33)
+    assert lengths() == (1, 1, 32)
+    with make_loader(daemon.address, dataset_options=small) as alone:  # one process: nothing dropped
+        assert len(alone) == 3 and sum(len(b) for b in alone) == 33
 
 
 def test_works_inside_a_dataloader_and_unpacks_like_one(daemon):
