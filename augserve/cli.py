@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def dataset_arguments(sub, default=None):
         sub.add_argument("--dataset", required=default is None, default=default, help="built-in name (digits, shapes, photos), a folder of class sub-folders, or a .npz file")
-        sub.add_argument("--split", default="train", choices=["train", "test"])
+        sub.add_argument("--split", default="train", choices=["train", "val", "test"], help="val: a hold-out of train, with --option val_fraction=F (and val_seed=S)")
         sub.add_argument("--option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. size=128 for shapes (repeatable)")
 
     preview = commands.add_parser("preview", help="write a PNG grid of originals and augmented variants")

@@ -7,6 +7,8 @@ reads the environment at import time: :func:`load_config` does, when called.
 
 from __future__ import annotations
 
+import math
+
 import os
 from typing import Annotated, Any, Literal, Mapping
 
@@ -118,16 +120,26 @@ def parse_dataset_pairs(pairs: list[str]) -> dict[str, str]:
     return datasets
 
 
-def parse_options(pairs: list[str] | None, what: str = "--dataset-option") -> dict[str, int | str]:
-    """``["size=64", "n=500"]`` → ``{"size": 64, "n": 500}`` (integers parsed, the rest kept as text);
-    a malformed pair is an error naming the flag."""
-    options: dict[str, int | str] = {}
+def parse_options(pairs: list[str] | None, what: str = "--dataset-option") -> dict[str, int | float | str]:
+    """``["size=64", "val_fraction=0.1"]`` → ``{"size": 64, "val_fraction": 0.1}`` (integers and finite
+    decimals parsed, the rest kept as text); a malformed pair is an error naming the flag."""
+    options: dict[str, int | float | str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"{what} must look like KEY=VALUE, got {pair!r}")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
+        options[key] = _option_value(value)
     return options
+
+
+def _option_value(text: str) -> int | float | str:
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) and any(c.isdigit() for c in text) else text
 
 
 def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> DaemonConfig:

@@ -83,8 +83,8 @@ class ResumeState(Body):
 class Attach(Body):
     type: ClassVar[str] = "attach"
     dataset: Annotated[str, Field(min_length=1, max_length=200)]
-    split: Literal["train", "test"] = "train"
-    dataset_options: Annotated[dict[Annotated[str, Field(max_length=64)], int | Annotated[str, Field(max_length=256)]], Field(max_length=32)] = Field(default_factory=dict)
+    split: Literal["train", "val", "test"] = "train"
+    dataset_options: Annotated[dict[Annotated[str, Field(max_length=64)], int | float | Annotated[str, Field(max_length=256)]], Field(max_length=32)] = Field(default_factory=dict)
     pipeline: PipelineText | Spec
     batch_size: Annotated[int, Field(ge=1, le=1 << 20)]
     seed: Seed = 0
@@ -137,7 +137,7 @@ class Update(Body):
 
 class DatasetInfo(Body):
     name: Name
-    split: Literal["train", "test"]
+    split: Literal["train", "val", "test"]
     classes: Annotated[list[Name], Field(max_length=1 << 20)]
     channels: Annotated[int, Field(ge=1, le=4)]
 
@@ -260,8 +260,8 @@ class DatasetRef(Body):
     """What a worker opens: a built-in name or a path from the daemon's own config (never a client's)."""
 
     ref: Annotated[str, Field(min_length=1, max_length=4096)]
-    split: Literal["train", "test"] = "train"
-    options: dict[str, int | str] = Field(default_factory=dict)
+    split: Literal["train", "val", "test"] = "train"
+    options: dict[str, int | float | str] = Field(default_factory=dict)
 
 
 class PipelineRef(Body):

@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:  # annotations only: decode imports this module, never the other way round
     from .decode import EncodedImage, Placement
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # "val": a hold-out of train (sources.holdout), never a source's own
 
 # The largest image, in pixels (height × width), a source hands out: 8192 × 8192, "64 MP".
 # A corrupt or hostile file announcing 60000 × 60000 would otherwise make a worker allocate and

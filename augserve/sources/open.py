@@ -12,6 +12,7 @@ from .base import Source
 # Imported for their @register_builtin side effect: the registry is filled when this package loads.
 from . import digits, photos, shapes  # noqa: F401  isort: skip
 from .folder import ImageFolder
+from .holdout import VAL_OPTIONS, HeldOut, check_val_options
 from .npz import NpzSource
 from .registry import builtin_names, get_builtin
 
@@ -33,7 +34,10 @@ def _check_options(dataset: str, factory: Callable[..., Source], options: dict[s
 def open_dataset(name_or_path: str | os.PathLike, split: str = "train", **options: Any) -> Source:
     """Open a dataset by built-in name, ImageFolder directory or ``.npz`` file.
 
-    ``split`` is "train" or "test"; ``options`` are the dataset's keyword options (``shapes``:
+    ``split`` is "train", "val" or "test". "val" is a hold-out carved from the train split and needs
+    the option ``val_fraction`` (``val_seed`` too, default 0); "train" with the same options is the
+    rest of it, and "test" ignores them (see :mod:`augserve.sources.holdout`). The other ``options``
+    are the dataset's keyword options (``shapes``:
     size, n, seed; ImageFolder: channels, max_pixels; ``.npz``: max_pixels, max_load_bytes).
     ``max_pixels`` caps the height × width of one image (default ``base.DEFAULT_MAX_PIXELS``,
     8192 × 8192); larger images are refused before they are decoded. A built-in name wins over a
@@ -42,6 +46,21 @@ def open_dataset(name_or_path: str | os.PathLike, split: str = "train", **option
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"dataset must be a name or a path, got {type(name_or_path).__name__} {name_or_path!r}")
+    held_out = {key: options.pop(key) for key in VAL_OPTIONS if key in options}
+    if split == "val" and "val_fraction" not in held_out:
+        raise ValueError(
+            f"dataset {os.fspath(name_or_path)!r} has no 'val' split of its own: it is a hold-out carved from "
+            "train — pass the dataset option val_fraction (e.g. 0.1; val_seed picks which samples)"
+        )
+    if held_out and split in ("train", "val"):
+        if "val_fraction" not in held_out:
+            raise ValueError("dataset option val_seed needs val_fraction too")
+        fraction, seed = check_val_options(held_out["val_fraction"], held_out.get("val_seed", 0))
+        return HeldOut(_open(name_or_path, "train", options), split, fraction, seed)
+    return _open(name_or_path, split, options)
+
+
+def _open(name_or_path: str | os.PathLike, split: str, options: dict[str, Any]) -> Source:
     if isinstance(name_or_path, str):
         builder = get_builtin(name_or_path)
         if builder is not None:

@@ -277,7 +277,7 @@ LONG = {n: "x" * n for n in (33, 128, 129, 201, 256, 257, 4096, 4097)}
 FIELDS: dict[str, tuple[tuple | st.SearchStrategy, tuple | st.SearchStrategy]] = {
     # attach
     "dataset": (("shapes", "shapes", "shapes", "digits", "photos"), ("imagenet", "/etc", "", LONG[201], "folder")),
-    "split": (("train", "test"), ("val", "", None)),
+    "split": (("train", "val", "test"), ("validation", "", None)),
     "dataset_options": ((dict(SHAPES), dict(SHAPES), {"size": 16, "n": 20}, {}),
                         ({"size": 8}, {"n": 0}, {"n": 10_000_001}, {"size": 2**63}, {"size": "32"}, {"color": "red"},
                          {f"k{i}": i for i in range(33)}, {"x" * 65: 1}, {"size": True}, {"size": 32.0})),  # fmt: skip

@@ -249,7 +249,7 @@ def test_image_folder_split_layout(tmp_path: Path):
 def test_image_folder_errors(tmp_path: Path, folder: Path):
     with pytest.raises(ValueError, match="has no 'test' split"):
         open_dataset(folder, split="test")
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(ValueError, match="has no 'val' split of its own: it is a hold-out carved from train"):
         open_dataset(folder, split="val")
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         open_dataset(folder, channels=4)
@@ -438,7 +438,7 @@ def test_unknown_dataset_message(tmp_path: Path):
         open_dataset(other)
     with pytest.raises(TypeError, match="name or a path"):
         open_dataset(3)
-    with pytest.raises(ValueError, match="split must be one of train, test, got 'validation'"):
+    with pytest.raises(ValueError, match="split must be one of train, val, test, got 'validation'"):
         open_dataset("digits", split="validation")
 
 
