@@ -268,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks (ours and the baseline side by side)")
     bench_kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     from .bench.cli import add_bench_commands
+    from trainer.bench.cli import add_parser as add_trainer_bench  # it trains: it sits above the service
 
     add_bench_commands(bench_kinds, backends)
+    add_trainer_bench(bench_kinds, backends)
 
     serve = commands.add_parser("serve", help="run the daemon and its worker processes")
     serve.add_argument("--config", help="daemon.yaml; every field can also come from AUGSERVE_<FIELD> or a flag")

@@ -1,4 +1,5 @@
-"""The ``augserve bench`` subcommands: ``pipelines``, ``e2e``, ``trainer``, ``gpu``, ``soak`` and ``transport``.
+"""The ``augserve bench`` subcommands of the service: ``pipelines``, ``e2e``, ``gpu``, ``soak``,
+``transport`` and ``decoders`` (``trainer`` is registered by :mod:`trainer.bench.cli`, above the service).
 
 ``augserve/cli.py`` calls :func:`add_bench_commands` with its ``bench`` sub-parsers. Every handler takes
 the parsed ``args``, raises ValueError (one line) for a user's mistake, and prints either a readable
@@ -14,10 +15,9 @@ from __future__ import annotations
 import json
 import sys
 
-from ..config import parse_options
 
 
-def _print_rows_and_summary(args, rows: list[dict], summary: dict, text: str) -> None:
+def print_rows_and_summary(args, rows: list[dict], summary: dict, text: str) -> None:
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -26,21 +26,21 @@ def _print_rows_and_summary(args, rows: list[dict], summary: dict, text: str) ->
         print(text)
 
 
-def _progress(args):
+def progress_for(args):
     """Progress lines on stderr in table mode; quiet with --json (stdout stays machine-readable)."""
     if args.json:
         return None
     return lambda text: print(text, file=sys.stderr, flush=True)
 
 
-def _at_least(args, minimum: int, *names: str) -> None:
+def at_least(args, minimum: int, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
-def _plot_note(path: str | None) -> str:
+def plot_note(path: str | None) -> str:
     return f"\nwrote {path}" if path else ""
 
 
@@ -50,35 +50,35 @@ def _plot_note(path: str | None) -> str:
 def cmd_bench_gpu(args) -> int:
     from .plots import check_png_path
 
-    _at_least(args, 1, "rounds", "batch")
+    at_least(args, 1, "rounds", "batch")
     check_png_path(args.plot)
     from .gpu import format_table, plot, run_gpu_bench
 
     result = run_gpu_bench(device=args.device, rounds=args.rounds, batch=args.batch)
     if args.plot:
         result["plot"] = plot(result, args.plot)
-    _print_rows_and_summary(args, result["rows"], result, format_table(result) + _plot_note(args.plot))
+    print_rows_and_summary(args, result["rows"], result, format_table(result) + plot_note(args.plot))
     return 0
 
 
 def cmd_bench_pipelines(args) -> int:
     from .plots import check_png_path
 
-    _at_least(args, 1, "images", "rounds", "threads", "op_rounds")
+    at_least(args, 1, "images", "rounds", "threads", "op_rounds")
     check_png_path(args.plot)
     from .pipeline_throughput import format_table, json_rows, plot, run_benchmark
 
-    result = run_benchmark(images=args.images, rounds=args.rounds, threads=args.threads, backends=args.backend or None, progress=_progress(args), per_op=args.per_op, op_rounds=args.op_rounds)
+    result = run_benchmark(images=args.images, rounds=args.rounds, threads=args.threads, backends=args.backend or None, progress=progress_for(args), per_op=args.per_op, op_rounds=args.op_rounds)
     if args.plot:
         result["plot"] = plot(result, args.plot)
-    _print_rows_and_summary(args, json_rows(result), result, format_table(result) + _plot_note(args.plot))
+    print_rows_and_summary(args, json_rows(result), result, format_table(result) + plot_note(args.plot))
     return 0
 
 
 def cmd_bench_e2e(args) -> int:
     from .plots import check_png_path
 
-    _at_least(args, 1, "workers", "batch_size", "batches", "rounds", "images", "photo_count")
+    at_least(args, 1, "workers", "batch_size", "batches", "rounds", "images", "photo_count")
     photos = args.photos or args.folder is not None
     if args.no_npz and not photos:
         raise ValueError("--no-npz leaves nothing to measure: add --photos or --folder DIR")
@@ -95,34 +95,12 @@ def cmd_bench_e2e(args) -> int:
     from .e2e import format_table, json_rows, plot, run_e2e
 
     result = run_e2e(
-        workers=args.workers, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, images=args.images, progress=_progress(args),
+        workers=args.workers, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, images=args.images, progress=progress_for(args),
         scaling=args.scaling, npz=not args.no_npz, photos=photos, folder=args.folder, photo_count=photo_count,
     )  # fmt: skip
     if args.plot:
         result["plot"] = plot(result, args.plot)
-    _print_rows_and_summary(args, json_rows(result), result, format_table(result) + _plot_note(args.plot))
-    return 0
-
-
-def cmd_bench_trainer(args) -> int:
-    from .plots import check_png_path
-
-    _at_least(args, 1, "workers", "batch_size", "steps", "rounds", "threads")
-    _at_least(args, 0, "warmup_steps")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    check_png_path(args.plot)
-    from trainer.bench.trainer_bench import TrainerBenchConfig, format_table, json_rows, plot, run_trainer_bench
-
-    config = TrainerBenchConfig(
-        model=args.model, dataset=args.dataset, dataset_options=parse_options(args.dataset_option),
-        pipeline=args.pipeline, batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
-        workers=args.workers, rounds=args.rounds, backend=args.backend, threads=args.threads, lr=args.lr,
-    )  # fmt: skip
-    result = run_trainer_bench(config, progress=_progress(args))
-    if args.plot:
-        result["plot"] = plot(result, args.plot)
-    _print_rows_and_summary(args, json_rows(result), result, format_table(result) + _plot_note(args.plot))
+    print_rows_and_summary(args, json_rows(result), result, format_table(result) + plot_note(args.plot))
     return 0
 
 
@@ -134,8 +112,8 @@ def cmd_bench_soak(args) -> int:
         batch_size=args.batch_size, prefetch=args.prefetch, pause_every_s=args.pause_every, pause_s=args.pause,
         reattach_every_s=args.reattach_every, retune_every_s=args.retune_every, min_epochs=args.min_epochs, seed=args.seed, out=args.out,
     )  # fmt: skip
-    result = run_soak(config, progress=_progress(args))
-    _print_rows_and_summary(args, json_rows(result), result, format_table(result))
+    result = run_soak(config, progress=progress_for(args))
+    print_rows_and_summary(args, json_rows(result), result, format_table(result))
     return 0 if result["ok"] else 1
 
 
@@ -143,31 +121,34 @@ def cmd_bench_transport(args) -> int:
     from .transport import TransportBenchConfig, format_table, json_rows, run_transport_bench
 
     config = TransportBenchConfig(batch_images=tuple(args.batch_images), size=args.size, rounds=args.rounds, batches=args.batches, timeout_s=args.timeout)
-    result = run_transport_bench(config, progress=_progress(args))
-    _print_rows_and_summary(args, json_rows(result), result, format_table(result))
+    result = run_transport_bench(config, progress=progress_for(args))
+    print_rows_and_summary(args, json_rows(result), result, format_table(result))
     return 0
 
 
 def cmd_bench_decoders(args) -> int:
     from .decoders import format_table, run_decoders
 
-    _at_least(args, 1, "photos", "rounds")
-    result = run_decoders(photos=args.photos, rounds=args.rounds, progress=_progress(args))
+    at_least(args, 1, "photos", "rounds")
+    result = run_decoders(photos=args.photos, rounds=args.rounds, progress=progress_for(args))
     rows = [{"benchmark": "decoders", **row} for row in result["rows"]]
-    _print_rows_and_summary(args, rows, {"benchmark": "decoders", **result["config"]}, format_table(result))
+    print_rows_and_summary(args, rows, {"benchmark": "decoders", **result["config"]}, format_table(result))
     return 0
 
 
 # --- registration ------------------------------------------------------------------------------------
 
 
-def add_bench_commands(bench_kinds, backends: list[str]) -> None:
-    """Register ``pipelines``, ``e2e``, ``trainer``, ``gpu``, ``soak``, ``transport`` and ``decoders`` under ``augserve bench`` (``bench_kinds``: the
-    ``bench`` parser's sub-parsers; ``backends``: the augmentation backend names)."""
+def add_output_flags(sub) -> None:
+    """``--json`` and ``--plot PATH.png``, as every chart-drawing bench takes them."""
+    sub.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
+    sub.add_argument("--plot", metavar="PATH.png", help="also write a PNG chart")
 
-    def common(sub) -> None:
-        sub.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
-        sub.add_argument("--plot", metavar="PATH.png", help="also write a PNG chart")
+
+def add_bench_commands(bench_kinds, backends: list[str]) -> None:
+    """Register ``pipelines``, ``e2e``, ``gpu``, ``soak``, ``transport`` and ``decoders`` under ``augserve
+    bench`` (``bench_kinds``: the ``bench`` parser's sub-parsers; ``backends``: the augmentation backend
+    names)."""
 
     pipelines_ = bench_kinds.add_parser("pipelines", help="images/s per core: our backends vs an ordinary albumentations Compose")
     pipelines_.add_argument("--images", type=int, default=64, help="batch size (256² inputs)")
@@ -176,7 +157,7 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     pipelines_.add_argument("--backend", action="append", choices=backends, help="only these backends (repeatable)")
     pipelines_.add_argument("--per-op", action="store_true", help="also each op alone and each preset, every backend vs its albumentations equivalent")
     pipelines_.add_argument("--op-rounds", type=int, default=None, help="interleaved rounds of the --per-op pass (default: --rounds, at most 3)")
-    common(pipelines_)
+    add_output_flags(pipelines_)
     pipelines_.set_defaults(func=cmd_bench_pipelines)
 
     e2e = bench_kinds.add_parser(
@@ -197,30 +178,14 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     e2e.add_argument("--folder", metavar="DIR", help="the photo comparison on your own image folder (class sub-folders of JPEG/PNG/BMP files) instead of generated photos; implies --photos")
     e2e.add_argument("--photo-count", type=int, metavar="N", help="photos generated for --photos, half at each size (default 96)")
     e2e.add_argument("--no-npz", action="store_true", help="leave out the .npz comparison (with --photos or --folder)")
-    common(e2e)
+    add_output_flags(e2e)
     e2e.set_defaults(func=cmd_bench_e2e)
-
-    trainer = bench_kinds.add_parser("trainer", help="a real training step fed by augserve vs by a torch DataLoader: images/s and data stall")
-    trainer.add_argument("--model", default="lenet5_relu", help="a model of trainer.models (e.g. lenet5_relu, resnet18)")
-    trainer.add_argument("--dataset", default="digits", help="built-in name (digits, shapes, photos), a folder of class sub-folders, or a .npz file")
-    trainer.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. size=64 for shapes (repeatable)")
-    trainer.add_argument("--pipeline", default="lenet5", help="preset: lenet5, alexnet, vgg, resnet, inception or mobilenet (the DataLoader side needs its albumentations equivalent)")
-    trainer.add_argument("--batch-size", type=int, default=128)
-    trainer.add_argument("--steps", type=int, default=60, help="timed training steps per run")
-    trainer.add_argument("--warmup-steps", type=int, default=5, help="untimed steps before them")
-    trainer.add_argument("--workers", type=int, default=2, help="augmentation worker processes on both sides")
-    trainer.add_argument("--rounds", type=int, default=2, help="alternating runs per loader; medians are reported")
-    trainer.add_argument("--backend", default="albumentations", choices=backends, help="augserve workers' backend")
-    trainer.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
-    trainer.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
-    common(trainer)
-    trainer.set_defaults(func=cmd_bench_trainer)
 
     gpu = bench_kinds.add_parser("gpu", help="GPU backends vs kornia and torchvision v2, and the host-to-device copy (needs CUDA)")
     gpu.add_argument("--device", default="cuda:0")
     gpu.add_argument("--rounds", type=int, default=10, help="timed rounds; medians are reported")
     gpu.add_argument("--batch", type=int, default=256, help="images per batch (256² inputs)")
-    common(gpu)
+    add_output_flags(gpu)
     gpu.set_defaults(func=cmd_bench_gpu)
 
     soak = bench_kinds.add_parser("soak", help="minutes of four trainers against a daemon whose workers get SIGKILLed: exactly-once per epoch, memory, restarts")

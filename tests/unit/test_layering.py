@@ -1,12 +1,13 @@
-"""Layering: pipelines ← augserve ← trainer. The service never imports the trainer; the command line
-reaches ``augserve tune`` and ``augserve bench trainer`` through imports inside its command functions."""
+"""Layering: pipelines ← augserve ← trainer. The service never imports the trainer; the top-level
+command line alone registers ``augserve tune`` and ``augserve bench trainer``, through imports inside
+the function that builds its parser."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Entry points that may import the trainer lazily (inside a function), for the commands above it.
-COMMAND_LINES = {"augserve/cli.py", "augserve/bench/cli.py"}
+# The one entry point that may import the trainer lazily (inside a function), for the commands above it.
+COMMAND_LINES = {"augserve/cli.py"}
 
 
 def imports(path: Path):
