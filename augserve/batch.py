@@ -15,8 +15,6 @@ import logging
 import time
 from typing import Sequence
 
-import numpy as np
-import torch
 
 from .sources import CorruptImageError, SkipStats, Source, iter_encoded, iter_images
 
@@ -76,6 +74,5 @@ def _decoded(source: Source, pipe, ids, seed: int, epoch: int, on_error: str, st
 
 
 def _on_cpu(out):
-    if isinstance(out, list):
-        return [o.cpu() for o in out]
-    return out.cpu() if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))
+    """A pipeline's output (a tensor, or a list of them when sizes differ) on the host."""
+    return [o.cpu() for o in out] if isinstance(out, list) else out.cpu()

@@ -44,7 +44,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from augserve.sources.decode import EncodedImage, Placement, decode_encoded, region_beats_scaling
+from augserve.sources.decode import FACTORS, EncodedImage, Placement, decode_encoded, region_beats_scaling
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 SIZES = ((1600, 1200), (500, 375))  # (width, height)
@@ -53,7 +53,6 @@ QUALITY = 90
 NOISE_SIGMA = 3.0  # uint8 levels; upscaled photos alone are smoother (fewer bits per pixel) than camera output
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
-FACTORS = (1, 2, 4, 8)
 
 _REDUCED_FLAG = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 

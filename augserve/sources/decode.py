@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipelines.decode_plan import REDUCTIONS
+
 from .base import check_max_pixels
 from .errors import CorruptImageError
 from .region_decoder import region_decoder
@@ -45,7 +47,7 @@ _PNG_IEND = b"IEND\xaeB`\x82"  # the final chunk's type and its fixed CRC
 _MAX_BYTES_PER_PIXEL = 16
 _METADATA_ALLOWANCE = 1 << 20
 
-FACTORS = (1, 2, 4, 8)
+FACTORS = tuple(sorted(REDUCTIONS))  # the reductions a plan may ask for: JPEG DCT scaling's 1, 1/2, 1/4, 1/8
 _REDUCED = {  # (channels, factor) -> imdecode flag; OpenCV applies these as libjpeg DCT scaling
     (3, 1): cv2.IMREAD_COLOR,
     (3, 2): cv2.IMREAD_REDUCED_COLOR_2,

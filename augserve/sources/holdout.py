@@ -21,8 +21,6 @@ from .base import Source
 
 VAL_OPTIONS = ("val_fraction", "val_seed")
 
-_MASK = (1 << 64) - 1
-
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser on uint64 values (wrapping arithmetic)."""
