@@ -25,8 +25,6 @@ from ..plan import AxisAligned, SamplePlan, axis_aligned
 from . import opencv_kernels as K
 from .base import Backend, same_output_shape
 
-apply_color = K.apply_color  # the color pass, also used by tests as the reference
-
 
 class AlbumentationsBackend(Backend):
     name = "albumentations"
@@ -45,11 +43,9 @@ class AlbumentationsBackend(Backend):
             return torch.from_numpy(out)
         return [torch.from_numpy(np.ascontiguousarray(self._apply(image, plan, facts, index, None))) for index, (image, plan) in enumerate(zip(images, plans))]
 
-    def apply_one(self, image: np.ndarray, plan: SamplePlan, out: np.ndarray | None = None) -> np.ndarray:
-        """One image (H×W×C uint8) → out_h×out_w×C uint8, written into ``out`` when given."""
-        return self._apply(image, plan, axis_aligned([plan]), 0, out)
-
     def _apply(self, image: np.ndarray, plan: SamplePlan, facts: AxisAligned, index: int, out: np.ndarray | None) -> np.ndarray:
+        """Sample ``index`` of the batch (H×W×C uint8) → out_h×out_w×C uint8, written into ``out`` when
+        given (a C-contiguous slot of the batch array)."""
         if plan.color is not None and plan.color_first:
             image = K.apply_color(image, *plan.color)
         color_after = plan.color is not None and not plan.color_first

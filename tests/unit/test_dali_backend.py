@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 import pipelines  # noqa: E402
-from pipelines.backends.albumentations_backend import apply_color  # noqa: E402
+from pipelines.backends.opencv_kernels import apply_color  # noqa: E402
 from pipelines.backends.dali_backend import THREADS_ENV, DaliBackend  # noqa: E402
 from pipelines.pipeline import as_uint8_numpy  # noqa: E402
 from pipelines.plan import SamplePlan  # noqa: E402
