@@ -26,9 +26,11 @@ def augment_batch(source: Source, pipe, ids: Sequence[int], seed: int, epoch: in
     tensors when sizes differ; None when every sample was skipped), the ids and labels of the samples
     kept, and the seconds spent reading and decoding (the rest was augmenting)."""
     started = time.perf_counter()
-    encoded = list(iter_encoded(source, ids, on_error=on_error, stats=stats))
-    if encoded and encoded[0][1] is None:  # a source of arrays: nothing to plan before decoding
+    items = iter_encoded(source, ids, on_error=on_error, stats=stats)
+    first = next(items, None)
+    if first is not None and first[1] is None:  # a source of arrays (all None): nothing to plan before decoding
         return _decoded(source, pipe, ids, seed, epoch, on_error, stats)
+    encoded = [] if first is None else [first, *items]
     load_s = time.perf_counter() - started
     while encoded:
         failed: list[int] = []
