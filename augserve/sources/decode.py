@@ -267,14 +267,18 @@ def _decode_opencv(image: EncodedImage, channels: int, stored_box, factor: int, 
         # fall back to the exact decode rather than misplace the pixels.
         raise CorruptImageError(image.path, f"decoded {array.shape[1]}×{array.shape[0]} at 1/{factor}, not the header's size")
     i0 = j0 = 0
+    whole = array
     if stored_box is not None:
         x0, y0, x1, y1 = stored_box
         i0, i1 = _span(y0, y1, factor, stored_size[0])
         j0, j1 = _span(x0, x1, factor, stored_size[1])
-        if (i0, j0, i1, j1) != (0, 0, array.shape[0], array.shape[1]):
-            array = np.array(array[i0:i1, j0:j1])  # a copy: the caller must not keep the whole decode alive
+        array = array[i0:i1, j0:j1]
+    # OpenCV decodes to BGR: the conversion is also the copy that lets the whole decode go (a region
+    # must not keep it alive); a grey region is copied for that alone.
     if channels == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)  # OpenCV decodes to BGR
+        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    elif array.shape != whole.shape:
+        array = np.array(array)
     return array, Placement(factor, i0 * factor, j0 * factor)
 
 
