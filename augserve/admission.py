@@ -128,7 +128,7 @@ class Admission:
         start_epoch, skip = 0, frozenset()
         if request.resume is not None:
             start_epoch, skip = self.check_resume(request.resume, request.epochs, plan.num_batches(), fingerprint)
-        info = P.DatasetInfo(name=request.dataset, split=request.split, classes=[str(c) for c in source.classes], channels=source.channels)
+        info = P.DatasetInfo(name=request.dataset, split=request.split, classes=[str(c) for c in source.classes], channels=source.channels, image_size=source.image_size)
         return Admitted(plan, dataset, spec_dict, fingerprint, start_epoch, skip, info, batch_bytes)
 
     def _check_batch_bytes(self, batch_size: int, out_shape: tuple[int, int, int]) -> int:

@@ -98,11 +98,23 @@ def cmd_serve(args) -> int:
         "datasets": parse_dataset_pairs(args.dataset) if args.dataset else None,
         "threads_per_worker": args.threads,
         "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
         "log_level": args.log_level if args.log_level != "warning" else None,
         "keys_dir": args.keys_dir,
         "insecure": args.insecure,
+        "transport": args.transport,
     }
+    if args.ray is not None:  # --ray [ADDRESS]: the file's ray section, with the address from the flag
+        overrides["ray"] = {**_ray_section(args.config), "address": args.ray}
     config = load_config(args.config, overrides)
+    if config.ray is not None:
+        from .ray_workers import require_ray
+
+        require_ray()  # one line when Ray is not installed
+    if config.workers != 0 or config.autoscale is not None:  # with no local workers the backend is the remote workers' business
+        from pipelines.backends import require_backend
+
+        require_backend(config.backend)  # before binding anything: one line, not a failure per worker
     logging.getLogger().setLevel(config.log_level.upper())
     import cv2
 
@@ -110,9 +122,21 @@ def cmd_serve(args) -> int:
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     address = daemon.start()
-    print(f"augserve: serving on {address} with {config.workers} {config.backend} worker(s) on {config.device}; Ctrl-C stops", file=sys.stderr, flush=True)
+    scale = f" (autoscaled {config.autoscale.min_workers}-{config.autoscale.max_workers})" if config.autoscale is not None else ""
+    kind = " Ray actor" if config.ray is not None else ""
+    print(f"augserve: serving on {address} with {config.workers}{kind} {config.backend} worker(s){scale} on {config.device}; Ctrl-C stops", file=sys.stderr, flush=True)
     daemon.serve()
     return 0
+
+
+def _ray_section(path: str | None) -> dict:
+    """The ``ray`` section of the config file, if any (``--ray ADDRESS`` replaces only its address)."""
+    from .config import load_config
+
+    if not path:
+        return {}
+    ray = load_config(path).ray
+    return ray.model_dump() if ray is not None else {}
 
 
 def cmd_worker(args) -> int:
@@ -120,6 +144,9 @@ def cmd_worker(args) -> int:
     from .worker import WorkerOptions, run_worker
 
     check_address(args.connect, "--connect")
+    from pipelines.backends import require_backend
+
+    require_backend(args.backend)
     options = WorkerOptions(
         connect=args.connect,
         backend=args.backend,
@@ -132,6 +159,8 @@ def cmd_worker(args) -> int:
         exit_with_parent=args.local,
         keys_dir=args.keys_dir,
         insecure=args.insecure,
+        shm_dir=args.shm_dir,
+        shm_reserve_mb=args.shm_reserve_mb,
     )
     import signal
 
@@ -276,14 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the daemon and its worker processes")
     serve.add_argument("--config", help="daemon.yaml; every field can also come from AUGSERVE_<FIELD> or a flag")
     serve.add_argument("--bind", help="control address (default tcp://127.0.0.1:5555; ipc://PATH accepted)")
-    serve.add_argument("--workers", type=int, help="local worker processes (default 2)")
+    serve.add_argument("--workers", type=_workers_arg, help="worker processes (default 2), or auto:MIN:MAX to autoscale on the trainers' data stall")
+    serve.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help="run the workers as Ray actors on the cluster at ADDRESS (default auto; 'local' starts one here); needs augserve[ray]")
     serve.add_argument("--backend", choices=backends, help="augmentation backend (default albumentations)")
     serve.add_argument("--device", help="cpu or cuda:K (default cpu)")
     serve.add_argument("--dataset", action="append", metavar="NAME=PATH", help="serve a folder or .npz file under NAME (repeatable)")
     serve.add_argument("--threads", type=int, help="threads per worker process (default 1)")
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics")
+    serve.add_argument("--metrics-host", help="address the metrics endpoint listens on (default 127.0.0.1; 0.0.0.0 for a scraper in another container or pod)")
     serve.add_argument("--keys-dir", help="CurveZMQ keys (default $AUGSERVE_KEYS_DIR or ~/.config/augserve/keys; created on first use)")
     serve.add_argument("--insecure", action="store_true", default=None, help="no authentication: anyone who reaches the address is trusted")
+    serve.add_argument("--transport", choices=["auto", "frames", "shm"], help="batches to trainers on the workers' host: auto (default) = shared memory where it can, else frames")
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run one worker that joins a daemon (possibly on another machine)")
@@ -297,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker id (default host-pid-random)")
     worker.add_argument("--keys-dir", help="CurveZMQ keys with the daemon's public key and a worker key pair (see `augserve keys export`)")
     worker.add_argument("--insecure", action="store_true", help="talk to a daemon started with --insecure")
+    worker.add_argument("--shm-dir", help="shared-memory directory for trainers on this host (default $AUGSERVE_SHM_DIR or /dev/shm)")
+    worker.add_argument("--shm-reserve-mb", type=int, default=64, help="megabytes of --shm-dir this worker leaves free for others (default 64)")
     worker.add_argument("--local", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
@@ -327,8 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers_arg(text: str) -> int | str:
+    """``--workers``: a count (an int), or ``auto:MIN:MAX`` (checked by the config schema)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if text.lower().startswith("auto"):
+        return text
+    raise argparse.ArgumentTypeError(f"must be a count or auto:MIN:MAX (e.g. auto:1:8), got {text!r}")
+
+
 def _positive(args) -> None:
-    if args.command == "serve" and args.workers is not None and args.workers < 0:
+    if args.command == "serve" and isinstance(args.workers, int) and args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     for name in ("rows", "variants", "cell", "images", "rounds", "threads", "max_images", "capacity", "workers", "batch_size", "batches"):
         if args.command == "serve":
@@ -347,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from pipelines import format_validation_error
+    from pipelines.backends import BackendUnavailable
 
     from .sources import CorruptImageError
 
@@ -356,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         what = "daemon config" if exc.title == "DaemonConfig" else "pipeline spec"
         print(f"augserve: error: {format_validation_error(exc, what)}", file=sys.stderr)
-    except (ValueError, TypeError, CorruptImageError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
+    except (ValueError, TypeError, CorruptImageError, FileNotFoundError, ConnectionError, TimeoutError, BackendUnavailable) as exc:
         print(f"augserve: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("augserve: interrupted", file=sys.stderr)

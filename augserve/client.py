@@ -10,6 +10,11 @@ A batch is acknowledged when the training loop takes it; the ack returns its cre
 
 With keys (the default) both sockets are CurveZMQ-authenticated: the control socket presents this
 user's client key, and the data socket admits only the worker keys the daemon vouches for.
+
+A worker on the trainer's host may hand a batch over through shared memory instead (``transport``,
+:mod:`augserve.handoff`): the data socket then carries a descriptor, and the batch's tensors are views
+of the worker's slot. The slot goes back to the worker when the last of those views is gone — in a
+plain loop, when the loop takes the next batch; :meth:`Batch.clone` keeps a copy for longer.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from .closing import Closing
 from .config import check_address
 from .control import Credentials, close_monitor, control_socket, exchange
 from .epochs import BatchIds, EpochPlan
+from .handoff.host import default_dir, host_identity
+from .handoff.receiver import SlotReader
 from .reorder import Reorderer
 
 log = logging.getLogger("augserve.client")
@@ -59,6 +66,11 @@ class Batch:
 
     ``images, labels = batch`` unpacks it as a ``(images, labels)`` pair, the shape a training step
     written for a ``DataLoader`` expects; ``len(batch)`` stays the number of samples.
+
+    A batch that came through shared memory (uint8 on the CPU, no ``normalize``) views its worker's
+    slot, which returns to the worker when the last reference to these tensors (or a view of them) is
+    gone. Keeping a batch is safe — its bytes stay as they are — but holds a slot: the worker then
+    sends frames once all of its slots are held. :meth:`clone` copies a batch out of its slot.
     """
 
     images: torch.Tensor
@@ -80,6 +92,10 @@ class Batch:
         and Accelerate call it to place a batch)."""
         images, labels, ids = (t.to(device, non_blocking=non_blocking) for t in (self.images, self.labels, self.sample_ids))
         return replace(self, images=images, labels=labels, sample_ids=ids)
+
+    def clone(self) -> "Batch":
+        """A copy that owns its memory (a shared-memory slot is free again once this batch is dropped)."""
+        return replace(self, images=self.images.clone(), labels=self.labels.clone(), sample_ids=self.sample_ids.clone(), skipped=list(self.skipped))
 
     def pin_memory(self) -> "Batch":
         """This batch in pinned host memory (what ``DataLoader(pin_memory=True)`` calls)."""
@@ -170,7 +186,7 @@ class Stream(Closing, torch.utils.data.IterableDataset):
     ``DataLoader(stream, batch_size=None)``)."""
 
     def __init__(self, link: _Link, request: P.Attach, attached: P.Attached, device: torch.device, pin_memory: bool,
-                 batch_timeout: float, heartbeat_interval: float) -> None:  # fmt: skip
+                 batch_timeout: float, heartbeat_interval: float, shm_dir: str = "/dev/shm") -> None:  # fmt: skip
         super().__init__()
         self._link = link
         self.address = link.address
@@ -200,9 +216,14 @@ class Stream(Closing, torch.utils.data.IterableDataset):
         self.version_starts = {self.pipeline_version: (self._epoch, 0)}
         self.duplicates_dropped = 0
         self.rejected_batches = 0
+        self.transport = request.transport
+        self._slots = SlotReader(shm_dir) if request.shm_host is not None else None
+        self.batches_by_transport = {"shm": 0, "frames": 0}  # batches received each way (duplicates included)
+        self._fallbacks_said: set[str] = set()
         self._queue: queue.Queue = queue.Queue()
         self._acks: list[tuple[int, int, int]] = []
         self._acks_lock = threading.Lock()
+        self._waited = (0, 0.0)  # (batches taken, seconds the loop waited for them) since the last credit
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
         self._error: BaseException | None = None
@@ -261,7 +282,8 @@ class Stream(Closing, torch.utils.data.IterableDataset):
                 with self._acks_lock:
                     acks, self._acks = self._acks, []
                 if acks or receipts or now - last_sent >= self.heartbeat_interval:
-                    link.control.send_multipart(P.encode(P.Credit(stream=self.id, acks=acks, received=receipts)), flags=zmq.NOBLOCK)
+                    credit = P.Credit(stream=self.id, acks=acks, received=receipts, wait=self._take_wait())
+                    link.control.send_multipart(P.encode(credit), flags=zmq.NOBLOCK)
                     receipts, last_sent = [], now
                 if now - last_batch > self.batch_timeout and self._queue.qsize() == 0:
                     gate = reorder.gate_epoch
@@ -318,7 +340,17 @@ class Stream(Closing, torch.utils.data.IterableDataset):
             header = message.body
             if header.stream != self.id:
                 return None  # a late batch of an earlier stream on a reused address
-            tensors = P.frames_to_tensors(header.tensors, message.buffers)
+            if message.type == "shm_batch":
+                if self._slots is None:
+                    raise P.ProtocolError("a shared-memory batch arrived, but this stream asked for frames")
+                tensors = self._slots.wrap(header)
+                # Only the images stay in the slot: the ids are checked against the plan below, and a
+                # copy cannot change after that check (the worker can still write to its slot).
+                tensors["labels"], tensors["sample_ids"] = tensors["labels"].clone(), tensors["sample_ids"].clone()
+            else:
+                tensors = P.frames_to_tensors(header.tensors, message.buffers)
+                if header.fallback is not None:
+                    self._say_fallback(header)
             images, labels, ids = tensors["images"], tensors["labels"], tensors["sample_ids"]
             if not header.index < self.batches_per_epoch:
                 raise P.ProtocolError(f"batch index {header.index} outside [0, {self.batches_per_epoch})")
@@ -331,6 +363,7 @@ class Stream(Closing, torch.utils.data.IterableDataset):
             self.rejected_batches += 1
             log.warning("dropping a malformed batch: %s", exc)
             return None
+        self.batches_by_transport["shm" if message.type == "shm_batch" else "frames"] += 1
         if self.pin_memory and images.numel() and torch.cuda.is_available():
             images = images.pin_memory()  # the one copy: frame -> pinned host memory
         if self.device.type == "cuda":
@@ -345,11 +378,25 @@ class Stream(Closing, torch.utils.data.IterableDataset):
             images = normalize_images(images, normalize)
         return Batch(images, labels, ids, header.epoch, header.index, version, list(header.skipped))
 
+    def _say_fallback(self, header: P.BatchHeader) -> None:
+        """Log once per reason why batches come as frames though shared memory was allowed: a warning
+        when the trainer asked for ``shm``, or when /dev/shm is too small or unusable."""
+        fallback = header.fallback
+        if self._slots is None or fallback.kind in self._fallbacks_said:
+            return
+        self._fallbacks_said.add(fallback.kind)
+        quiet = self.transport == "auto" and fallback.kind in ("other_host", "busy")
+        log.log(logging.INFO if quiet else logging.WARNING, "stream %s: batches from worker %s come as frames, not through shared memory: %s",
+                self.id, header.worker, fallback.message)  # fmt: skip
+
     # --- the consumer side -----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
+            asked = time.monotonic()
             item = self._queue.get()
+            if item is not _END:
+                self._count_wait(time.monotonic() - asked)
             if item is not _END and len(item) == 0:
                 self._hand_over(item)  # every image of this batch was corrupt: count it, yield nothing
                 continue
@@ -362,6 +409,19 @@ class Stream(Closing, torch.utils.data.IterableDataset):
                 self.close()
                 return
             yield self._hand_over(item)
+
+    def _count_wait(self, seconds: float) -> None:
+        """The training loop waited ``seconds`` for a batch: its data stall, reported in the next credit."""
+        with self._acks_lock:
+            batches, waited = self._waited
+            self._waited = (batches + 1, waited + seconds)
+
+    def _take_wait(self) -> P.Wait | None:
+        with self._acks_lock:
+            (batches, seconds), self._waited = self._waited, (0, 0.0)
+        if batches == 0:
+            return None
+        return P.Wait(batches=min(batches, P.MAX_LISTED), seconds=min(max(seconds, 0.0), 1e6))
 
     def _hand_over(self, batch: Batch) -> Batch:
         with self._acks_lock:
@@ -404,7 +464,7 @@ class Stream(Closing, torch.utils.data.IterableDataset):
         epoch, consumed = self._epoch, set(self._consumed)
         if len(consumed) >= self.batches_per_epoch:
             epoch, consumed = epoch + 1, set()
-        request = self._request.model_dump(exclude={"data", "data_key", "resume"})
+        request = self._request.model_dump(exclude={"data", "data_key", "resume", "shm_host"})
         return {"epoch": epoch, "delivered": sorted(consumed), "fingerprint": self.fingerprint, "stream": request}
 
     def __len__(self) -> int:
@@ -448,6 +508,8 @@ class Stream(Closing, torch.utils.data.IterableDataset):
         os.close(self._wake_read)
         os.close(self._wake_write)
         self._link.close(detach_linger_ms=200)  # give the detach a moment to leave
+        if self._slots is not None:
+            self._slots.close()
 
 
 def _pipeline_payload(pipeline: Any):
@@ -488,6 +550,7 @@ def connect(
     data_address: str | None = None,
     keys_dir: str | None = None,
     insecure: bool = False,
+    transport: str = "auto",
 ) -> Stream:
     """Attach to the daemon at ``address`` and return the stream of batches (see :class:`Stream`).
 
@@ -495,6 +558,10 @@ def connect(
     another dataset, split, pipeline, seed, batch size or world size, naming the difference.
     ``keys_dir``: the keyring (default ``$AUGSERVE_KEYS_DIR`` or ``~/.config/augserve/keys``, created
     on first use); ``insecure=True`` talks to a daemon started with ``--insecure``.
+    ``transport``: how batches from workers on this host arrive — ``"auto"`` through shared memory where
+    a worker can (same host, same ``/dev/shm`` or ``$AUGSERVE_SHM_DIR``, room in it), else as frames;
+    ``"frames"`` always over ZeroMQ; ``"shm"`` as ``auto``, with a warning for each reason a batch still
+    came as frames. Workers on other hosts always send frames.
     """
     check_address(address, "daemon address")
     if timeout <= 0 or batch_timeout <= 0:
@@ -502,11 +569,20 @@ def connect(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
+    if transport not in ("auto", "frames", "shm"):
+        raise ValueError(f"transport must be 'auto', 'frames' or 'shm', got {transport!r}")
+    shm_dir, shm_host = default_dir(), None
+    if transport != "frames":
+        shm_host, why_not = host_identity(shm_dir)
+        if shm_host is None:
+            if transport == "shm":
+                raise ValueError(f"transport='shm' needs shared memory: {why_not}")
+            log.info("batches come as frames: %s", why_not)
     fields = {
         "dataset": dataset, "split": split, "dataset_options": dict(dataset_options or {}), "pipeline": _pipeline_payload(pipeline),
         "batch_size": batch_size, "seed": seed, "epochs": epochs, "rank": rank, "world_size": world_size, "prefetch": prefetch,
         "ordered": ordered, "shuffle": shuffle, "drop_last": drop_last, "on_error": on_error, "resume": _resume_state(resume),
-        "client": f"{host_socket.gethostname()}:{os.getpid()}"[:256],
+        "client": f"{host_socket.gethostname()}:{os.getpid()}"[:256], "transport": transport, "shm_host": shm_host,
     }  # fmt: skip
     link = _Link(address, Credentials.load(keys_dir, insecure), data_address, prefetch if isinstance(prefetch, int) else 8)
     try:
@@ -515,7 +591,7 @@ def connect(
         except ValidationError as exc:
             raise ValueError(f"invalid stream request: {P.describe_validation_error(exc)}") from None
         attached = link.attach(request, timeout)
-        return Stream(link, request, attached, device, pin_memory or device.type == "cuda", batch_timeout, heartbeat_interval)
+        return Stream(link, request, attached, device, pin_memory or device.type == "cuda", batch_timeout, heartbeat_interval, shm_dir)
     except BaseException:
         link.close()
         raise

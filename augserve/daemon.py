@@ -6,7 +6,14 @@ handler. The decisions live beside it, each testable alone:
 
 - :class:`~augserve.scheduler.Scheduler` — streams × workers × tasks, deadlines, attempts (pure);
 - :class:`~augserve.supervisor.Supervisor` — the local worker processes;
-- :class:`~augserve.admission.Admission` — datasets, specs and resume states, checked off the loop.
+- :class:`~augserve.admission.Admission` — datasets, specs and resume states, checked off the loop;
+- :class:`~augserve.scaling.Autoscaler` — with ``workers: auto:MIN:MAX``, grows and shrinks the pool on
+  the trainers' measured wait per batch (their ``credit`` reports) and on full result queues.
+
+The pool is local processes, or Ray actors with ``ray`` (:class:`~augserve.ray_workers.RayPool`).
+
+Shared memory (:mod:`augserve.handoff`): each stream's tasks say whether workers may hand its batches
+over through shared memory; the daemon removes the slot names its exited workers left behind.
 
 A handler that fails answers its peer with an ``error`` and the loop goes on: nothing a peer sends
 can stop the daemon. With keys (the default) every connection is CurveZMQ-authenticated: only worker
@@ -29,7 +36,11 @@ from . import protocol as P
 from . import security
 from .admission import Admission, Admitted, Refused
 from .config import DaemonConfig
+from .handoff.policy import handoff_for
+from .handoff.shm import reap_orphans
+from .autoscale import AutoscaleSettings
 from .metrics import DaemonMetrics, NullMetrics
+from .scaling import Autoscaler
 from .scheduler import Scheduler, SchedulerLimits, StreamFailure
 from .streams import StreamState
 from .supervisor import Supervisor
@@ -57,10 +68,14 @@ class Daemon:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
         self.admission = Admission(config, self._wake)
-        self.supervisor = Supervisor(self._worker_command, config.workers)
+        self.supervisor = self._pool()
         self.skipped_corrupt = 0
         self.refused = 0
         self.metrics = DaemonMetrics() if config.metrics_port is not None else NullMetrics()
+        self.autoscaler: Autoscaler | None = None
+        if config.autoscale is not None:
+            settings = AutoscaleSettings(**config.autoscale.model_dump())
+            self.autoscaler = Autoscaler(settings, self.supervisor, self.scheduler, self.metrics)
         self.metrics_port: int | None = None
         self._stopping = False
         self._started = time.monotonic()
@@ -98,15 +113,50 @@ class Daemon:
             os.chmod(self.address[len("ipc://") :], 0o600)  # only this user may connect
         if self.config.metrics_port is not None:
             try:
-                self.metrics_port = self.metrics.start_http(self.config.metrics_port)
+                self.metrics_port = self.metrics.start_http(self.config.metrics_port, self.config.metrics_host)
             except ValueError:
                 self._close_socket()
                 raise
-            log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
-        self.supervisor.start()
-        log.info("augserve daemon on %s (%s) with %d %s worker(s) on %s", self.address, "CurveZMQ" if self.secure else "INSECURE: no authentication",
-                 self.config.workers, self.config.backend, self.config.device)  # fmt: skip
+            log.info("Prometheus metrics on %s", self.metrics.url)
+        self._reap_slots()
+        try:
+            self.supervisor.start()
+        except ValueError:
+            self._close_socket()
+            raise
+        scale = self.config.autoscale
+        kind = "Ray actor" if self.config.ray is not None else "local"
+        log.info("augserve daemon on %s (%s) with %d %s %s worker(s) on %s%s", self.address, "CurveZMQ" if self.secure else "INSECURE: no authentication",
+                 self.config.workers, kind, self.config.backend, self.config.device,
+                 f"; autoscaling between {scale.min_workers} and {scale.max_workers} on data stall" if scale is not None else "")  # fmt: skip
+        if self.autoscaler is not None:
+            self.metrics.autoscale_observed(None, self.config.workers)
         return self.address
+
+    def _pool(self):
+        """The worker pool: local processes, or Ray actors (imported only then: Ray is an extra)."""
+        if self.config.ray is None:
+            return Supervisor(self._worker_command, self.config.workers)
+        from .ray_workers import RayPool
+
+        return RayPool(self.config, self._actor_options)
+
+    def _actor_options(self):
+        """What a Ray actor needs to join (called when the pool starts, after the socket is bound)."""
+        from .ray_workers import ActorOptions
+
+        return ActorOptions.for_daemon(self.config, self.actor_address, self.keyring)
+
+    @property
+    def actor_address(self) -> str:
+        """Where Ray actors connect: ``ray.connect``, else the bound TCP address with a wildcard host made
+        this host's address (actors may run on other nodes)."""
+        ray = self.config.ray
+        if ray is not None and ray.connect:
+            return ray.connect
+        from .ray_workers import reachable_address
+
+        return reachable_address(self.address)
 
     def _load_keys(self) -> None:
         """Keys by default. Without them (``insecure``) only a loopback or ipc bind may start: anyone who
@@ -141,6 +191,8 @@ class Daemon:
             "--heartbeat-liveness", str(config.heartbeat_liveness),
             "--local",
             "--name", name,
+            "--shm-dir", config.shm_dir,
+            "--shm-reserve-mb", str(config.shm_reserve_mb),
         ]  # fmt: skip
         if self.keyring is not None:
             command += ["--keys-dir", str(self.keyring.directory)]
@@ -202,6 +254,7 @@ class Daemon:
         for identity in list(self.scheduler.workers):
             self._send(identity, P.Stop())
         self.supervisor.stop()
+        self._reap_slots()  # of workers killed after overstaying their stop
         self.admission.close()
         self._close_socket()
         for fd in (self._wake_read, self._wake_write):
@@ -319,6 +372,8 @@ class Daemon:
         if stream is None:
             return
         self.scheduler.credit(stream, credit, time.monotonic())
+        if credit.wait is not None and self.autoscaler is not None:
+            self.autoscaler.observe_wait(credit.wait.batches, credit.wait.seconds)
         if credit.final and stream.finished():
             self._end_stream(stream.id)
 
@@ -363,9 +418,11 @@ class Daemon:
             uuid.uuid4().hex[:12], owner, identity, request, admitted.plan, admitted.dataset, admitted.spec, admitted.fingerprint,
             start_epoch=admitted.start_epoch, skip=admitted.skip, last_heard=now,
         )  # fmt: skip
-        self.scheduler.add_stream(stream)
-        log.info("stream %s attached: %s/%s, pipeline %s, batch %d, rank %d/%d, %d batch(es) per epoch", stream.id, request.dataset, request.split,
-                 stream.spec.get("name") or "custom", request.batch_size, request.rank, request.world_size, stream.plan.num_batches())  # fmt: skip
+        handoff, transport = handoff_for(request, self.config.transport)
+        self.scheduler.add_stream(stream, handoff)
+        log.info("stream %s attached: %s/%s, pipeline %s, batch %d, rank %d/%d, %d batch(es) per epoch; transport %s", stream.id, request.dataset,
+                 request.split, stream.spec.get("name") or "custom", request.batch_size, request.rank, request.world_size, stream.plan.num_batches(),
+                 transport)  # fmt: skip
         worker_keys = sorted(k.decode() for k in self.keyring.allowed("worker")) if self.keyring is not None else []
         self._send(
             identity,
@@ -408,10 +465,20 @@ class Daemon:
 
     # --- the loop's periodic work ----------------------------------------------------------------------
 
+    def _reap_slots(self) -> None:
+        """Remove the shared-memory slot names that exited workers (ours or not) left in ``shm_dir``."""
+        reaped = reap_orphans(self.config.shm_dir)
+        if reaped:
+            log.info("removed %d shared-memory slot(s) left by exited workers from %s", len(reaped), self.config.shm_dir)
+
     def _housekeeping(self, now: float) -> None:
-        for name in self.supervisor.poll(now):
-            self.metrics.worker_restarted()
-            self._forget_worker(name.encode(), "exited")
+        exited = self.supervisor.poll_exits(now)
+        for name, retired in exited:
+            if not retired:
+                self.metrics.worker_restarted()
+            self._forget_worker(name.encode(), "retired" if retired else "exited")
+        if exited:
+            self._reap_slots()
         expired = self.scheduler.expire(now)
         for worker in expired.silent_workers:
             log.info("worker %s written off: silent", worker.name)
@@ -424,6 +491,10 @@ class Daemon:
         for stream_id in expired.silent_streams:
             log.warning("stream %s: trainer silent; dropping it", stream_id)
             self._end_stream(stream_id)
+        if self.autoscaler is not None:
+            for name in self.autoscaler.tick(now):
+                log.info("worker %s drained; telling it to stop", name)
+                self._send(name.encode(), P.Stop())
         for identity in list(self.scheduler.workers):
             self._send(identity, P.Ping())
         self.metrics.update_from_status(self.status)
@@ -481,4 +552,5 @@ class Daemon:
                 for w in scheduler.workers.values()
             ],
             "queue": {"tasks_in_flight": scheduler.in_flight(), "waiting_reissue": scheduler.waiting_reissue()},
+            "autoscale": self.autoscaler.status() if self.autoscaler is not None else None,
         }

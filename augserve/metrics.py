@@ -1,5 +1,8 @@
 """Prometheus metrics of a daemon: ``augserve serve --metrics-port N`` serves them at ``http://HOST:N/metrics``.
 
+HOST is ``metrics_host`` (``--metrics-host``): 127.0.0.1 by default, since the endpoint has no
+authentication; ``0.0.0.0`` (or ``::``) for a scraper in another container or pod.
+
 :class:`DaemonMetrics` owns its own :class:`~prometheus_client.CollectorRegistry` (never the global one),
 so several daemons — or several tests — can live in one process. The daemon's event loop calls a few
 cheap methods (:meth:`~DaemonMetrics.batch_done`, :meth:`~DaemonMetrics.worker_restarted`,
@@ -31,6 +34,9 @@ Metrics (every series with a ``stream`` label disappears when that stream ends, 
 | ``augserve_worker_capacity_slots`` | gauge | ``worker`` | tasks the worker can hold at once |
 | ``augserve_worker_images_per_second`` | gauge | ``worker`` | images/s the worker finished, last 10 s |
 | ``augserve_uptime_seconds`` | gauge | — | seconds since the daemon started |
+| ``augserve_autoscale_decisions_total`` | counter | ``action`` = ``add`` / ``remove`` | workers the autoscaler added or removed |
+| ``augserve_workers_target`` | gauge | — | workers the autoscaler wants (set at each window it measured) |
+| ``augserve_trainer_wait_seconds_per_batch`` | gauge | — | seconds trainers waited per batch in the autoscaler's last window (NaN: no batch taken) |
 | ``augserve_daemon_info`` | gauge (always 1) | ``backend``, ``device``, ``protocol`` | the daemon's settings |
 
 Counters also get prometheus-client's ``*_created`` timestamp series. The gauges come from the status
@@ -45,7 +51,7 @@ import math
 import threading
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -67,6 +73,11 @@ class DaemonMetrics:
         self.skipped_corrupt = Counter("augserve_skipped_corrupt", "Corrupt source files skipped.", registry=self.registry)
         self.worker_restarts = Counter("augserve_worker_restarts", "Local worker processes restarted after they died.", registry=self.registry)
         self._stages = {stage: self.stage_seconds.labels(stage) for stage in STAGES}  # bound once: observe() is the hot path
+        self.autoscale_decisions = Counter("augserve_autoscale_decisions", "Workers the autoscaler added or removed.", ["action"], registry=self.registry)
+        self.workers_target = Gauge("augserve_workers_target", "Workers the autoscaler wants.", registry=self.registry)
+        self.trainer_wait = Gauge("augserve_trainer_wait_seconds_per_batch", "Seconds trainers waited per batch in the autoscaler's last window.", registry=self.registry)
+        for action in ("add", "remove"):
+            self.autoscale_decisions.labels(action)  # both series exist (at 0) from the start
         self._status = _StatusCollector()
         self.registry.register(self._status)
         self._server = None
@@ -96,6 +107,16 @@ class DaemonMetrics:
     def worker_restarted(self) -> None:
         self.worker_restarts.inc()
 
+    def autoscale_decision(self, action: str, target: int) -> None:
+        """The autoscaler added or removed a worker (``action``); it now wants ``target`` workers."""
+        self.autoscale_decisions.labels(action).inc()
+        self.workers_target.set(target)
+
+    def autoscale_observed(self, wait_per_batch: float | None, target: int) -> None:
+        """One measured window: trainers' seconds of wait per batch (``None``: no batch taken), and the target."""
+        self.trainer_wait.set(math.nan if wait_per_batch is None else wait_per_batch)
+        self.workers_target.set(target)
+
     def stream_ended(self, stream_id: str) -> None:
         """Drop the stream's labelled series (its counter and its status gauges)."""
         _remove(self.images, stream_id)
@@ -114,7 +135,10 @@ class DaemonMetrics:
     # --- HTTP --------------------------------------------------------------------------------------
 
     def start_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``host:port`` in a daemon thread; returns the port (the real one for 0)."""
+        """Serve ``/metrics`` on ``host:port`` in a daemon thread; returns the port (the real one for 0).
+
+        ``host``: an IP address (``0.0.0.0`` / ``::`` for every interface) or a name that resolves to
+        one of this machine's. ValueError, one line, when it cannot be bound there."""
         if self._server is not None:
             raise RuntimeError(f"metrics are already served on port {self.port}")
         try:
@@ -156,6 +180,12 @@ class NullMetrics:
         pass
 
     def worker_restarted(self) -> None:
+        pass
+
+    def autoscale_decision(self, action, target) -> None:
+        pass
+
+    def autoscale_observed(self, wait_per_batch, target) -> None:
         pass
 
     def stream_ended(self, stream_id) -> None:

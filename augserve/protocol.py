@@ -12,7 +12,11 @@ bounded body: numbers finite and in range, strings and lists of capped length, n
 Anything else is a :class:`ProtocolError` naming the problem — never another exception.
 
 Tensors travel as ``{"name", "dtype", "shape"}`` descriptors in the header plus one frame each; the
-receiver wraps each frame as a tensor without copying (:func:`frames_to_tensors`).
+receiver wraps each frame as a tensor without copying (:func:`frames_to_tensors`). A worker on the
+trainer's host may instead write a batch into a shared-memory slot and send a ``shm_batch``: the same
+fields, the slot's segment name and generation, and each tensor's byte offset in the slot — no frames
+(:mod:`augserve.handoff`). Version 3 added it, with the trainer's ``transport`` and ``shm_host`` in
+``attach`` and the daemon's ``handoff`` in ``task``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL = "augserve"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: headers carry ids and settings, never pixel data
 MAX_DEPTH = 24  # nesting of maps/lists in a header: a spec needs about 6; a hostile peer sends thousands
 MAX_BUFFERS = 8  # raw frames after the header (a batch carries 3)
@@ -69,6 +73,37 @@ class Empty(Body):
     pass
 
 
+# --- local hand-off (augserve.handoff) ----------------------------------------------------------------
+
+# How batches reach a trainer: "frames" always over ZeroMQ; "shm" through shared memory for every worker
+# that can (each one that cannot is a warning in the trainer's log); "auto" likewise, quietly.
+Transport = Literal["auto", "frames", "shm"]
+SEGMENT_PATTERN = r"^augserve-slot-[0-9]{1,20}-[0-9]{1,10}-[0-9a-f]{16}$"  # prefix-pid namespace-pid-random
+SegmentName = Annotated[str, Field(min_length=1, max_length=80, pattern=SEGMENT_PATTERN)]
+
+
+class ShmHost(Body):
+    """Which shared memory a process sees: the kernel's boot id (one per machine and boot), the device
+    and inode of its shared-memory directory (one per tmpfs mount, so two containers differ unless they
+    share it), and its effective uid (a slot is private to its owner). Equal on both sides ⇔ a segment
+    one creates there, the other can open."""
+
+    boot: Annotated[str, Field(pattern=r"^[0-9a-f-]{32,36}$")]
+    dev: Annotated[int, Field(ge=0, lt=1 << 64)]
+    ino: Annotated[int, Field(ge=0, lt=1 << 64)]
+    uid: Annotated[int, Field(ge=0, lt=1 << 32)]
+
+
+class Handoff(Body):
+    """What a task tells its worker about the trainer's shared memory: the mode (``auto``/``shm``),
+    where the trainer is, and how many slots the worker's pool for this stream may hold (its credits,
+    plus the batch the training loop holds and one in transition)."""
+
+    mode: Literal["auto", "shm"]
+    host: ShmHost
+    slots: Annotated[int, Field(ge=1, le=1100)]
+
+
 # --- trainer -> daemon ------------------------------------------------------------------------------------
 
 
@@ -100,17 +135,30 @@ class Attach(Body):
     data_key: PublicKey | None = None  # the trainer's CURVE server key for its data socket
     resume: ResumeState | None = None
     client: Name = ""
+    transport: Transport = "auto"
+    shm_host: ShmHost | None = None  # where the trainer's shared memory is; None: it has none (frames only)
+
+
+class Wait(Body):
+    """The trainer's data stall since its last report: ``batches`` its training loop took and the
+    ``seconds`` it spent blocked waiting for them (the daemon's autoscaler adds workers on it)."""
+
+    batches: Annotated[int, Field(ge=1, le=MAX_LISTED)]
+    seconds: Seconds
 
 
 class Credit(Body):
     """Heartbeat of a stream: batches consumed (``acks``: epoch, index, samples), batches that arrived at
-    the trainer (``received``: epoch, index), and ``final`` once the trainer has everything."""
+    the trainer (``received``: epoch, index), and ``final`` once the trainer has everything. ``wait``
+    (optional; left out when there is nothing to report, so older peers see the same message): the
+    training loop's wait for batches since the last report."""
 
     type: ClassVar[str] = "credit"
     stream: Id
     acks: Annotated[list[tuple[Epoch, Index, Count]], Field(max_length=MAX_LISTED)] = Field(default_factory=list)
     received: Annotated[list[tuple[Epoch, Index]], Field(max_length=MAX_LISTED)] = Field(default_factory=list)
     final: bool = False
+    wait: Wait | None = None
 
 
 class Detach(Body):
@@ -140,6 +188,8 @@ class DatasetInfo(Body):
     split: Literal["train", "val", "test"]
     classes: Annotated[list[Name], Field(max_length=1 << 20)]
     channels: Annotated[int, Field(ge=1, le=4)]
+    # (height, width) when every image of the split has it, None when sizes vary (a folder of photos).
+    image_size: tuple[Annotated[int, Field(ge=1, le=1 << 16)], Annotated[int, Field(ge=1, le=1 << 16)]] | None = None
 
 
 class Attached(Body):
@@ -283,6 +333,7 @@ class Task(Body):
     data: Address
     data_key: PublicKey | None = None
     on_error: Literal["skip", "raise"] = "skip"
+    handoff: Handoff | None = None  # None: frames (the trainer or the daemon asked for them)
 
 
 class Drop(Body):
@@ -307,8 +358,15 @@ class TensorDescriptor(Body):
     shape: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 40)]], Field(max_length=8)]
 
 
-class BatchHeader(Body):
-    type: ClassVar[str] = "batch"
+class SlotTensor(TensorDescriptor):
+    """A tensor inside a shared-memory slot: ``offset`` bytes from the start of the slot's data."""
+
+    offset: Annotated[int, Field(ge=0, lt=1 << 40)]
+
+
+class BatchInfo(Body):
+    """What every batch says about itself, whichever way its bytes travel."""
+
     stream: Id
     task: Id
     epoch: Epoch
@@ -316,7 +374,37 @@ class BatchHeader(Body):
     pipeline_version: Version
     skipped: Annotated[list[Text], Field(max_length=1024)] = Field(default_factory=list)
     worker: Id
+
+
+class Fallback(Body):
+    """Why a batch came as frames although the trainer's transport allowed shared memory: ``other_host``
+    (the worker does not share the trainer's shared memory), ``no_space`` (the shared-memory directory is
+    too full), ``busy`` (every slot of the pool is still held by the trainer), ``unavailable`` (anything
+    else: no shared-memory directory, an error creating a slot)."""
+
+    kind: Literal["other_host", "no_space", "busy", "unavailable"]
+    message: Text
+
+
+class BatchHeader(BatchInfo):
+    """A batch as frames: one frame per tensor follows this header."""
+
+    type: ClassVar[str] = "batch"
     tensors: Annotated[list[TensorDescriptor], Field(max_length=MAX_BUFFERS)]
+    fallback: Fallback | None = None
+
+
+class ShmBatch(BatchInfo):
+    """A batch in a shared-memory slot of the sending worker (no frames follow). ``generation`` counts
+    the slot's fills, so the trainer can tell this batch from an earlier one in the same slot;
+    ``retired``: segments of this worker's pool for the stream it has closed since its last
+    ``shm_batch`` (the trainer lets go of their mappings)."""
+
+    type: ClassVar[str] = "shm_batch"
+    segment: SegmentName
+    generation: Annotated[int, Field(ge=1, lt=1 << 63)]
+    tensors: Annotated[list[SlotTensor], Field(max_length=MAX_BUFFERS)]
+    retired: Annotated[list[SegmentName], Field(max_length=64)] = Field(default_factory=list)
 
 
 # --- the registry -----------------------------------------------------------------------------------------
@@ -326,7 +414,7 @@ _BY_DIRECTION: dict[str, tuple[type[Body], ...]] = {
     "daemon_to_client": (Attached, Error, StatusReply, StreamError, Updated),
     "worker_to_daemon": (Ready, Heartbeat, Done, Failed, Bye),
     "daemon_to_worker": (Task, Drop, Stop, Ping, Error),
-    "worker_to_client": (BatchHeader,),
+    "worker_to_client": (BatchHeader, ShmBatch),
 }
 MESSAGES: dict[str, type[Body]] = {model.type: model for models in _BY_DIRECTION.values() for model in models}
 CLIENT_TO_DAEMON = frozenset(m.type for m in _BY_DIRECTION["client_to_daemon"])
@@ -478,6 +566,15 @@ def tensor_buffer(array):
     return memoryview(array).cast("B")
 
 
+def tensor_layout(descriptor: TensorDescriptor) -> tuple[Any, int]:
+    """``(torch dtype, bytes)`` of a described tensor: what a frame or a slot region must hold."""
+    import torch
+
+    torch_dtype = getattr(torch, descriptor.dtype)
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    return torch_dtype, int(np.prod(descriptor.shape, dtype=object)) * itemsize if descriptor.shape else itemsize
+
+
 def frames_to_tensors(descriptors: Sequence[TensorDescriptor], buffers: Sequence[Any]) -> dict:
     """Wrap received frames as torch tensors without copying; checks every size against its header."""
     import warnings
@@ -490,9 +587,7 @@ def frames_to_tensors(descriptors: Sequence[TensorDescriptor], buffers: Sequence
     for descriptor, frame in zip(descriptors, buffers):
         name, dtype, shape = descriptor.name, descriptor.dtype, list(descriptor.shape)
         buffer = frame.buffer if hasattr(frame, "buffer") else frame
-        torch_dtype = getattr(torch, dtype)
-        itemsize = torch.empty((), dtype=torch_dtype).element_size()
-        expected = int(np.prod(shape, dtype=np.int64)) * itemsize if shape else itemsize
+        torch_dtype, expected = tensor_layout(descriptor)
         size = memoryview(buffer).nbytes
         if size != expected:
             raise ProtocolError(f"tensor {name!r}: frame has {size} bytes, header says {expected} ({dtype} {shape})")

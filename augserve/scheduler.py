@@ -13,6 +13,11 @@ delivery can be tested without a process or a socket:
   many workers, or failed on them — ends its stream with a message naming the batch and the last error,
   instead of crash-looping the pool.
 - **Exactly once** is kept by the trainer: it drops duplicates that re-issues may cause.
+- **Draining.** A worker being retired (autoscaling down) gets no new task; it is *drained* once it
+  holds none and every batch it sent has reached its trainer, and only then is it told to stop — so a
+  removal neither loses nor duplicates a batch.
+- **Hand-off.** A stream may come with a :class:`~augserve.protocol.Handoff` (shared memory allowed);
+  every task of it carries one, so each worker decides for itself whether it can use it.
 """
 
 from __future__ import annotations
@@ -92,20 +97,26 @@ class Scheduler:
         self.limits = limits or SchedulerLimits()
         self.streams: dict[str, StreamState] = {}
         self.workers: dict[bytes, WorkerState] = {}
+        self.handoffs: dict[str, P.Handoff] = {}  # stream id -> what its tasks tell workers about shared memory
+        self.draining: set[bytes] = set()  # workers that get no new task (being retired)
         self.reissued_total = 0
         self._rotation = 0
 
     # --- membership ------------------------------------------------------------------------------------
 
-    def add_stream(self, stream: StreamState) -> None:
+    def add_stream(self, stream: StreamState, handoff: P.Handoff | None = None) -> None:
+        """Serve ``stream``; its tasks carry ``handoff`` (``None``: frames only)."""
         if stream.id in self.streams:
             raise ValueError(f"stream {stream.id} exists")
         self.streams[stream.id] = stream
+        if handoff is not None:
+            self.handoffs[stream.id] = handoff
 
     def remove_stream(self, stream_id: str) -> tuple[StreamState | None, list[tuple[bytes, str]]]:
         """Forget a stream. Returns it and the (worker, data address) pairs no other stream still uses,
         so those workers can close their sockets to that trainer."""
         stream = self.streams.pop(stream_id, None)
+        self.handoffs.pop(stream_id, None)
         if stream is None:
             return None, []
         for worker in self.workers.values():
@@ -130,6 +141,7 @@ class Scheduler:
     def remove_worker(self, identity: bytes, reason: str) -> tuple[int, list[StreamFailure]]:
         """A worker died or left: its tasks go back in line (each death counts as an attempt).
         Returns how many were re-queued, and the streams whose task ran out of attempts."""
+        self.draining.discard(identity)
         worker = self.workers.pop(identity, None)
         if worker is None:
             return 0, []
@@ -155,7 +167,7 @@ class Scheduler:
             for stream in streams[self._rotation :] + streams[: self._rotation]:
                 if not self.workers:
                     return
-                if max(w.free for w in self.workers.values()) <= 0:
+                if max((w.free for w in self.workers.values() if w.identity not in self.draining), default=0) <= 0:
                     return
                 if stream.id not in self.streams:  # ended by an earlier failure of this round
                     continue
@@ -173,7 +185,11 @@ class Scheduler:
                 state.worker, state.attempts = worker.identity, state.attempts + 1
                 worker.tasks[state.task] = (stream.id, key)
                 progress = True
-                yield Assignment(worker.identity, stream.id, key, stream.task(*key, state, stream.request.data_key))
+                message = stream.task(*key, state, stream.request.data_key)
+                handoff = self.handoffs.get(stream.id)
+                if handoff is not None:
+                    message = message.model_copy(update={"handoff": handoff})
+                yield Assignment(worker.identity, stream.id, key, message)
             if not progress:
                 return
 
@@ -181,9 +197,29 @@ class Scheduler:
         """The worker with the most free capacity. A retried task goes to a worker that has not held it
         yet; while all such workers are busy it waits (``None``) rather than return to one that failed
         it. Only when every worker has tried it may it go back to one of them."""
-        fresh = [w for w in self.workers.values() if w.identity not in tried]
-        candidates = [w for w in (fresh or self.workers.values()) if w.free > 0]
+        usable = [w for w in self.workers.values() if w.identity not in self.draining]
+        fresh = [w for w in usable if w.identity not in tried]
+        candidates = [w for w in (fresh or usable) if w.free > 0]
         return max(candidates, key=lambda w: w.free) if candidates else None
+
+    def drain(self, identity: bytes) -> bool:
+        """Give this worker no new task from now on. False if it is not connected."""
+        if identity not in self.workers:
+            return False
+        self.draining.add(identity)
+        return True
+
+    def drained(self, identity: bytes) -> bool:
+        """True once the worker holds no task and each batch it sent is at its trainer (or re-queued):
+        stopping it then cannot lose a batch. A worker that is gone is drained."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return True
+        if worker.tasks:
+            return False
+        return not any(
+            state.worker == identity and state.done_at is not None and not state.received for stream in self.streams.values() for state in stream.inflight.values()
+        )
 
     def unreachable(self, identity: bytes) -> list[StreamFailure]:
         """A send to this worker failed: it is gone."""
@@ -300,6 +336,16 @@ class Scheduler:
 
     def streams_of(self, owner: str) -> int:
         return sum(1 for s in self.streams.values() if s.owner == owner)
+
+    def queues_full(self) -> tuple[int, bool]:
+        """(active streams, whether each one's results queue is full): all its credits used but one at
+        most, by batches already made and waiting for the trainer — the workers have nothing to do for
+        it. Active: it still has batches to issue."""
+        active = [s for s in self.streams.values() if not s.issued_everything()]
+        full = all(
+            sum(1 for t in s.inflight.values() if t.done_at is not None or t.received) >= max(1, s.request.prefetch - 1) for s in active
+        )
+        return len(active), bool(active) and full
 
     def in_flight(self) -> int:
         return sum(len(s.inflight) for s in self.streams.values())

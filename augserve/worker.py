@@ -5,6 +5,9 @@ A worker is a process of its own — started by the daemon, or by hand on anothe
 ``augserve worker --connect tcp://HOST:PORT``. It speaks to the daemon over one DEALER socket
 (``ready``, ``heartbeat``, ``done``, ``failed``) and to each trainer over a PUSH socket. OpenCV and torch
 run single-threaded here unless told otherwise: parallelism comes from processes.
+
+A trainer on this worker's host gets its batches through shared memory when its task allows it: the
+batch is written into a slot and the PUSH socket carries only a descriptor (:mod:`augserve.handoff`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from . import protocol as P
 from . import security
 from .lru import LRUCache
 from .batch import augment_batch
+from .handoff.host import default_dir
+from .handoff.sender import Sender
 from .sources import CorruptImageError, SkipStats, open_dataset
 
 log = logging.getLogger("augserve.worker")
@@ -50,6 +55,8 @@ class WorkerOptions:
     exit_with_parent: bool = False  # local workers stop when their daemon process is gone
     keys_dir: str | None = None
     insecure: bool = False  # no CurveZMQ: only for a daemon started with --insecure
+    shm_dir: str | None = None  # where slots for trainers on this host live (None: $AUGSERVE_SHM_DIR or /dev/shm)
+    shm_reserve_mb: int = 64  # megabytes (10^6 bytes) of the shm directory a worker never takes
 
 
 def _limit_threads(threads: int) -> None:
@@ -66,6 +73,11 @@ class Worker:
     """The worker's loop. ``run()`` returns when the daemon says ``stop`` (or is gone, for local workers)."""
 
     def __init__(self, options: WorkerOptions) -> None:
+        from pipelines.backends import require_backend
+
+        # A worker started without the CLI (a Ray actor, a test) fails here, in one line, rather than
+        # answering every task with the same import error.
+        require_backend(options.backend)
         self.options = options
         self.id = options.name or f"{host_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.keyring = None if options.insecure else security.Keyring.load(options.keys_dir, create=False)
@@ -75,6 +87,10 @@ class Worker:
         self.outputs: LRUCache = LRUCache(OUTPUT_CACHE_SIZE, on_evict=lambda _key, sock: sock.close(linger=0))
         self.sources: LRUCache = LRUCache(SOURCE_CACHE_SIZE)
         self.pipelines: LRUCache = LRUCache(PIPELINE_CACHE_SIZE)  # spec JSON -> built pipeline
+        if options.shm_reserve_mb < 0:
+            raise ValueError(f"--shm-reserve-mb must be >= 0, got {options.shm_reserve_mb}")
+        # Slot pools for trainers on this host; the task thread alone uses them.
+        self.handoff = Sender(options.shm_dir or default_dir(), options.shm_reserve_mb * 10**6)
         self.parent = os.getppid()
         self.last_sent = 0.0
         self.last_heard = time.monotonic()
@@ -83,6 +99,9 @@ class Worker:
 
     def run(self) -> int:
         _limit_threads(self.options.threads)
+        reaped = self.handoff.reap()
+        if reaped:
+            log.info("worker %s: removed %d shared-memory slot(s) left by exited workers", self.id, len(reaped))
         self._open_control()
         try:
             return self._loop()
@@ -191,6 +210,7 @@ class Worker:
             self.reports.put(self._run_task(body))
             os.write(self._wake_write, b"r")
         self.outputs.clear()  # closes every socket (on_evict)
+        self.handoff.close()
 
     def _send_control(self, body: P.Body) -> None:
         self.control.send_multipart(P.encode(body), flags=zmq.NOBLOCK)
@@ -236,13 +256,17 @@ class Worker:
             augmented = time.perf_counter()
             labels_array = np.asarray(labels, dtype=np.int64)
             ids_array = np.asarray(kept_ids, dtype=np.int64)
-            header = P.BatchHeader(
+            info = dict(
                 stream=task.stream, task=task.task, epoch=task.epoch, index=task.index, pipeline_version=task.pipeline.version,
                 skipped=[p[:4000] for p in stats.paths[:MAX_REPORTED_PATHS]], worker=self.id,
-                tensors=[P.describe("images", out), P.describe("labels", labels_array), P.describe("sample_ids", ids_array)],
             )  # fmt: skip
-            buffers = [P.tensor_buffer(out), P.tensor_buffer(labels_array), P.tensor_buffer(ids_array)]
-            self._send_batch(task, P.encode(header, buffers))
+            tensors = [("images", out), ("labels", labels_array), ("sample_ids", ids_array)]
+            outgoing = self.handoff.pack(task, info, tensors)
+            try:
+                self._send_batch(task, outgoing.frames)
+            except BaseException:
+                self.handoff.cancel(outgoing)
+                raise
             sent = time.perf_counter()
         except CorruptImageError as exc:
             return failed(str(exc), "corrupt")
@@ -254,7 +278,7 @@ class Worker:
         return P.Done(
             worker=self.id, task=task.task, stream=task.stream, epoch=task.epoch, index=task.index, samples=len(kept_ids),
             skipped=stats.skipped, skipped_paths=[p[:4000] for p in stats.paths[:MAX_REPORTED_PATHS]],
-            bytes=int(sum(memoryview(b).nbytes for b in buffers)),
+            bytes=int(sum(array.nbytes for _, array in tensors)),
             times=P.StageTimes(load=loaded - started, augment=augmented - loaded, send=sent - augmented),
         )  # fmt: skip
 
@@ -280,6 +304,7 @@ class Worker:
             sock = self.outputs.pop(key)
             if sock is not None:
                 sock.close(linger=0)
+        self.handoff.drop(address)
 
 
 class TrainerUnreachable(ConnectionError):

@@ -1,6 +1,8 @@
 """Shared test set-up: no network for albumentations, single-threaded OpenCV like a worker process."""
 
 import os
+import shutil
+import subprocess
 import tempfile
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -21,3 +23,17 @@ def rgb_batch():
     rng = np.random.default_rng(1234)
     base = rng.integers(0, 256, size=(8, 8, 10, 3), dtype=np.uint8)
     return np.stack([cv2.resize(b, (80, 64), interpolation=cv2.INTER_CUBIC) for b in base])
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MB tmpfs mounted for this test (root only); unmounted afterwards."""
+    target = tmp_path / "tiny"
+    target.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True, timeout=10)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    yield str(target)
+    subprocess.run(["umount", str(target)], capture_output=True, timeout=10)

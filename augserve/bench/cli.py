@@ -1,5 +1,5 @@
 """The ``augserve bench`` subcommands of the service: ``pipelines``, ``e2e``, ``gpu``, ``soak``,
-``transport`` and ``decoders`` (``trainer`` is registered by :mod:`trainer.bench.cli`, above the service).
+``transport``, ``decoders`` and ``control-plane`` (``trainer`` is registered by :mod:`trainer.bench.cli`, above the service).
 
 ``augserve/cli.py`` calls :func:`add_bench_commands` with its ``bench`` sub-parsers. Every handler takes
 the parsed ``args``, raises ValueError (one line) for a user's mistake, and prints either a readable
@@ -136,6 +136,18 @@ def cmd_bench_decoders(args) -> int:
     return 0
 
 
+def cmd_bench_control_plane(args) -> int:
+    from .control_plane import ControlPlaneConfig, format_table, json_rows, run_control_plane_bench
+
+    config = ControlPlaneConfig(
+        workers=tuple(args.worker_counts), streams=tuple(args.stream_counts), clients=tuple(args.client), seconds=args.seconds, batch_size=args.batch_size,
+        prefetch=args.prefetch, capacity=args.capacity, malformed_every=args.malformed_every, idle_workers=args.idle_workers, timeout_s=args.timeout,
+    )  # fmt: skip
+    result = run_control_plane_bench(config, progress=progress_for(args))
+    print_rows_and_summary(args, json_rows(result), result, format_table(result))
+    return 0 if result["exactly_once"] else 1
+
+
 # --- registration ------------------------------------------------------------------------------------
 
 
@@ -146,8 +158,8 @@ def add_output_flags(sub) -> None:
 
 
 def add_bench_commands(bench_kinds, backends: list[str]) -> None:
-    """Register ``pipelines``, ``e2e``, ``gpu``, ``soak``, ``transport`` and ``decoders`` under ``augserve
-    bench`` (``bench_kinds``: the ``bench`` parser's sub-parsers; ``backends``: the augmentation backend
+    """Register ``pipelines``, ``e2e``, ``gpu``, ``soak``, ``transport``, ``decoders`` and ``control-plane``
+    under ``augserve bench`` (``bench_kinds``: the ``bench`` parser's sub-parsers; ``backends``: the augmentation backend
     names)."""
 
     pipelines_ = bench_kinds.add_parser("pipelines", help="images/s per core: our backends vs an ordinary albumentations Compose")
@@ -206,7 +218,7 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     soak.add_argument("--json", action="store_true", help="one JSON object per line: streams and jobs, then the summary")
     soak.set_defaults(func=cmd_bench_soak)
 
-    transport = bench_kinds.add_parser("transport", help="GB/s of one batch from a worker-like sender to a trainer-like receiver: tcp, tcp+curve, ipc vs memcpy")
+    transport = bench_kinds.add_parser("transport", help="GB/s of one batch from a worker-like sender to a trainer-like receiver: tcp, tcp+curve, ipc, shm vs memcpy")
     transport.add_argument("--batch-images", type=int, nargs="+", default=[64, 256], metavar="N", help="images per batch, one or more batch sizes")
     transport.add_argument("--size", type=int, default=224, help="image side in pixels (N×size×size×3 uint8)")
     transport.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
@@ -220,3 +232,24 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     decoders.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     decoders.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
     decoders.set_defaults(func=cmd_bench_decoders)
+
+    control = bench_kinds.add_parser(
+        "control-plane", help="tasks/s one daemon schedules and sees acknowledged: fake workers and trainers, no pixels",
+        description="The real daemon (--workers 0) with a process of fake workers that answer each task at once with a 1×1×1-pixel batch, "
+        "and trainers in this process that acknowledge each batch on arrival; every (workers, streams) pair is measured over a window of "
+        "about --seconds, with the CPU %% of the daemon, its event loop, the workers and the trainers. Exit status 1 when a task was not "
+        "handled and acknowledged exactly once.",
+    )  # fmt: skip
+    # dest: augserve/cli.py checks any scalar `workers` argument for >= 1; these are lists.
+    control.add_argument("--workers", dest="worker_counts", type=int, nargs="+", default=[1, 4, 16], metavar="W", help="fake worker counts to measure")
+    control.add_argument("--streams", dest="stream_counts", type=int, nargs="+", default=[1, 4, 16], metavar="S", help="trainer stream counts to measure")
+    control.add_argument("--client", nargs="+", default=["fake"], choices=["fake", "real"], help="fake: one poll loop of raw trainer sockets; real: augserve.connect streams, a thread each")
+    control.add_argument("--seconds", type=float, default=3.0, help="target length of each measured window")
+    control.add_argument("--batch-size", type=int, default=64, help="sample ids per task (the images are 1×1×1 whatever it is)")
+    control.add_argument("--prefetch", type=int, default=8, help="credits per stream")
+    control.add_argument("--capacity", type=int, default=2, help="tasks a fake worker holds at once")
+    control.add_argument("--malformed-every", type=int, default=0, metavar="N", help="one fake worker also sends a malformed message after every N of its tasks (0: never)")
+    control.add_argument("--idle-workers", type=int, default=0, metavar="N", help="also measure the daemon's CPU with N workers registered and no stream (0: skip)")
+    control.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="longest any one configuration may take")
+    control.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
+    control.set_defaults(func=cmd_bench_control_plane)

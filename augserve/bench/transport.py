@@ -12,6 +12,12 @@ PULL socket in this process (a trainer's side: :func:`protocol.decode`, then
   CURVE client with the worker key (keys in a temporary directory; the user's keys are never touched);
 * ``ipc``        a Unix socket in :func:`security.private_ipc_dir`, what augserve uses for batches when
   the daemon listens on ipc:// (no encryption: the socket file is private to the user);
+* ``shm``        the shared-memory hand-off of a worker on the trainer's host (:mod:`augserve.handoff`):
+  the sender writes the batch into a slot of its pool (the one copy) and sends a ``shm_batch``
+  descriptor over loopback TCP with CurveZMQ, as ``tcp+curve``; the receiver maps the slot (once),
+  checks the descriptor and wraps the tensors as views of the slot, which it releases by dropping them.
+  The pool holds :data:`SHM_SLOTS` slots; a sender that finds them all held waits, as credits would
+  make a worker wait. Slots live in ``$AUGSERVE_SHM_DIR`` or ``/dev/shm``;
 * ``memcpy``     the baseline: the same number of bytes copied into a preallocated numpy buffer.
 
 All of them run in interleaved rounds (:func:`timing.interleaved`) and medians are reported; on a shared
@@ -31,15 +37,21 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import zmq
 
 from .. import protocol as P
 from .. import security
+from ..handoff.host import default_dir, host_identity
+from ..handoff.sender import write_batch
+from ..handoff.shm import Segment
+from ..handoff.slots import NoSlot, SlotPool
 from .timing import interleaved
 
-TRANSPORTS = ("tcp", "tcp+curve", "ipc")
+TRANSPORTS = ("tcp", "tcp+curve", "ipc", "shm")
+SHM_SLOTS = 8  # as a worker's pool at a trainer's prefetch of 6 (credits + 2)
 BASELINE = "memcpy"
 MAX_BATCH_BYTES = 10**9  # every batch lives several times over: in each sender, in the receive queue, in memcpy's two buffers
 SNDHWM = 64  # as a worker's data socket
@@ -49,6 +61,8 @@ START_TIMEOUT_S = 60.0  # a sender imports numpy, pyzmq and pydantic; a loaded 2
 STOP_TIMEOUT_S = 5.0
 MAX_TIMEOUT_S = 3600.0
 SLICE_S = 0.2  # how often a waiting receiver checks that its sender is still alive
+SLOT_WAIT_S = 0.0002  # how long a shm sender sleeps between looks for a released slot
+CURVE = ("tcp+curve", "shm")  # transports whose socket is CURVE-secured
 
 
 @dataclass(frozen=True)
@@ -93,17 +107,37 @@ def _batch(images: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # --- the sender (a worker's side), in its own process ---------------------------------------------
 
 
-def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batch_images: tuple[int, ...], size: int, timeout_s: float) -> None:
+def _waiting_for_a_slot(pool: SlotPool, timeout_s: float):
+    """``slot_for`` of :func:`write_batch` that waits (bounded) while the receiver holds every slot."""
+
+    def acquire(nbytes: int):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return pool.acquire(nbytes)
+            except NoSlot as exc:
+                if exc.kind != "busy":
+                    raise ValueError(str(exc)) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the receiver released no slot within {timeout_s:g} s") from None
+                time.sleep(SLOT_WAIT_S)
+
+    return acquire
+
+
+def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batch_images: tuple[int, ...], size: int, timeout_s: float,
+                 shm_dir: str | None = None) -> None:  # fmt: skip
     """Connect a PUSH socket to ``endpoint``, then obey ``conn``: ``("send", N, count, first_index)``
     sends ``count`` batches of ``N`` images and answers ``("sent", count)``; ``("stop",)`` ends. A
     failure is reported as ``("error", text)``; a vanished parent ends the process."""
     parent = os.getppid()
     context = zmq.Context()
     sock = context.socket(zmq.PUSH)
+    pool = SlotPool(partial(Segment.create, shm_dir), SHM_SLOTS) if transport == "shm" else None
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
-        if transport == "tcp+curve":
+        if transport in CURVE:
             keyring = security.Keyring.load(keys_dir, create=False)
             security.secure_client(sock, keyring.worker, keyring.client.public)
         sock.connect(endpoint)
@@ -119,11 +153,14 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
             _, count, batches_to_send, first_index = command
             images, labels, ids = batches[count]
             for index in range(first_index, first_index + batches_to_send):
-                header = P.BatchHeader(
-                    stream="bench", task=f"bench-{index}", epoch=0, index=index, pipeline_version=1, worker="bench-sender",
-                    tensors=[P.describe("images", images), P.describe("labels", labels), P.describe("sample_ids", ids)],
-                )  # fmt: skip
-                frames = P.encode(header, [P.tensor_buffer(images), P.tensor_buffer(labels), P.tensor_buffer(ids)])
+                info = dict(stream="bench", task=f"bench-{index}", epoch=0, index=index, pipeline_version=1, worker="bench-sender")
+                tensors = [("images", images), ("labels", labels), ("sample_ids", ids)]
+                if pool is not None:
+                    slot, generation, descriptors = write_batch(pool, tensors, _waiting_for_a_slot(pool, timeout_s))
+                    frames = P.encode(P.ShmBatch(**info, segment=slot.memory.name, generation=generation, tensors=descriptors, retired=pool.take_retired()))
+                else:
+                    header = P.BatchHeader(**info, tensors=[P.describe(name, array) for name, array in tensors])
+                    frames = P.encode(header, [P.tensor_buffer(array) for _, array in tensors])
                 if not sock.poll(timeout=int(timeout_s * 1000), flags=zmq.POLLOUT):
                     raise TimeoutError(f"the receiver did not take a batch within {timeout_s:g} s")
                 sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
@@ -137,6 +174,8 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
     finally:
         sock.close(linger=0)
         context.term()
+        if pool is not None:
+            pool.close()  # unlinks the names the receiver has not mapped
 
 
 # --- the receiver (a trainer's side) --------------------------------------------------------------
@@ -151,8 +190,16 @@ class Channel:
     def __init__(self, transport: str, config: TransportBenchConfig, keys_dir: str | os.PathLike | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; transports are {', '.join(TRANSPORTS)}")
-        if transport == "tcp+curve" and keys_dir is None:
-            raise ValueError("tcp+curve needs a keys directory")
+        if transport in CURVE and keys_dir is None:
+            raise ValueError(f"{transport} needs a keys directory")
+        self.shm_dir = self.reader = None
+        if transport == "shm":
+            self.shm_dir = default_dir()
+            if host_identity(self.shm_dir)[0] is None:
+                raise ValueError(f"shm cannot be measured here: {host_identity(self.shm_dir)[1]}")
+            from ..handoff.receiver import SlotReader  # torch: the receiver's business, not the senders' it spawns
+
+            self.reader = SlotReader(self.shm_dir)
         self.transport = transport
         self.config = config
         self.process = None
@@ -167,7 +214,7 @@ class Channel:
             self.sock.setsockopt(zmq.LINGER, 0)
             self.sock.setsockopt(zmq.RCVHWM, RCVHWM)
             self.sock.setsockopt(zmq.MAXMSGSIZE, max(payload_bytes(n, config.size) for n in config.batch_images) + (1 << 20))
-            if transport == "tcp+curve":
+            if transport in CURVE:
                 keyring = security.Keyring.load(keys_dir, create=False)
                 self.gatekeeper = security.Gatekeeper(self.context, {"worker": [keyring.worker.public]}).start()
                 security.secure_server(self.sock, keyring.client)
@@ -181,7 +228,7 @@ class Channel:
             # spawn, not fork: this process may hold zmq contexts and torch threads a fork would copy
             spawn = multiprocessing.get_context("spawn")
             self.conn, child = spawn.Pipe()
-            args = (child, transport, endpoint, None if keys_dir is None else str(keys_dir), tuple(config.batch_images), config.size, config.timeout_s)
+            args = (child, transport, endpoint, None if keys_dir is None else str(keys_dir), tuple(config.batch_images), config.size, config.timeout_s, self.shm_dir)
             self.process = spawn.Process(target=_sender_main, args=args, name=f"augserve-bench-{transport}", daemon=True)
             self.process.start()
             child.close()
@@ -226,7 +273,10 @@ class Channel:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no batch over {self.transport} within {self.config.timeout_s:g} s (the sender, pid {self.pid}, is alive but sent nothing)")
         message = P.decode(frames, P.WORKER_TO_CLIENT)
-        tensors = P.frames_to_tensors(message.body.tensors, message.buffers)
+        if message.type == "shm_batch":
+            tensors = self.reader.wrap(message.body)  # released when `tensors` goes, at the end of this call
+        else:
+            tensors = P.frames_to_tensors(message.body.tensors, message.buffers)
         if message.body.index != index or tuple(tensors["images"].shape) != shape:
             raise ValueError(f"{self.transport}: expected batch {index} of shape {shape}, got batch {message.body.index} of {tuple(tensors['images'].shape)}")
 
@@ -284,6 +334,8 @@ class Channel:
         if self.ipc_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.ipc_path)
+        if self.reader is not None:
+            self.reader.close()
 
 
 # --- the benchmark --------------------------------------------------------------------------------
@@ -388,6 +440,8 @@ def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
             "gb_per_s": {name: _sig(rate[name]) for name in (BASELINE, *TRANSPORTS)},
             "curve_vs_tcp": _sig(rate["tcp+curve"] / rate["tcp"]),
             "ipc_vs_tcp": _sig(rate["ipc"] / rate["tcp"]),
+            "shm_vs_tcp": _sig(rate["shm"] / rate["tcp"]),
+            "shm_vs_memcpy": _sig(rate["shm"] / rate[BASELINE]),
         })  # fmt: skip
     return {
         "benchmark": "transport",
@@ -399,6 +453,8 @@ def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
         "by_batch": by_batch,
         "curve_vs_tcp": _sig(statistics.median(b["curve_vs_tcp"] for b in by_batch)),
         "ipc_vs_tcp": _sig(statistics.median(b["ipc_vs_tcp"] for b in by_batch)),
+        "shm_vs_tcp": _sig(statistics.median(b["shm_vs_tcp"] for b in by_batch)),
+        "shm_vs_memcpy": _sig(statistics.median(b["shm_vs_memcpy"] for b in by_batch)),
         "conditions": started,
     }
 
@@ -432,12 +488,14 @@ def format_table(result: dict) -> str:
         )
     per_batch = ", ".join(f"{_fmt(b['curve_vs_tcp'])}× at {_fmt(b['batch_mb'])} MB" for b in result["by_batch"])
     ipc = ", ".join(f"{_fmt(b['ipc_vs_tcp'])}× at {_fmt(b['batch_mb'])} MB" for b in result["by_batch"])
+    shared = ", ".join(f"{_fmt(b['shm_vs_tcp'])}× tcp and {_fmt(b['shm_vs_memcpy'])}× memcpy at {_fmt(b['batch_mb'])} MB" for b in result["by_batch"])
     c = result["conditions"]
     load = "" if c["load_average"] is None else f", load average {c['load_average'][0]:.2f} at the start"
     lines += [
         "",
         f"tcp+curve / tcp: {per_batch} (median {_fmt(result['curve_vs_tcp'])}×)",
         f"ipc / tcp: {ipc} (median {_fmt(result['ipc_vs_tcp'])}×)",
+        f"shm: {shared} (median {_fmt(result['shm_vs_tcp'])}× tcp, {_fmt(result['shm_vs_memcpy'])}× memcpy)",
         f"conditions: {c['cores']} cores ({c['cpu']}){load}; Python {c['python']}, pyzmq {c['pyzmq']}, libzmq {c['libzmq']}; CURVE by {c['curve']}",
     ]
     return "\n".join(lines)

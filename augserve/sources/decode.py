@@ -12,7 +12,7 @@ Reading is split in two so that a worker can plan an augmentation before it deco
 - ``decode_encoded(image, channels, box, max_factor)`` decodes it: all of it, or at least ``box``
   at a reduced scale (JPEG DCT scaling, 1/2, 1/4 or 1/8) and, for a JPEG decoded at full scale,
   only the rows and columns of the box (nvImageCodec's CPU decoder, libjpeg-turbo's crop and
-  skip-scanlines; installed with DALI). ``augserve.bench.decoders`` measured the candidates; see
+  skip-scanlines; OpenCV where nvImageCodec is not installed). ``augserve.bench.decoders`` measured the candidates; see
   ``_decode_jpeg_region`` for the rule this follows. Every path gives the same bytes on every call.
 
 ``read_image(path, channels, max_pixels)`` is the two in a row with no box: exactly OpenCV's decode

@@ -1,17 +1,22 @@
 """nvImageCodec's CPU-only JPEG decoder, for decoding just a region of a JPEG at full scale.
 
-libjpeg-turbo's crop and skip-scanlines behind nvImageCodec's Python API (installed with DALI): it
+libjpeg-turbo's crop and skip-scanlines behind nvImageCodec's Python API (the ``nvidia-nvimgcodec-cu13``
+wheel, a base dependency on Linux, ~115 MB with its libraries against DALI's ~600 MB; no GPU needed): it
 entropy-decodes the rows down to the region's last, transforms only the region's columns, and stops.
 One decoder per thread, made anew in a forked child (its threads live in the parent), and none where
-nvImageCodec is not installed: the caller then decodes with OpenCV.
+nvImageCodec is not installed (no wheel for the platform, or removed): the caller then decodes with
+OpenCV, the same pixels more slowly.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import numpy as np
+
+log = logging.getLogger("augserve.sources")
 
 _ROI = threading.local()  # per thread, and made anew in a forked child: nvImageCodec's CPU decoder
 _INHERITED: list = []
@@ -60,9 +65,12 @@ def region_decoder() -> RegionDecoder | None:
             _INHERITED.append(state)
         try:
             from nvidia import nvimgcodec
+
+            state = (os.getpid(), RegionDecoder(nvimgcodec))
         except ImportError:
             state = (os.getpid(), None)
-        else:
-            state = (os.getpid(), RegionDecoder(nvimgcodec))
+        except Exception as exc:  # noqa: BLE001 - installed but unusable (a library missing): OpenCV decodes
+            log.warning("nvImageCodec's CPU decoder is unusable (%s: %s); JPEG regions are decoded with OpenCV", type(exc).__name__, exc)
+            state = (os.getpid(), None)
         _ROI.state = state
     return state[1]

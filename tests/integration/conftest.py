@@ -20,6 +20,11 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from augserve.handoff import shm as _shm
+
+# True while a pid names a process that has not exited (zombies count as gone); the tests import it from here.
+pid_alive = _shm.pid_alive
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from augserve.status import fetch_status  # noqa: E402
@@ -60,24 +65,21 @@ def augserve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "augserve", *args]
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_python(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """``python ARGS`` from the repository root (so examples/ and tools/ run as written), one thread per
+    torch op; a non-zero exit fails the test with the end of its output."""
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{' '.join(args[:6])} ... exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
 def run_augserve(*args: str, env: dict | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run one short ``augserve`` command to completion (bounded by ``timeout``)."""
     return subprocess.run(augserve_command(*args), capture_output=True, text=True, env=env or subprocess_env(), timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` names a process that has not exited (zombies count as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def raw_dealer(context, address: str):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
+import tempfile
 import time
 
 import pytest
@@ -29,7 +31,16 @@ def _ipc_leftovers() -> set[str]:
     return {name for name in os.listdir(security.private_ipc_dir()) if name.startswith(f"bench-transport-{os.getpid()}-")}
 
 
-def test_json_rows_cover_every_transport_and_batch_size(capsys, monkeypatch, tmp_path):
+@pytest.fixture(autouse=True)
+def private_shm_dir(monkeypatch):
+    """The shm row's slots go to a directory of this test's own, so leftovers can be counted."""
+    directory = tempfile.mkdtemp(prefix="augserve-bench-test-", dir="/dev/shm")
+    monkeypatch.setenv("AUGSERVE_SHM_DIR", directory)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_json_rows_cover_every_transport_and_batch_size(capsys, monkeypatch, tmp_path, private_shm_dir):
     user_keys = tmp_path / "user-keys"
     monkeypatch.setenv("AUGSERVE_KEYS_DIR", str(user_keys))
     assert main(["bench", "transport", "--batch-images", "2", "3", *SMALL, "--json"]) == 0
@@ -38,7 +49,7 @@ def test_json_rows_cover_every_transport_and_batch_size(capsys, monkeypatch, tmp
     rows, summary = lines[:-1], lines[-1]
 
     assert {(r["transport"], r["batch_images"]) for r in rows} == {(t, n) for t in (BASELINE, *TRANSPORTS) for n in (2, 3)}
-    assert len(rows) == 8 and all(r["benchmark"] == "transport" for r in rows)
+    assert len(rows) == 10 and all(r["benchmark"] == "transport" for r in rows)
     for row in rows:
         assert row["batch_bytes"] == payload_bytes(row["batch_images"], 32) == row["batch_images"] * 32 * 32 * 3 + 16 * row["batch_images"]
         assert math.isfinite(row["gb_per_s"]) and row["gb_per_s"] > 0, row
@@ -54,22 +65,27 @@ def test_json_rows_cover_every_transport_and_batch_size(capsys, monkeypatch, tmp
         rates = entry["gb_per_s"]
         assert set(rates) == {BASELINE, *TRANSPORTS}
         assert entry["curve_vs_tcp"] == pytest.approx(rates["tcp+curve"] / rates["tcp"], rel=2e-3)
+        assert entry["shm_vs_tcp"] == pytest.approx(rates["shm"] / rates["tcp"], rel=2e-3)
+        assert entry["shm_vs_memcpy"] == pytest.approx(rates["shm"] / rates[BASELINE], rel=2e-3)
     assert summary["curve_vs_tcp"] == pytest.approx(statistics.median(b["curve_vs_tcp"] for b in summary["by_batch"]), rel=1e-3)
+    assert summary["shm_vs_tcp"] == pytest.approx(statistics.median(b["shm_vs_tcp"] for b in summary["by_batch"]), rel=1e-3)
     conditions = summary["conditions"]
     assert conditions["libzmq"] == zmq.zmq_version() and conditions["pyzmq"] == zmq.pyzmq_version()
     assert conditions["cores"] == os.cpu_count() and conditions["curve"]
 
     assert not user_keys.exists(), "the bench must use a throwaway keyring, never the user's"
     assert not _ipc_leftovers(), "the ipc socket file must be removed"
+    assert os.listdir(private_shm_dir) == [], "the shm sender's slots must be removed"
 
 
 def test_table_names_every_transport(capsys):
     assert main(["bench", "transport", "--batch-images", "2", "--size", "16", "--batches", "1", "--rounds", "1"]) == 0
     captured = capsys.readouterr()
     table = [line for line in captured.out.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0] for line in table[1:]] == ["| memcpy (baseline)", "| tcp", "| tcp+curve", "| ipc"]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| memcpy (baseline)", "| tcp", "| tcp+curve", "| ipc", "| shm"]
     assert "tcp+curve / tcp:" in captured.out and f"libzmq {zmq.zmq_version()}" in captured.out
-    assert "starting 3 sender processes" in captured.err  # progress goes to stderr, never into the table
+    assert "shm: " in captured.out and "× memcpy at" in captured.out
+    assert "starting 4 sender processes" in captured.err  # progress goes to stderr, never into the table
 
 
 @pytest.mark.parametrize(
@@ -147,3 +163,23 @@ def test_the_curve_channel_admits_only_the_worker_key(tmp_path):
         stranger.close(linger=0)
         context.term()
         channel.close()
+
+
+def test_the_shm_channel_hands_over_slots_and_leaves_none_behind(private_shm_dir):
+    channel = None
+    keys = tempfile.mkdtemp(prefix="augserve-bench-keys-")
+    try:
+        security.Keyring.load(keys)
+        channel = Channel("shm", _config(), keys)
+        channel.wait_ready()
+        channel.move(2, 20)  # more batches than slots: each one is released as it is received
+        names = os.listdir(private_shm_dir)
+        assert names == [], f"the receiver unlinks each slot it maps: {names}"
+        os.kill(channel.pid, signal.SIGKILL)
+        with pytest.raises(ConnectionError, match=r"the shm sender \(pid \d+\) died \(signal 9\)"):
+            channel.move(2, 1)
+    finally:
+        if channel is not None:
+            channel.close()
+        shutil.rmtree(keys, ignore_errors=True)
+    assert os.listdir(private_shm_dir) == []

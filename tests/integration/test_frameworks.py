@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from augserve import Loader  # noqa: E402
-from conftest import free_port, subprocess_env  # noqa: E402
+from conftest import free_port, run_python  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -133,16 +131,9 @@ def test_lightning_resumes_mid_epoch_with_exactly_the_remaining_samples(daemon, 
     assert all(whole[key] == digest for key, digest in rest.items())  # ...with the uninterrupted run's augmentation
 
 
-def run_script(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
-    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 def test_accelerate_with_two_gloo_processes_trains_each_sample_once(daemon, tmp_path):
     record = tmp_path / "ids.json"
-    run_script("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                str(EXAMPLES / "accelerate_lenet5.py"), "--address", daemon.address, "--epochs", "1", "--record", str(record))  # fmt: skip
     ranks = [json.loads(Path(f"{record}.rank{r}").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]  # from the process group Accelerate set up
@@ -154,13 +145,13 @@ def test_accelerate_with_two_gloo_processes_trains_each_sample_once(daemon, tmp_
 
 @pytest.mark.parametrize("script", ["plain_loop.py", "lightning_lenet5.py"])
 def test_examples_run_as_written(daemon, tmp_path, script):
-    proc = run_script(str(EXAMPLES / script), "--address", daemon.address, "--epochs", "1", *(["--out", str(tmp_path)] if "lightning" in script else []))
+    proc = run_python(str(EXAMPLES / script), "--address", daemon.address, "--epochs", "1", *(["--out", str(tmp_path)] if "lightning" in script else []))
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["epochs"] == 1
 
 
 def test_plain_loop_example_starts_its_own_daemon(tmp_path):
-    proc = run_script(str(EXAMPLES / "plain_loop.py"), "--epochs", "1", "--checkpoint", str(tmp_path / "run.pt"))
+    proc = run_python(str(EXAMPLES / "plain_loop.py"), "--epochs", "1", "--checkpoint", str(tmp_path / "run.pt"))
     assert json.loads(proc.stdout.strip().splitlines()[-1])["epochs"] == 1
     state = torch.load(tmp_path / "run.pt", weights_only=True)
     assert state["loader"]["positions"]["0"]["epoch"] == 1

@@ -122,3 +122,65 @@ def test_a_running_daemon_exposes_its_metrics(start_daemon):
     assert "augserve_workers_connected 2.0" in text
     assert 'augserve_stage_seconds_count{stage="augment"}' in text
     assert "augserve_worker_images_total" in text
+
+
+# --- where the endpoint listens: metrics_host ---------------------------------------------------------
+# Loopback only: Linux routes all of 127.0.0.0/8 to the loopback interface, so 127.0.0.2 stands in for
+# "another address of this machine": an endpoint on 127.0.0.1 is not there, one on 0.0.0.0 is.
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as reply:
+            return reply.status == 200 and b"augserve_" in reply.read()
+    except OSError:
+        return False
+
+
+def test_default_host_is_loopback_127_0_0_1_only(metrics):
+    port = metrics.start_http(0)
+    assert metrics._server.socket.getsockname()[0] == "127.0.0.1"
+    assert _reachable("127.0.0.1", port)
+    assert not _reachable("127.0.0.2", port)
+
+
+def test_host_0_0_0_0_listens_on_every_address(metrics):
+    metrics.worker_restarted()
+    port = metrics.start_http(0, host="0.0.0.0")
+    assert metrics._server.socket.getsockname()[:2] == ("0.0.0.0", port)
+    assert metrics.url == f"http://0.0.0.0:{port}/metrics"
+    assert _reachable("127.0.0.1", port) and _reachable("127.0.0.2", port)
+    assert scrape(port)[("augserve_worker_restarts_total", ())] == 1
+
+
+def test_a_host_that_does_not_resolve_is_a_value_error():
+    with pytest.raises(ValueError, match=r"^cannot serve metrics on no-such-host\.invalid:0: "):
+        DaemonMetrics().start_http(0, host="no-such-host.invalid")  # .invalid never resolves (RFC 2606)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--metrics-port", "0", "--metrics-host", "0.0.0.0:9100"], "metrics_host = '0.0.0.0:9100': metrics_host must be an IP address (127.0.0.1, 0.0.0.0, ::) or a host name, got '0.0.0.0:9100'"),
+        (["--metrics-port", "0", "--metrics-host", "http://x"], "metrics_host must be an IP address"),
+        (["--metrics-host", "0.0.0.0"], "metrics_host is set but metrics_port is not, so no metrics are served: set metrics_port (--metrics-port) too"),
+    ],
+    ids=["host-with-port", "url", "host-without-port"],
+)
+def test_serve_refuses_a_bad_metrics_host_in_one_line(argv, expected, capsys):
+    from augserve.cli import main
+
+    assert main(["serve", "--bind", "tcp://127.0.0.1:*", "--workers", "0", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("augserve: error: invalid daemon config: ") and expected in err[0], err
+
+
+def test_a_running_daemon_serves_metrics_on_the_host_asked_for(start_daemon):
+    """--metrics-host 0.0.0.0 (what a scraper in another container needs); the default stays loopback."""
+    from conftest import free_port, wait_until
+
+    everywhere, loopback = free_port(), free_port()
+    start_daemon("--metrics-port", str(everywhere), "--metrics-host", "0.0.0.0", workers=0)
+    start_daemon("--metrics-port", str(loopback), workers=0)
+    wait_until(lambda: _reachable("127.0.0.2", everywhere), timeout=10, interval=0.1, what="metrics on 0.0.0.0 reachable via 127.0.0.2")
+    assert _reachable("127.0.0.1", loopback) and not _reachable("127.0.0.2", loopback)

@@ -63,3 +63,41 @@ def test_good_addresses(address):
 def test_bad_addresses(address):
     with pytest.raises(ValueError, match="expected tcp://HOST:PORT or ipc://PATH"):
         check_address(address)
+
+
+def test_workers_auto_min_max_starts_min_and_autoscales(tmp_path):
+    config = load_config(None, {"workers": "auto:1:8"})
+    assert config.workers == 1 and (config.autoscale.min_workers, config.autoscale.max_workers) == (1, 8)
+    assert config.autoscale.threshold == 0.03
+    path = tmp_path / "daemon.yaml"
+    path.write_text("workers: auto:2:4\nautoscale: {window_s: 1.5}\n")
+    config = load_config(str(path), environ={})
+    assert (config.workers, config.autoscale.min_workers, config.autoscale.max_workers, config.autoscale.window_s) == (2, 2, 4, 1.5)
+    assert load_config(None, environ={"AUGSERVE_WORKERS": "auto:0:3"}).autoscale.max_workers == 3
+    path.write_text("workers: 3\nautoscale: {min_workers: 1, max_workers: 3}\n")  # start at 3, scale within [1, 3]
+    assert load_config(str(path), environ={}).workers == 3
+    assert load_config(None, {"workers": 2}).autoscale is None
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"workers": "auto:4:2"}, "need 0 <= MIN <= MAX"),
+        ({"workers": "auto:1"}, r"a count or auto:MIN:MAX"),
+        ({"workers": "auto:a:b"}, r"a count or auto:MIN:MAX"),
+        ({"workers": 5, "autoscale": {"min_workers": 1, "max_workers": 3}}, r"within autoscale's \[1, 3\]"),
+        ({"autoscale": {"min_workers": 3, "max_workers": 2}, "workers": 3}, "min_workers \\(3\\) is above max_workers \\(2\\)"),
+        ({"autoscale": {"threshold": 2}}, "threshold"),
+        ({"ray": {"num_cpus": -1}}, "num_cpus"),
+        ({"ray": {"connect": "10.0.0.5:5555"}}, "bad ray.connect"),
+        ({"ray": {"nodes": 3}}, "nodes"),
+    ],
+)
+def test_bad_autoscale_and_ray_settings_are_named(values, match):
+    with pytest.raises(ValidationError, match=match):
+        DaemonConfig.model_validate(values)
+
+
+def test_ray_section_defaults():
+    ray = DaemonConfig.model_validate({"ray": {}}).ray
+    assert (ray.address, ray.num_cpus, ray.num_gpus, ray.max_restarts, ray.connect) == ("auto", 1.0, 0.0, 3, None)

@@ -305,11 +305,62 @@ def test_gpu_image_serves_torch_on_cuda_and_matches_dali():
     assert match, f"Dockerfile.gpu: cannot read torch and CUDA versions from {base}"
     torch_version, cuda_major = match.group(1), int(match.group(2))
     assert torch_version == _makefile_torch_version(), f"GPU base torch {torch_version} differs from the Makefile's pin"
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
-    dali = [re.match(r"nvidia-dali-cuda(\d+)", d) for d in dependencies]
-    dali = [m for m in dali if m]
-    assert len(dali) == 1, "pyproject.toml should depend on exactly one nvidia-dali-cudaXY0 build"
+    # What the image installs: the requirements its own RUN line extracts from pyproject.toml.
+    installed = _image_requirements("Dockerfile.gpu")
+    dali = [m for m in (re.fullmatch(r"nvidia-dali-cuda(\d+)", r.name) for r in installed) if m]
+    assert len(dali) == 1, "the GPU image should install exactly one nvidia-dali-cudaXY0 build (the dali extra)"
     assert int(dali[0].group(1)) // 10 == cuda_major, f"{dali[0].group(0)} needs CUDA {int(dali[0].group(1)) // 10}, the base has CUDA {cuda_major}"
+    codec = [m for m in (re.fullmatch(r"nvidia-nvimgcodec-cu(\d+)", r.name) for r in installed) if m]
+    assert len(codec) == 1 and int(codec[0].group(1)) == cuda_major, f"nvImageCodec's build {[m.group(0) for m in codec]} must match CUDA {cuda_major} (DALI depends on it too)"
+
+
+def _requirement_scripts(name: str) -> list[str]:
+    """The ``python -c CODE > /tmp/requirements.txt`` programs of a Dockerfile's RUN lines."""
+    scripts = []
+    for c in _parse_dockerfile(name):
+        if c.cmd != "RUN":
+            continue
+        for tokens in _shell_commands(" ".join(c.value)):
+            if tokens[:2] == ["python", "-c"] and tokens[3:] == [">", "/tmp/requirements.txt"]:
+                scripts.append(tokens[2])
+    return scripts
+
+
+def _image_requirements(name: str) -> list:
+    """The requirements (``packaging`` Requirement objects) the image installs with ``pip install -r``,
+    got by running its own extraction program on pyproject.toml, markers evaluated for Linux."""
+    from packaging.requirements import Requirement
+
+    scripts = _requirement_scripts(name)
+    assert len(scripts) == 1, f"{name}: expected one `python -c ... > /tmp/requirements.txt`, found {len(scripts)}"
+    result = subprocess.run([sys.executable, "-c", scripts[0]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{name}: its requirements program fails: {result.stderr}"
+    linux = {"sys_platform": "linux", "platform_system": "Linux"}
+    requirements = [Requirement(line) for line in result.stdout.splitlines() if line.strip()]
+    return [r for r in requirements if r.marker is None or r.marker.evaluate(linux)]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_install_the_dali_extra_only_on_the_gpu(name):
+    """DALI (~500 MB) is the `dali` extra: in the GPU image only. Every image keeps nvImageCodec's CPU
+    decoder (a base dependency, the fast region decode) and every base dependency."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    names = {r.name for r in _image_requirements(name)}
+    base = {re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in project["dependencies"]}
+    dali = {re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in project["optional-dependencies"]["dali"]}
+    assert base <= names, f"{name}: base dependencies missing: {sorted(base - names)}"
+    assert "nvidia-nvimgcodec-cu13" in names
+    if name == "Dockerfile.gpu":
+        assert dali <= names, f"{name}: the GPU image must install the dali extra ({sorted(dali)})"
+    else:
+        assert not any(n.startswith("nvidia-dali") for n in names), f"{name}: installs DALI, which only the GPU image needs"
+
+
+def test_dali_is_an_extra_that_the_dev_environment_pulls_in():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert not any(d.startswith("nvidia-dali") for d in project["dependencies"]), "DALI must not be a base dependency"
+    assert [d.split(";")[0] for d in project["optional-dependencies"]["dali"]] == ["nvidia-dali-cuda130>=2.0"]
+    assert "augserve[dali]" in project["optional-dependencies"]["dev"], "make's `.[dev]` must keep DALI: the tests cover the dali backend"
 
 
 @pytest.mark.parametrize("name", ("Dockerfile.cpu", TRAINER_IMAGE))
@@ -409,6 +460,23 @@ def test_compose_commands_parse_and_agree(compose):
             args = _parse(_augserve_parser(), command, f"compose {name} command")
             assert args.command == "worker", f"{name}: expected an augserve worker"
         assert args.connect == expected, f"{name}: connects to {args.connect}, the daemon is {expected}"
+
+
+def test_compose_daemon_metrics_reach_the_network(compose):
+    """A Prometheus on the compose network scrapes http://daemon:PORT/metrics: the endpoint must listen on
+    a non-loopback address, on a port the service declares."""
+    import ipaddress
+
+    from augserve.config import load_config
+
+    daemon = compose["services"]["daemon"]
+    args = _parse(_augserve_parser(), daemon["command"], "compose daemon command")
+    config = load_config(None, {"bind": args.bind, "metrics_port": args.metrics_port, "metrics_host": args.metrics_host}, environ=_environment(daemon))
+    assert config.metrics_port, "the daemon serves no metrics (--metrics-port)"
+    assert ipaddress.ip_address(config.metrics_host).is_unspecified, f"metrics on {config.metrics_host}: another container cannot scrape them"
+    assert str(config.metrics_port) in {str(p).split("/")[0] for p in daemon.get("expose", [])}, f"expose: [\"{config.metrics_port}\"] on the daemon"
+    published = {str(p).rsplit(":", 1)[-1].split("/")[0] for p in daemon.get("ports", [])}
+    assert str(config.metrics_port) not in published, "the metrics endpoint has no authentication: do not publish it on the host"
 
 
 def test_compose_start_order_and_health(compose):

@@ -321,3 +321,25 @@ def test_watch_ends_cleanly_on_ctrl_c(monkeypatch, fake_daemon):
 def test_watch_refuses_a_bad_address(address):
     with pytest.raises(ValueError, match="daemon address"):
         watch(address, iterations=1, console=Console(record=True))
+
+
+def test_autoscale_decisions_and_the_target_are_exported():
+    import math
+
+    metrics = DaemonMetrics()
+    before = samples(metrics)
+    assert before[("augserve_autoscale_decisions_total", (("action", "add"),))] == 0.0
+    assert before[("augserve_autoscale_decisions_total", (("action", "remove"),))] == 0.0
+    metrics.autoscale_observed(0.045, 1)
+    metrics.autoscale_decision("add", 2)
+    metrics.autoscale_decision("add", 3)
+    metrics.autoscale_decision("remove", 2)
+    after = samples(metrics)
+    assert after[("augserve_autoscale_decisions_total", (("action", "add"),))] == 2.0
+    assert after[("augserve_autoscale_decisions_total", (("action", "remove"),))] == 1.0
+    assert after[("augserve_workers_target", ())] == 2.0
+    assert after[("augserve_trainer_wait_seconds_per_batch", ())] == 0.045
+    metrics.autoscale_observed(None, 2)
+    assert math.isnan(samples(metrics)[("augserve_trainer_wait_seconds_per_batch", ())])
+    NullMetrics().autoscale_decision("add", 2)  # the same calls, doing nothing
+    NullMetrics().autoscale_observed(None, 2)

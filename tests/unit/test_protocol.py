@@ -16,6 +16,8 @@ DATASET = P.DatasetRef(ref="digits", split="test", options={"size": 32, "kind": 
 IMAGES = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
 LABELS = np.array([3, 7], dtype=np.int64)
 HELLO = dict(worker="w-1", pid=4242, host="node7", backend="torch", device="cuda:0", capacity=3)
+SHM_HOST = P.ShmHost(boot="09dde2b3-449f-4477-99bd-e65768717057", dev=27, ino=1, uid=1000)
+SEGMENT = "augserve-slot-4026531836-4242-0123456789abcdef"
 
 # One valid instance per message type, every optional field set to something other than its default so the
 # round trip covers it (encode leaves defaults out). A type added to P.MESSAGES without a sample here fails
@@ -26,6 +28,7 @@ SAMPLES = {
         seed=7, epochs=3, rank=1, world_size=2, prefetch=4, ordered=True, shuffle=False, drop_last=True,
         on_error="raise", data="tcp://127.0.0.1:5555", data_key=KEY,
         resume=P.ResumeState(epoch=1, delivered=[0, 2, 5], fingerprint={"dataset": "digits", "n": 1797}), client="me",
+        transport="shm", shm_host=SHM_HOST,
     ),
     "credit": P.Credit(stream="s1", acks=[(0, 1, 16), (0, 2, 16)], received=[(0, 3)], final=True),
     "detach": P.Detach(stream="s1"),
@@ -51,6 +54,7 @@ SAMPLES = {
     "task": P.Task(
         task="s1:0:3", stream="s1", epoch=0, index=3, ids=[5, 9, 1], seed=11, dataset=DATASET,
         pipeline=P.PipelineRef(stream="s1", version=2, spec=SPEC), data="tcp://127.0.0.1:5555", data_key=KEY, on_error="raise",
+        handoff=P.Handoff(mode="shm", host=SHM_HOST, slots=10),
     ),
     "drop": P.Drop(data="tcp://127.0.0.1:5555"),
     "stop": P.Stop(),
@@ -58,6 +62,12 @@ SAMPLES = {
     "batch": P.BatchHeader(
         stream="s1", task="s1:0:3", epoch=0, index=3, pipeline_version=2, skipped=["a.png"], worker="w-1",
         tensors=[P.describe("images", IMAGES), P.describe("labels", LABELS)],
+        fallback=P.Fallback(kind="no_space", message="/dev/shm has 60.0 MB free"),
+    ),
+    "shm_batch": P.ShmBatch(
+        stream="s1", task="s1:0:3", epoch=0, index=3, pipeline_version=2, skipped=["a.png"], worker="w-1", segment=SEGMENT, generation=7,
+        tensors=[P.SlotTensor(name="images", dtype="uint8", shape=[2, 4, 5, 3], offset=0), P.SlotTensor(name="labels", dtype="int64", shape=[2], offset=128)],
+        retired=["augserve-slot-4026531836-4242-fedcba9876543210"],
     ),
 }
 
@@ -105,7 +115,7 @@ def test_round_trip_of_every_message_type(name):
         (P.DAEMON_TO_CLIENT, {"attached", "error", "status_reply", "stream_error", "updated"}),
         (P.WORKER_TO_DAEMON, {"ready", "heartbeat", "done", "failed", "bye"}),
         (P.DAEMON_TO_WORKER, {"task", "drop", "stop", "ping", "error"}),
-        (P.WORKER_TO_CLIENT, {"batch"}),
+        (P.WORKER_TO_CLIENT, {"batch", "shm_batch"}),
     ],
 )
 def test_each_direction_is_a_closed_set(direction, types):
@@ -354,3 +364,69 @@ def test_cuda_tensors_must_be_copied_to_the_host_first():
         pytest.skip("no CUDA")
     with pytest.raises(ValueError, match="only host tensors"):
         P.tensor_buffer(torch.zeros(2, device="cuda"))
+
+
+# --- shared-memory descriptors ------------------------------------------------------------------------
+
+
+def test_a_shm_batch_carries_no_frames():
+    frames = P.encode(SAMPLES["shm_batch"], [b"x"])
+    assert refused(frames) == "'shm_batch' message has 1 extra frame(s); at most 0 allowed"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("segment", "../../etc/passwd", "segment = '../../etc/passwd': String should match pattern"),
+        ("segment", "augserve-slot-1-2-0123456789abcdef/x", "String should match pattern"),
+        ("segment", "/dev/shm/augserve-slot-1-2-0123456789abcdef", "String should match pattern"),
+        ("generation", 0, "generation = 0: Input should be greater than or equal to 1"),
+        ("generation", 1 << 63, "generation = 9223372036854775808: Input should be less than 9223372036854775808"),
+        ("retired", ["x"] * 2, "retired.0 = 'x': String should match pattern"),
+    ],
+)
+def test_a_bad_shm_descriptor_is_refused_naming_the_field(field, value, message):
+    fields = SAMPLES["shm_batch"].model_dump(mode="json")
+    fields[field] = value
+    text = refused([header("shm_batch", **fields)])
+    assert text.startswith("bad 'shm_batch' message: ") and message in text
+
+
+def test_slot_tensor_offsets_are_bounded():
+    fields = SAMPLES["shm_batch"].model_dump(mode="json")
+    fields["tensors"][0]["offset"] = -64
+    assert "tensors.0.offset = -64: Input should be greater than or equal to 0" in refused([header("shm_batch", **fields)])
+    fields["tensors"][0]["offset"] = 1 << 40
+    assert "tensors.0.offset = 1099511627776: Input should be less than 1099511627776" in refused([header("shm_batch", **fields)])
+
+
+def test_a_host_description_is_bounded():
+    fields = SAMPLES["attach"].model_dump(mode="json")
+    fields["shm_host"]["boot"] = "not-a-boot-id"
+    assert "shm_host.boot = 'not-a-boot-id': String should match pattern" in refused([header("attach", **fields)])
+    fields = SAMPLES["task"].model_dump(mode="json")
+    fields["handoff"]["slots"] = 0
+    assert "handoff.slots = 0: Input should be greater than or equal to 1" in refused([header("task", **fields)])
+    fields["handoff"]["slots"] = 1
+    fields["handoff"]["mode"] = "frames"  # a task that allows no shared memory carries no handoff at all
+    assert "handoff.mode = 'frames': Input should be 'auto' or 'shm'" in refused([header("task", **fields)])
+
+
+def test_tensor_sizes_never_wrap_around():
+    descriptor = P.TensorDescriptor(name="x", dtype="float64", shape=[1 << 39] * 8)
+    assert P.tensor_layout(descriptor)[1] == (1 << (39 * 8)) * 8  # exact, not an int64 that wrapped to a small number
+
+
+def test_a_credit_may_carry_the_trainers_wait_and_leaves_it_off_the_wire_otherwise():
+    frames = P.encode(P.Credit(stream="s1", wait=P.Wait(batches=3, seconds=0.25)))
+    assert msgpack.unpackb(frames[0])["wait"] == {"batches": 3, "seconds": 0.25}
+    assert P.decode(frames).body.wait == P.Wait(batches=3, seconds=0.25)
+    assert "wait" not in msgpack.unpackb(P.encode(P.Credit(stream="s1"))[0])  # what an older client sends
+    assert P.decode(P.encode(P.Credit(stream="s1"))).body.wait is None
+
+
+@pytest.mark.parametrize("wait", [{"batches": 0, "seconds": 1.0}, {"batches": 1, "seconds": -1.0}, {"batches": 1, "seconds": 1e7}, {"batches": 1, "seconds": 1.0, "x": 1}, {"batches": 1}])
+def test_a_bad_wait_report_is_refused_naming_it(wait):
+    header = {"proto": "augserve", "v": P.PROTOCOL_VERSION, "type": "credit", "stream": "s1", "wait": wait}
+    with pytest.raises(P.ProtocolError, match="wait"):
+        P.decode([msgpack.packb(header)])

@@ -760,3 +760,52 @@ def test_invariants_hold_under_random_events(streams, workers, max_attempts, eve
     event(f"re-issued: {'yes' if world.scheduler.reissued_total else 'no'}")
     for what in ("stray report", "deadline re-issue", "silent worker"):
         event(f"{what}: {'yes' if world.seen[what] else 'no'}")
+
+
+# --- draining (autoscaling down) --------------------------------------------------------------------------
+
+
+def test_a_draining_worker_gets_no_new_task_and_is_drained_once_its_batches_reached_the_trainer():
+    a = make_stream("a", prefetch=4, n=80)
+    scheduler = make_scheduler([a], [(b"w1", 2), (b"w2", 2)])
+    first = list(scheduler.assign(0.0))
+    assert sorted(x.worker for x in first) == [b"w1", b"w1", b"w2", b"w2"]
+    assert scheduler.drain(b"w1") and not scheduler.drain(b"nobody")
+    held = [x for x in first if x.worker == b"w1"]
+    scheduler.done(b"w1", done(b"w1", held[0]), 1.0)
+    assert not scheduler.drained(b"w1")  # one task still held
+    scheduler.done(b"w1", done(b"w1", held[1]), 1.1)
+    assert not scheduler.drained(b"w1")  # both sent, neither received: a lost batch would need re-issue
+    scheduler.credit(a, P.Credit(stream="a", received=[held[0].key], acks=[(*held[1].key, 10)]), 1.2)
+    assert scheduler.drained(b"w1")
+    # the credits freed by the ack go to w2 only, however free w1 is
+    scheduler.done(b"w2", done(b"w2", [x for x in first if x.worker == b"w2"][0]), 1.3)
+    assert [x.worker for x in scheduler.assign(1.4)] == [b"w2"]
+    assert scheduler.remove_worker(b"w1", "retired") == (0, []) and not scheduler.draining
+    assert scheduler.drained(b"w1")  # gone counts as drained
+
+
+def test_a_retry_never_goes_to_a_draining_worker():
+    a = make_stream("a", prefetch=2)
+    scheduler = make_scheduler([a], [(b"w1", 2), (b"w2", 2)])
+    first = list(scheduler.assign(0.0))
+    scheduler.drain(b"w2")
+    victim = first[0].worker
+    scheduler.remove_worker(victim, "exited")
+    again = list(scheduler.assign(1.0))
+    assert all(x.worker != b"w2" for x in again)
+    if victim == b"w2":
+        assert again == []
+
+
+def test_queues_are_full_when_every_active_stream_has_its_batches_made_and_waiting():
+    a, b = make_stream("a", prefetch=3), make_stream("b", prefetch=3)
+    scheduler = make_scheduler([a, b], [(b"w", 8)])
+    assert scheduler.queues_full() == (2, False)  # nothing issued yet
+    issued = list(scheduler.assign(0.0))
+    for x in issued[:-1]:
+        scheduler.done(b"w", done(b"w", x), 1.0)
+    assert scheduler.queues_full() == (2, True)  # each has prefetch - 1 = 2 ready at least
+    scheduler.credit(a, P.Credit(stream="a", acks=[(*x.key, 10) for x in issued if x.stream == "a"]), 2.0)
+    assert scheduler.queues_full() == (2, False)  # a's credits came back: its workers have work
+    assert make_scheduler().queues_full() == (0, False)

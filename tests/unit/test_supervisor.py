@@ -71,3 +71,35 @@ def test_kill_only_touches_our_own_named_workers():
             if slot.process is not None:
                 slot.process.kill()
         supervisor.stop()
+
+
+def test_the_pool_grows_and_a_retired_worker_is_neither_restarted_nor_counted_as_a_restart():
+    supervisor = Supervisor(command("import time; time.sleep(30)"), 1)
+    supervisor.start()
+    try:
+        first = supervisor.names()[0]
+        second = supervisor.grow(time.monotonic())
+        assert supervisor.names() == [first, second] and supervisor.size == 2 and not supervisor.starting()
+        assert supervisor.retire(second) and not supervisor.retire("local-9-nobody")
+        assert supervisor.names() == [first] and supervisor.size == 1
+        now = time.monotonic()
+        supervisor.release(second, now, grace=0.5)
+        assert supervisor.poll_exits(now) == []  # still running, within its grace
+        assert supervisor.poll_exits(now + 0.6) == [(second, True)]  # overstayed: killed, slot gone
+        assert [slot.name for slot in supervisor.slots] == [first] and supervisor.restarts == 0
+    finally:
+        for slot in supervisor.slots:
+            if slot.process is not None:
+                slot.process.kill()
+        supervisor.stop(timeout=1)
+
+
+def test_a_retired_worker_that_exits_by_itself_leaves_at_once():
+    supervisor = Supervisor(command("raise SystemExit(0)"), 2)
+    supervisor.start()
+    victim = supervisor.names()[1]
+    supervisor.retire(victim)
+    wait_for_exit(supervisor)
+    gone = supervisor.poll_exits(time.monotonic())
+    assert (victim, True) in gone and len(supervisor.slots) == 1 and supervisor.restarts == 1  # the other one restarted
+    supervisor.stop(timeout=1)
