@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test test-gpu bench bench-pipelines bench-e2e bench-photos bench-decoders bench-trainer degradation clean
+.PHONY: demo test test-gpu bench bench-pipelines bench-e2e bench-photos bench-decoders bench-trainer degradation recipes augmentation-effect tune-pruners bench-control-plane bench-ddp clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,12 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The main job: a daemon with two augmentation workers feeds a LeNet-5 trainer (digits, 30 epochs).
+# The main job: a daemon with two augmentation workers feeds a LeNet-5 trainer on digits. Everything
+# else (pipeline, batch size, optimiser, learning rate, run length) comes from LeNet-5's recipe.
 demo: $(VENV)/.installed
 	mkdir -p out
 	$(VENV)/bin/augserve preview --pipeline lenet5 --dataset digits --out out/preview-lenet5.png
-	$(PY) -m trainer train --model lenet5 --dataset digits --pipeline lenet5 --epochs 30 --batch-size 64 \
-		--lr 0.05 --workers 2 --out out/demo-lenet5
+	$(PY) -m trainer train --model lenet5 --dataset digits --workers 2 --out out/demo-lenet5
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -47,9 +47,29 @@ bench-decoders: $(VENV)/.installed
 bench-trainer: $(VENV)/.installed
 	$(VENV)/bin/augserve bench trainer
 
+# How many tasks/s one daemon schedules and acknowledges (fake workers, descriptors only).
+bench-control-plane: $(VENV)/.installed
+	$(VENV)/bin/augserve bench control-plane
+
+# 1 vs 4 DDP ranks (gloo) on one daemon.
+bench-ddp: $(VENV)/.installed
+	$(PY) tools/ddp_scale.py
+
 # The ResNet paper's degradation figure in miniature (plain vs residual, 20 vs 56 layers).
 degradation: $(VENV)/.installed
 	$(PY) -m trainer.experiments.degradation --depths 20 56 --epochs 8 --out out/degradation.png
+
+# Do the default recipes learn? One model of each family, nothing but --model and --dataset.
+recipes: $(VENV)/.installed
+	$(PY) -m trainer.experiments.recipes_check --out docs/recipes.md
+
+# No augmentation vs the preset vs a tuned spec, and PCA lighting on vs off, 3 seeds each.
+augmentation-effect: $(VENV)/.installed
+	$(PY) -m trainer.experiments.augmentation_effect --out docs/augmentation-effect
+
+# Median pruning vs Hyperband vs none for the same wall time.
+tune-pruners: $(VENV)/.installed
+	$(PY) -m trainer.experiments.pruners --model lenet5_relu --dataset digits --seconds 120
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -20,19 +20,21 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", default="lenet5", help="registered model name (see trainer.models.list_models())")
     what.add_argument("--dataset", default="digits", help="dataset name served by the daemon")
     what.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. size=64 (repeatable)")
-    what.add_argument("--pipeline", default="lenet5", help="preset name or spec file")
-    what.add_argument("--epochs", type=int, default=10)
-    what.add_argument("--batch-size", type=int, default=128)
+    what.add_argument("--pipeline", help="preset name or spec file (default: the model's recipe preset, fitted to the dataset's image size and channels)")
+    length = what.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="epochs to train (default: the model's recipe: at least its epochs and its step budget)")
+    length.add_argument("--steps", type=int, help="optimiser steps to train instead, rounded up to whole epochs")
+    what.add_argument("--batch-size", type=int, help="(default: the model's recipe)")
     optim = train.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    optim.add_argument("--lr", type=float, default=0.1)
+    optim.add_argument("--optimizer", choices=["sgd", "adamw"], help="(default: the model's recipe)")
+    optim.add_argument("--lr", type=float, help="peak learning rate (default: the model's recipe)")
     optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--weight-decay", type=float, default=5e-4, help="L2 regularisation (not applied to biases and norm layers)")
-    optim.add_argument("--schedule", default="cosine", choices=["step", "cosine", "constant"])
-    optim.add_argument("--warmup-epochs", type=float, default=0.0)
+    optim.add_argument("--weight-decay", type=float, help="L2 regularisation, not applied to biases and norm layers (default: the model's recipe)")
+    optim.add_argument("--schedule", choices=["step", "cosine", "constant"], help="(default: the model's recipe)")
+    optim.add_argument("--warmup-epochs", type=float, help="linear warm-up (default: the model's recipe)")
     optim.add_argument("--step-epochs", type=int, default=30, help="step schedule: epochs between decays")
     optim.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
-    optim.add_argument("--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--label-smoothing", type=float, help="(default: the model's recipe)")
     optim.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision")
     optim.add_argument("--channels-last", action="store_true")
     optim.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
@@ -71,7 +73,7 @@ def config_from(args):
 
     return TrainConfig(
         model=args.model, dataset=args.dataset, dataset_options=parse_options(args.dataset_option), pipeline=args.pipeline,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         optimizer=args.optimizer, schedule=args.schedule, warmup_epochs=args.warmup_epochs, step_epochs=args.step_epochs, gamma=args.gamma,
         label_smoothing=args.label_smoothing, amp=args.amp, channels_last=args.channels_last, device=args.device, connect=args.connect,
         workers=args.workers, backend=args.backend, worker_device=args.worker_device, serve_datasets=parse_dataset_pairs(args.serve_dataset or []),

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -25,24 +25,31 @@ from .schedule import learning_rate
 
 log = logging.getLogger("trainer")
 
+# The attach that asks a dataset its shape and length before the recipe is fitted: any image survives it.
+PROBE_SPEC = {"name": "probe", "ops": [{"op": "center_crop", "size": 1}]}
+
 
 @dataclass
 class TrainConfig:
     model: str = "lenet5"
     dataset: str = "digits"
     dataset_options: dict = field(default_factory=dict)
-    pipeline: str = "lenet5"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
+    eval_split: str = "test"  # what evaluate() scores: "test", or "val" (a hold-out of train: tuning)
+    # None: from the model's recipe (trainer/recipes.py), fitted to the dataset once the daemon says
+    # what it holds; Run.fit settles them before training, and the checkpoint records the settled values.
+    pipeline: object = None
+    epochs: int | None = None
+    steps: int | None = None  # a budget in optimiser steps instead of epochs (rounded up to whole epochs)
+    batch_size: int | None = None
+    lr: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
+    weight_decay: float | None = None
+    optimizer: str | None = None
+    schedule: str | None = None
+    warmup_epochs: float | None = None
     step_epochs: int = 30
     gamma: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
     amp: str = "none"
     channels_last: bool = False
     device: str = "auto"
@@ -69,11 +76,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.optimizer in ("sgd", "adamw"), f"--optimizer must be sgd or adamw, got {self.optimizer!r}"),
-            (self.schedule in ("step", "cosine", "constant"), f"--schedule must be step, cosine or constant, got {self.schedule!r}"),
+            (self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.epochs is None or self.steps is None, "give --epochs or --steps, not both"),
+            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs is None or self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.optimizer in (None, "sgd", "adamw"), f"--optimizer must be sgd or adamw, got {self.optimizer!r}"),
+            (self.schedule in (None, "step", "cosine", "constant"), f"--schedule must be step, cosine or constant, got {self.schedule!r}"),
+            (self.eval_split in ("test", "val"), f"eval_split must be test or val, got {self.eval_split!r}"),
             (self.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {self.amp!r}"),
             (self.multi_crop in (1, 10), f"--multi-crop must be 1 or 10, got {self.multi_crop}"),
             (self.freeze == "none" or self.freeze == "head" or self.freeze.startswith("last:"), f"--freeze must be none, head or last:K, got {self.freeze!r}"),
@@ -182,6 +194,26 @@ class Run:
         options.update(overrides)
         return connect(address, **options)
 
+    def _settle(self, address: str) -> None:
+        """Fill what the user left unset from the model's recipe; the pipeline and the run length need the
+        dataset, which one short attach (a 1-pixel crop, one credit) reports."""
+        from . import recipes
+
+        config = self.config
+        if config.batch_size is None:
+            config = replace(config, batch_size=recipes.recipe_for(config.model).batch_size)
+        facts = {}
+        if recipes.needs_dataset(config):
+            probe = self._connect(address, pipeline=PROBE_SPEC, batch_size=config.batch_size, epochs=1, prefetch=1, dataset_options=config.dataset_options)
+            try:
+                info = probe.dataset_info
+                size = info.get("image_size")
+                facts = dict(channels=int(info.get("channels", 3)), image_size=tuple(size) if size else None, batches_per_epoch=probe.batches_per_epoch)
+            finally:
+                probe.close()
+        self.config = recipes.settle(config, **facts)
+        self.config.validate()
+
     @contextlib.contextmanager
     def _daemon(self):
         if self.config.connect:
@@ -202,6 +234,8 @@ class Run:
         resume_payload = ckpt.load(config.resume) if config.resume else None
         with self._daemon() as address:
             self.address = address
+            self._settle(address)
+            config = self.config
             stream_options = {}
             if resume_payload is not None:
                 if not resume_payload.get("stream"):
@@ -338,7 +372,7 @@ class Run:
         pad = max(4, round(min(size) * 0.125)) if crops == 10 else None
         spec = eval_spec(train_spec, crop_pad=pad)
         try:
-            stream = self._connect(self.address, pipeline=spec, split="test", batch_size=self.config.eval_batch_size, epochs=1, shuffle=False, ordered=False, drop_last=False)
+            stream = self._connect(self.address, pipeline=spec, split=self.config.eval_split, batch_size=self.config.eval_batch_size, epochs=1, shuffle=False, ordered=False, drop_last=False)
         except ValueError as exc:
             if "split" not in str(exc) or self.has_test:
                 raise
@@ -387,10 +421,21 @@ class Run:
             state = stream.state_dict()
             # The fingerprint (when the client provides one) lets a resume refuse a position from another run.
             position = {k: state[k] for k in ("epoch", "delivered", "fingerprint") if k in state}
-        ckpt.save(os.path.join(self.config.out, "checkpoint.pt"), model=self.model, optimizer=self.optimizer, scaler=self.precision.scaler, step=self.step, epoch=epoch, stream_state=position, config=asdict(self.config), metrics=self.history[-1] if self.history else None)
+        ckpt.save(os.path.join(self.config.out, "checkpoint.pt"), model=self.model, optimizer=self.optimizer, scaler=self.precision.scaler, step=self.step, epoch=epoch, stream_state=position, config=self.config_record(), metrics=self.history[-1] if self.history else None)
+
+    def config_record(self) -> dict:
+        """The (settled) config as plain data: a spec becomes its dict, so a checkpoint loads with
+        ``weights_only=True``."""
+        record = asdict(self.config)
+        if hasattr(self.config.pipeline, "to_dict"):
+            record["pipeline"] = self.config.pipeline.to_dict()
+        return record
 
     def _finish(self, started: float, metrics: MetricsLog) -> dict:
-        summary = {"model": self.config.model, "dataset": self.config.dataset, "pipeline": self.config.pipeline if isinstance(self.config.pipeline, str) else "custom"}
+        pipeline = self.config.pipeline
+        name = pipeline if isinstance(pipeline, str) else getattr(pipeline, "name", None) or "custom"
+        summary = {"model": self.config.model, "dataset": self.config.dataset, "pipeline": name}
+        summary.update({key: getattr(self.config, key) for key in ("batch_size", "lr", "optimizer") if getattr(self.config, key) is not None})
         last = self.history[-1] if self.history else {}
         summary["accuracy"] = last.get("val_accuracy")
         summary["best_accuracy"] = max((r["val_accuracy"] for r in self.history if r.get("val_accuracy") is not None), default=None)

@@ -13,7 +13,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.transfer import classifier_of
 
-BASE = ["--model", "lenet5_relu", "--dataset", "digits", "--pipeline", "lenet5", "--batch-size", "128", "--workers", "1", "--no-tensorboard", "--quiet"]
+BASE = ["--model", "lenet5_relu", "--dataset", "digits", "--pipeline", "lenet5", "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.1", "--workers", "1", "--no-tensorboard", "--quiet"]
 
 
 def trainer(*args, check=True, timeout=300):
@@ -164,7 +164,7 @@ def test_multi_crop_evaluates_ten_views_of_every_held_out_image(monkeypatch):
         return recorded
 
     monkeypatch.setattr(run_module, "ten_crops", spy)
-    config = run_module.TrainConfig(model="lenet5_relu", dataset="digits", pipeline="lenet5", epochs=1, batch_size=128, workers=1, multi_crop=10, tensorboard=False, progress=False)
+    config = run_module.TrainConfig(model="lenet5_relu", dataset="digits", pipeline="lenet5", epochs=1, batch_size=128, optimizer="sgd", lr=0.1, workers=1, multi_crop=10, tensorboard=False, progress=False)
     summary = run_module.Run(config).fit()
     assert calls and sum(shape[0] for shape, _ in calls) == 359  # the held-out split, each image once
     for (n, c, h, w), views in calls:

@@ -1,6 +1,8 @@
 """``augserve tune``'s pure parts: parsing ``--param``, bounds and combinations, defaults, applying
 sampled values to a spec, the pruning hook, the trials table and the importances note. No daemon."""
 
+import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +10,7 @@ import pytest
 import pipelines
 from trainer.tuning import apply_values, baseline_values, build_search_space, default_params, parse_param
 from trainer.tuning.params import Param
-from pipelines import PipelineSpec
+from pipelines import PipelineSpec, resolve
 
 LENET = pipelines.load_preset("lenet5")  # random_crop, rotate (10, p 0.8), shear (8, p 0.5), normalize
 RESNET = pipelines.load_preset("resnet")  # random_resized_crop, mirror, pca_color, normalize
@@ -268,7 +270,11 @@ def test_add_parser_registers_tune_on_a_command():
     args = parser.parse_args(["tune", "--model", "lenet5_relu", "--dataset", "digits", "--param", "rotate.degrees=0:30", "--dataset-option", "size=64", "--trials", "5", "--json"])
     assert args.func is run_command and args.command == "tune"
     config = config_from(args)
-    assert (config.model, config.trials, config.params, config.dataset_options, config.baseline, config.prune) == ("lenet5_relu", 5, ["rotate.degrees=0:30"], {"size": 64}, True, True)
+    assert (config.model, config.trials, config.params, config.dataset_options, config.baseline, config.pruner) == ("lenet5_relu", 5, ["rotate.degrees=0:30"], {"size": 64}, True, "median")
+    assert (config.steps, config.epochs, config.batch_size, config.lr, config.val_fraction, config.confirm_seeds) == (None, None, None, None, 0.2, 3)
+    hyperband = config_from(parser.parse_args(["tune", "--model", "lenet5", "--dataset", "digits", "--pruner", "hyperband", "--steps", "200", "--confirm-seeds", "5"]))
+    assert (hyperband.pruner, hyperband.steps, hyperband.confirm_seeds) == ("hyperband", 200, 5)
+    assert config_from(parser.parse_args(["tune", "--model", "lenet5", "--dataset", "digits", "--no-prune"])).pruner == "none"
 
 
 def test_main_turns_mistakes_into_one_line_and_status_2(capsys):
@@ -277,3 +283,72 @@ def test_main_turns_mistakes_into_one_line_and_status_2(capsys):
     assert main(["--model", "lenet5_relu", "--dataset", "digits", "--param", "rotate.degrees=0:999"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("augserve: error: --param rotate.degrees=0:999 breaks the spec's bounds") and "\n" not in err
+
+
+# --- confirmation across seeds --------------------------------------------------------------------------
+
+
+def test_welch_matches_the_formula():
+    from scipy import stats
+
+    from trainer.tuning.confirm import welch
+
+    result = welch([0.90, 0.92, 0.91], [0.80, 0.82, 0.81])
+    assert result["difference"] == pytest.approx(0.10)
+    assert result["t"] == pytest.approx(0.10 / math.sqrt(1e-4 / 3 + 1e-4 / 3))  # 12.247
+    assert result["df"] == pytest.approx(4.0)  # equal variances and sizes: n_a + n_b - 2
+    assert result["p"] == pytest.approx(stats.t.sf(result["t"], 4.0))
+    unequal = welch([0.5, 0.7, 0.6, 0.65], [0.55, 0.56])
+    va, vb = statistics.variance([0.5, 0.7, 0.6, 0.65]) / 4, statistics.variance([0.55, 0.56]) / 2
+    assert unequal["df"] == pytest.approx((va + vb) ** 2 / (va**2 / 3 + vb**2 / 1))
+    assert welch([0.8, 0.8], [0.8, 0.8])["p"] is None  # no spread: undefined, never "significant"
+    assert welch([0.8], [0.7, 0.75])["p"] is None
+
+
+def _confirmation(tuned, base, none=(0.5, 0.52, 0.51)):
+    from trainer.tuning.confirm import ALPHA, describe, verdict, welch
+
+    result = {"seeds": [1, 2, 3], "best_trial": 4, "arms": {}}
+    if tuned is not None:
+        result["arms"]["tuned"] = describe(list(tuned))
+    result["arms"]["base"] = describe(list(base))
+    result["arms"]["none"] = describe(list(none))
+    test = welch(list(tuned), list(base)) if tuned is not None else None
+    result["tuned_vs_base"] = test
+    result["tuned_beats_base"] = bool(test and test["p"] is not None and test["p"] < ALPHA and test["difference"] > 0)
+    result["verdict"] = verdict(result)
+    return result
+
+
+def test_verdicts():
+    clear = _confirmation((0.90, 0.92, 0.91), (0.80, 0.82, 0.81))
+    assert clear["tuned_beats_base"] and clear["verdict"].startswith("the tuned spec beats the base spec by +10.00 points")
+    noise = _confirmation((0.90, 0.80, 0.85), (0.84, 0.86, 0.83))
+    assert not noise["tuned_beats_base"] and "within the noise across 3 seeds" in noise["verdict"] and noise["verdict"].endswith("the base spec stands")
+    worse = _confirmation((0.70, 0.71, 0.72), (0.80, 0.82, 0.81))
+    assert not worse["tuned_beats_base"] and "-10.00 points" in worse["verdict"]
+    assert _confirmation(None, (0.8, 0.81, 0.82))["verdict"] == "the best trial is the base spec itself: the base spec stands"
+
+
+def test_confirmation_seeds_are_new_and_arms_follow_the_best_trial():
+    from trainer.data import eval_spec
+    from trainer.tuning.confirm import arms_of, seeds_for
+    from trainer.tuning.params import apply_values
+
+    assert seeds_for(0, 3) == [1, 2, 3] and seeds_for(7, 2) == [8, 9]
+    base = resolve("lenet5")
+    plan = SimpleNamespace(base=base)
+    tuned = apply_values(base, {"rotate.degrees": 3.0}, name="lenet5-tuned")
+    arms = arms_of(plan, SimpleNamespace(user_attrs={"spec": tuned.to_dict()}))
+    assert [name for name, _ in arms] == ["tuned", "base", "none"]
+    assert arms[0][1] == tuned and arms[1][1] is base and arms[2][1].ops == eval_spec(base).ops
+    assert not any(op.op in ("rotate", "shear", "random_crop") for op in arms[2][1].ops)  # no augmentation at all
+    same = arms_of(plan, SimpleNamespace(user_attrs={"spec": base.to_dict(), "baseline": True}))
+    assert [name for name, _ in same] == ["base", "none"]
+
+
+def test_chance_bound():
+    from trainer.tuning.study import chance_bound
+
+    assert chance_bound(10, 287) == pytest.approx(0.1 + 3 * math.sqrt(0.09 / 287))
+    assert 0.15 < chance_bound(10, 287) < 0.16 and chance_bound(2, 10_000) == pytest.approx(0.515)

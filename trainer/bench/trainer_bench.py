@@ -303,7 +303,7 @@ def child_main(argv: list[str] | None = None) -> None:
     source = open_dataset(config.dataset, split="train", **config.dataset_options)
     model = models.create(config.model, num_classes=len(source.classes), in_channels=source.channels)
     model.train()
-    optimizer = build_optimizer(TrainConfig(lr=config.lr, momentum=0.9), model.parameters())
+    optimizer = build_optimizer(TrainConfig(lr=config.lr, momentum=0.9, optimizer="sgd", weight_decay=5e-4), model.parameters())
     precision = Precision.create(torch.device("cpu"), "none", False)
 
     started = time.perf_counter()

@@ -16,7 +16,8 @@ import sys
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 EXAMPLES = """examples:
-  augserve tune --model lenet5_relu --dataset digits --trials 20
+  augserve tune --model lenet5 --dataset digits
+  augserve tune --model lenet5_relu --dataset digits --trials 20 --pruner hyperband
   augserve tune --model resnet18 --dataset shapes --dataset-option size=64 --trials 30 \\
       --param random_resized_crop.scale.0=0.05:0.6 --param pca_color.alpha_std=0.01:0.5:log
   augserve tune ... --connect tcp://127.0.0.1:5555 --jobs 2   # a running daemon
@@ -24,24 +25,30 @@ EXAMPLES = """examples:
 Parameters address a field of the base spec as OP.FIELD (first op of that name), N.FIELD (op number N)
 or OP.FIELD.I (element I of a pair). Without --param: the crop's smallest area (scale.0, 0.05-0.5),
 rotate.degrees (0-30), shear.degrees (0-20), pca_color.alpha_std (0-0.3), color_shift.limit (0-40),
-warp.magnitude (0-0.1) -- for the ops the base spec has. Running the same command again continues the
-study stored in --storage and runs only the trials still missing to reach --trials."""
+warp.magnitude (0-0.1) -- for the ops the base spec has.
+
+Trials are scored on a hold-out of the train split (--val-fraction); the test split is used once, at
+the end: the best spec, the base spec and no augmentation are retrained with --confirm-seeds new seeds
+and best.yaml is written only when the best spec beats the base spec beyond noise (Welch's t-test).
+Batch size, learning rate, optimiser, run length and base spec come from the model's recipe unless
+given. Running the same command again continues the study stored in --storage and runs only the
+trials still missing to reach --trials."""
 
 
 def add_parser(subcommands) -> argparse.ArgumentParser:
     """Register ``tune`` on ``subcommands`` (an ``add_subparsers()`` result); returns its parser."""
     tune = subcommands.add_parser(
         "tune",
-        help="search augmentation hyper-parameters with an Optuna study (TPE + median pruning on held-out accuracy)",
-        description="Search augmentation hyper-parameters: each trial trains --model for --epochs on a daemon's stream with a candidate spec and is scored by held-out (test split) top-1 accuracy.",
+        help="search augmentation hyper-parameters with an Optuna study (TPE, pruning on val accuracy, confirmed across seeds)",
+        description="Search augmentation hyper-parameters: each trial trains --model for a budget of optimiser steps on a daemon's stream with a candidate spec and is scored by top-1 accuracy on a hold-out of train (val); the winner is confirmed on the test split across seeds.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = tune.add_argument_group("what to tune")
     what.add_argument("--model", required=True, help="registered model name (see trainer.models.list_models())")
-    what.add_argument("--dataset", required=True, help="dataset name served by the daemon (needs a test split)")
+    what.add_argument("--dataset", required=True, help="dataset name served by the daemon (needs a test split for the confirmation)")
     what.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. size=64 (repeatable)")
-    what.add_argument("--pipeline", help="base spec: preset name or spec file (default: lenet5 for lenet*, else resnet)")
+    what.add_argument("--pipeline", help="base spec: preset name or spec file (default: the model's recipe preset fitted to the dataset)")
     what.add_argument("--param", action="append", metavar="PATH=LOW:HIGH[:log]", help="a field to search, e.g. rotate.degrees=0:30 or random_resized_crop.scale.0=0.05:0.5 (repeatable; default: see below)")
     study = tune.add_argument_group("study")
     study.add_argument("--trials", type=int, default=20, help="complete + pruned trials the study should hold in total (default 20)")
@@ -49,16 +56,20 @@ def add_parser(subcommands) -> argparse.ArgumentParser:
     study.add_argument("--seed", type=int, default=0, help="seeds the TPE sampler, the streams and the models' initial weights")
     study.add_argument("--jobs", type=int, help="trials at once, as threads (default: min(2, daemon workers))")
     study.add_argument("--startup-trials", type=int, help="random trials before TPE models the results (default min(10, max(2, trials/3)))")
+    study.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"], help="median: stop a trial below the median of earlier ones at the same epoch; hyperband: successive halving in brackets (default median)")
     study.add_argument("--prune-startup", type=int, help="complete trials before the median pruner acts (default min(5, max(2, trials/4)))")
-    study.add_argument("--prune-from-epoch", type=int, help="earliest epoch after which a trial may be pruned (default: half of --epochs, rounded up)")
-    study.add_argument("--no-prune", action="store_true", help="run every trial to its last epoch")
+    study.add_argument("--prune-from-epoch", type=int, help="median: earliest epoch after which a trial may be pruned (default: half the epochs, rounded up); hyperband: its smallest rung (default 1)")
+    study.add_argument("--no-prune", action="store_true", help="run every trial to its last epoch (= --pruner none)")
     study.add_argument("--no-baseline", action="store_true", help="do not start a new study with the base spec's own values")
     study.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
     study.add_argument("--study-name", help="default: tune-MODEL-DATASET")
     trial = tune.add_argument_group("each trial")
-    trial.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
-    trial.add_argument("--batch-size", type=int, default=128)
-    trial.add_argument("--lr", type=float, default=0.1)
+    length = trial.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimiser steps per trial, rounded up to whole epochs (default: the model's recipe)")
+    length.add_argument("--epochs", type=int, help="epochs per trial instead")
+    trial.add_argument("--batch-size", type=int, help="default: the model's recipe")
+    trial.add_argument("--lr", type=float, help="default: the model's recipe")
+    trial.add_argument("--val-fraction", type=float, default=0.2, help="share of each class of the train split held out to score trials (default 0.2)")
     trial.add_argument("--device", default="auto", help="trainer device: auto, cpu, cuda or cuda:K")
     trial.add_argument("--threads", type=int, default=1, help="torch intra-op threads per trial (default 1)")
     data = tune.add_argument_group("data service")
@@ -66,8 +77,10 @@ def add_parser(subcommands) -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, default=2, help="workers of the embedded daemon (default 2)")
     data.add_argument("--backend", default="albumentations", choices=["albumentations", "torch", "dali"], help="embedded daemon's backend")
     data.add_argument("--serve-dataset", action="append", metavar="NAME=PATH", help="embedded daemon: serve a folder or .npz as NAME")
+    confirm = tune.add_argument_group("confirmation")
+    confirm.add_argument("--confirm-seeds", type=int, default=3, help="retrain best, base spec and no augmentation with K new seeds and compare on the test split (default 3; 0 skips, and no best.yaml is written)")
     output = tune.add_argument_group("output")
-    output.add_argument("--out", help="folder for best.yaml, trials.csv, history.png, importances.png, study.db (default out/tune-MODEL-DATASET)")
+    output.add_argument("--out", help="folder for report.md, best.yaml, trials.csv, history.png, confirmation.png, importances.png, study.db (default out/tune-MODEL-DATASET)")
     output.add_argument("--quiet", action="store_true", help="no line per finished trial on stderr")
     output.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     tune.set_defaults(func=run_command)
@@ -81,10 +94,11 @@ def config_from(args):
 
     return TuneConfig(
         model=args.model, dataset=args.dataset, trials=args.trials, params=list(args.param or []), pipeline=args.pipeline,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dataset_options=parse_options(args.dataset_option),
+        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dataset_options=parse_options(args.dataset_option),
+        val_fraction=args.val_fraction, confirm_seeds=args.confirm_seeds,
         seed=args.seed, jobs=args.jobs, timeout=args.timeout, connect=args.connect, workers=args.workers, backend=args.backend,
         serve_datasets=parse_dataset_pairs(args.serve_dataset or []), device=args.device, threads=args.threads, out=args.out,
-        storage=args.storage, study_name=args.study_name, baseline=not args.no_baseline, prune=not args.no_prune,
+        storage=args.storage, study_name=args.study_name, baseline=not args.no_baseline, pruner="none" if args.no_prune else args.pruner,
         prune_startup=args.prune_startup, prune_from_epoch=args.prune_from_epoch, startup_trials=args.startup_trials,
     )  # fmt: skip
 
@@ -96,14 +110,22 @@ def format_summary(summary: dict) -> str:
     else:
         params = ", ".join(f"{k}={v:.4g}" for k, v in summary["best_params"].items())
         base = f" (base spec {summary['baseline_value']:.4f})" if summary.get("baseline_value") is not None else ""
-        lines.append(f"best held-out accuracy {summary['best_value']:.4f}{base} at trial {summary['best_trial']}: {params}")
-        lines.append(f"wrote {summary['best_spec_path']}")
+        lines.append(f"best val accuracy {summary['best_value']:.4f}{base} at trial {summary['best_trial']}: {params}")
+    confirmation = summary.get("confirmation")
+    if confirmation is not None:
+        from .report import ARM_LABELS, format_arm
+
+        arms = ", ".join(f"{ARM_LABELS[arm]} {format_arm(stats)}" for arm, stats in confirmation["arms"].items())
+        lines.append(f"test accuracy over seeds {confirmation['seeds']}: {arms}")
+        lines.append(confirmation["verdict"])
+    elif summary["best_value"] is not None:
+        lines.append(f"not confirmed across seeds (--confirm-seeds 0): no best.yaml; the best trial's spec is {summary['best_trial_spec']}")
     lines.append(
         f"{summary['n_trials']} trial(s) in study {summary['study_name']}: {summary['n_complete']} complete, {summary['n_pruned']} pruned"
         + (f", {summary['n_failed']} failed" if summary.get("n_failed") else "")
         + f"; {summary['n_ran']} run now ({summary['time_s']} s)"
     )
-    lines.append(f"wrote {summary['trials_csv']}, {summary['history_png']}, {summary['importances_png']}")
+    lines.append(f"wrote {summary['report_md']}, {summary['trials_csv']}, {summary['history_png']}, {summary['importances_png']}")
     if summary.get("importances_note"):
         lines.append(f"note: {summary['importances_note']}")
     elif summary.get("importances"):

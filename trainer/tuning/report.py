@@ -156,59 +156,134 @@ def plot_importances(importances: dict | None, note: str | None, path: str, titl
     figure.savefig(path)
 
 
-def write_best(study, plan, path: str) -> dict | None:
-    """``best.yaml`` from the best complete trial (its stored spec, or the base spec with its params)."""
-    from pipelines import PipelineSpec
-
-    from .params import apply_values
-
-    try:
-        best = study.best_trial
-    except ValueError:
-        return None
-    stored = best.user_attrs.get("spec")
-    spec = PipelineSpec.model_validate(stored) if stored else apply_values(plan.base, best.params, name=f"{plan.base.name or 'custom'}-tuned")
-    c = plan.config
+def write_best(plan, confirmation: dict, path: str) -> None:
+    """``best.yaml``: the tuned spec that beat the base spec on test accuracy across seeds, with the
+    evidence in its header."""
+    c, t = plan.config, plan.trial
+    tuned, base = confirmation["arms"]["tuned"], confirmation["arms"]["base"]
+    test = confirmation["tuned_vs_base"]
     header = [
-        f"# Best of augserve tune study {plan.study_name!r}: trial {best.number}, held-out accuracy {best.value:.4f}",
-        f"# after {c.epochs} epoch(s) of {c.model} on {c.dataset} (batch {c.batch_size}, lr {c.lr:g}, seed {c.seed}); base pipeline {plan.pipeline_name}.",
-        "# Tuned: " + ", ".join(f"{k}={v:.6g}" for k, v in best.params.items()),
+        f"# Best of augserve tune study {plan.study_name!r}: trial {confirmation['best_trial']}, confirmed on the test split over seeds {confirmation['seeds']}:",
+        f"# tuned {format_arm(tuned)} vs base spec {format_arm(base)} (Welch p = {test['p']:.3g}),",
+        f"# each run {t.epochs} epoch(s) of {c.model} on {c.dataset} (batch {t.batch_size}, {t.optimizer} lr {t.lr:g}); base pipeline {plan.base.name or plan.pipeline_name}.",
         f"# Train with it: python -m trainer train --model {c.model} --dataset {c.dataset} --pipeline {path}",
     ]
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(header) + "\n")
-        handle.write(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    return {"trial": best.number, "value": best.value, "params": dict(best.params)}
+        handle.write(yaml.safe_dump(tuned["spec"], sort_keys=False))
 
 
-def write_outputs(study, plan) -> dict:
-    """Write every output file; return the summary fields about them."""
+def format_arm(stats: dict) -> str:
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}%"
+
+
+ARM_LABELS = {"tuned": "tuned (best trial)", "base": "base spec", "none": "no augmentation"}
+
+
+def plot_confirmation(confirmation: dict, path: str, title: str, labels: dict | None = None) -> None:
+    """Test accuracy per arm: every seed's run as a dot, mean ± std as a bar with error bars."""
+    figure = _figure(6, 3.8)
+    axes = figure.add_subplot()
+    arms = list(confirmation["arms"])
+    for x, arm in enumerate(arms):
+        stats = confirmation["arms"][arm]
+        values = [100 * v for v in stats["accuracies"]]
+        axes.bar(x, 100 * stats["mean"], yerr=100 * stats["std"], color="tab:blue" if arm == "tuned" else "tab:grey", alpha=0.5, capsize=6)
+        axes.scatter([x] * len(values), values, color="black", s=14, zorder=3)
+    lows = [100 * min(confirmation["arms"][a]["accuracies"]) for a in arms]
+    axes.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(100 * confirmation["arms"][a]["mean"] + 100 * confirmation["arms"][a]["std"] for a in arms) + 3))
+    axes.set_xticks(range(len(arms)), [(labels or ARM_LABELS)[a] for a in arms], fontsize=8 if len(arms) > 3 else None)
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_markdown(path: str, plan, summary: dict, confirmation: dict | None) -> None:
+    """``report.md``: settings, the best trials, and the confirmation with its verdict and plots."""
+    c, t = plan.config, plan.trial
+    lines = [
+        f"# augserve tune: {c.model} on {c.dataset}",
+        "",
+        f"Study `{plan.study_name}`: {summary['n_trials']} trials ({summary['n_complete']} complete, {summary['n_pruned']} pruned, {summary['n_failed']} failed), "
+        f"pruner {c.pruner}. Each trial: {t.epochs} epoch(s) = {summary.get('trial_steps')} steps, batch {t.batch_size}, {t.optimizer} lr {t.lr:g}, seed {c.seed}; "
+        f"scored on a {c.val_fraction:g} stratified hold-out of train (val, {plan.val_size} samples). Base spec: `{plan.base.name or plan.pipeline_name}`.",
+        "",
+        "![trials](history.png)",
+        "",
+    ]
+    if summary.get("best_value") is not None:
+        lines += [f"Best trial: {summary['best_trial']}, val accuracy {summary['best_value']:.4f}: " + ", ".join(f"`{k}={v:.4g}`" for k, v in summary["best_params"].items()), ""]
+    if confirmation is None:
+        lines += ["No confirmation across seeds (`--confirm-seeds 0`, or no complete trial): nothing is claimed and no best.yaml is written.", ""]
+    else:
+        lines += [
+            f"## Confirmation on the test split, seeds {confirmation['seeds']}",
+            "",
+            "| arm | test accuracy (mean ± std) | runs |",
+            "|---|---|---|",
+        ]
+        for arm, stats in confirmation["arms"].items():
+            lines.append(f"| {ARM_LABELS[arm]} | {format_arm(stats)} | " + ", ".join(f"{100 * v:.2f}" for v in stats["accuracies"]) + " |")
+        lines.append("")
+        for name, label in (("tuned_vs_base", "tuned − base"), ("base_vs_none", "base − none")):
+            test = confirmation.get(name)
+            if test is not None:
+                p = "undefined" if test["p"] is None else f"{test['p']:.3g}"
+                lines.append(f"- {label}: {100 * test['difference']:+.2f} points, Welch one-sided p = {p}")
+        lines += ["", f"**Verdict:** {confirmation['verdict']}.", "", "![confirmation](confirmation.png)", ""]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
+
+
+def write_outputs(study, plan, confirmation: dict | None = None) -> dict:
+    """Write every output file; return the summary fields about them. ``best.yaml`` only when the
+    confirmation says the tuned spec beats the base spec (a stale one from an earlier run is removed)."""
     import optuna
 
     State = optuna.trial.TrialState
     os.makedirs(plan.out, exist_ok=True)
     names = [p.name for p in plan.params]
     trials = study.get_trials(deepcopy=False)
-    best = write_best(study, plan, os.path.join(plan.out, "best.yaml"))
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    best_path = os.path.join(plan.out, "best.yaml")
+    confirmed = bool(confirmation and confirmation["tuned_beats_base"])
+    if confirmed:
+        write_best(plan, confirmation, best_path)
+    elif os.path.exists(best_path):
+        os.remove(best_path)
     rows = trial_rows(study, names)
     csv_path = os.path.join(plan.out, "trials.csv")
     write_csv(csv_path, rows, names)
-    title = f"{plan.config.model} on {plan.config.dataset}, {plan.config.epochs} epoch(s) per trial"
+    title = f"{plan.config.model} on {plan.config.dataset}, {plan.trial.epochs} epoch(s) per trial"
     history_path = os.path.join(plan.out, "history.png")
     plot_history(study, history_path, f"augserve tune: {title}")
     importances, note = compute_importances(study, plan.config.seed)
     importances_path = os.path.join(plan.out, "importances.png")
     plot_importances(importances, note, importances_path, f"parameter importances: {title}")
     baseline = [t.value for t in trials if t.user_attrs.get("baseline") and t.state == State.COMPLETE]
-    return {
+    summary = {
         "study_name": plan.study_name,
         "storage": plan.storage,
         "out": plan.out,
-        "best_value": best["value"] if best else None,
-        "best_trial": best["trial"] if best else None,
-        "best_params": best["params"] if best else None,
-        "best_spec_path": os.path.join(plan.out, "best.yaml") if best else None,
+        "trial_epochs": plan.trial.epochs,
+        "trial_steps": best.user_attrs.get("steps") if best else None,
+        "batch_size": plan.trial.batch_size,
+        "lr": plan.trial.lr,
+        "optimizer": plan.trial.optimizer,
+        "pruner": plan.config.pruner,
+        "val_size": plan.val_size,
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
+        "best_params": dict(best.params) if best else None,
+        "best_trial_spec": os.path.join(plan.out, "trials", f"trial-{best.number:04d}.yaml") if best else None,
+        "best_spec_path": best_path if confirmed else None,
         "baseline_value": baseline[0] if baseline else None,
+        "confirmation": confirmation,
         "n_trials": len(trials),
         "n_complete": sum(t.state == State.COMPLETE for t in trials),
         "n_pruned": sum(t.state == State.PRUNED for t in trials),
@@ -218,5 +293,12 @@ def write_outputs(study, plan) -> dict:
         "importances_png": importances_path,
         "importances": importances,
         "importances_note": note,
-        "table": format_table(rows, names, best["trial"] if best else None),
+        "report_md": os.path.join(plan.out, "report.md"),
+        "confirmation_png": None,
+        "table": format_table(rows, names, best.number if best else None),
     }
+    if confirmation is not None:
+        summary["confirmation_png"] = os.path.join(plan.out, "confirmation.png")
+        plot_confirmation(confirmation, summary["confirmation_png"], f"{plan.config.model} on {plan.config.dataset}: test accuracy over seeds {confirmation['seeds']}")
+    write_markdown(summary["report_md"], plan, summary, confirmation)
+    return summary

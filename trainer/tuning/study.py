@@ -1,4 +1,5 @@
-"""``augserve tune``: an Optuna study of augmentation hyper-parameters, scored by held-out accuracy.
+"""``augserve tune``: an Optuna study of augmentation hyper-parameters, scored on a validation split and
+confirmed on the test split across seeds.
 
 How a study runs
 ----------------
@@ -6,16 +7,24 @@ How a study runs
 * **Sampler** — TPE, seeded (``--seed``). Its first ``startup_trials`` trials are random (default
   ``min(10, max(2, trials // 3))``); when the study is new, the very first trial is the base spec itself
   (its values that lie inside the ranges), so the table always shows what the tuning bought.
-* **Objective** — top-1 accuracy on the dataset's *test* split after the last epoch, never training
-  accuracy. A dataset without a test split is refused before any trial runs. (The best value is picked
-  on that same split, so it is an optimistic estimate of the tuned recipe; confirm it with a longer run.)
-* **Pruning** — a MedianPruner: after every epoch the trial reports its held-out accuracy and is stopped
-  when that falls below the median of earlier trials at the same epoch (never after its last epoch:
-  a finished trial's value is kept). Not before epoch ``prune_from_epoch`` (default: half the epochs,
-  rounded up): stronger augmentation typically learns *slower* at first and ends better, so judging
-  trials on their first epoch would bias the study towards weak augmentation. Disabled for the first
-  ``prune_startup`` complete trials (default ``min(5, max(2, trials // 4))``) and altogether with
-  ``prune=False``.
+* **Settled from the recipe** — batch size, optimiser, learning rate, base spec (the recipe's preset
+  fitted to the dataset) and the trial budget (``steps``, rounded up to whole epochs) come from
+  :mod:`trainer.recipes` unless given (:func:`settle`, once the daemon has described the dataset).
+* **Objective** — top-1 accuracy on the dataset's *val* split after the last epoch: a stratified
+  hold-out of ``val_fraction`` of the train split (seeded by ``seed``) that the trials' train stream
+  never yields. Never training accuracy, never test. The base spec's trial ending at chance
+  (:func:`chance_bound`) stops the study with one line (:class:`AtChance`): nothing to rank.
+* **Confirmation** — :mod:`trainer.tuning.confirm`: the best spec, the base spec and no augmentation
+  retrained with ``confirm_seeds`` new seeds and scored once on the *test* split; ``best.yaml`` only
+  when the tuned spec beats the base spec (Welch's t-test).
+* **Pruning** — ``pruner``: ``median`` (a MedianPruner: after every epoch the trial reports its val
+  accuracy and is stopped when that falls below the median of earlier trials at the same epoch, never
+  after its last epoch: a finished trial's value is kept; not before epoch ``prune_from_epoch``, default
+  half the epochs, rounded up — stronger augmentation typically learns *slower* at first and ends
+  better, so judging trials on their first epoch would bias the study towards weak augmentation;
+  disabled for the first ``prune_startup`` complete trials, default ``min(5, max(2, trials // 4))``),
+  ``hyperband`` (Optuna's HyperbandPruner over the epochs, smallest rung ``prune_from_epoch`` or 1,
+  reduction factor 3) or ``none``.
 * **Trials are in-process training runs** (:class:`trainer.run.Run`, with the epoch callback
   :func:`trial_reporter` that reports each epoch to Optuna and raises ``TrialPruned``, and its
   ``request_stop`` for Ctrl-C), attached to one daemon for the whole study:
@@ -38,10 +47,11 @@ How a study runs
   by Optuna's heartbeat once ``HEARTBEAT_GRACE_S`` have passed and does not count either. The enqueued
   base-spec trial runs alone before any concurrency (two threads can pop the same enqueued trial on
   SQLite, optuna/optuna#4002). A stored study made with other settings
-  (model, dataset, base spec, search space, epochs, batch size, lr, seed) is refused rather than mixed.
-* **Outputs** (``out``) — ``best.yaml`` (the best trial's spec; ``--pipeline best.yaml`` trains with
-  it), ``trials.csv``, ``history.png``, ``importances.png``, and ``trials/trial-NNNN.yaml`` (each trial's
-  spec). See :mod:`trainer.tuning.report`.
+  (model, dataset, base spec, search space, epochs, batch size, lr, optimiser, val fraction, seed) is
+  refused rather than mixed — unless it holds no trial that counts (then it starts over).
+* **Outputs** (``out``) — ``report.md``, ``best.yaml`` (only when confirmed; ``--pipeline best.yaml``
+  trains with it), ``trials.csv``, ``history.png``, ``confirmation.png``, ``importances.png``, and
+  ``trials/trial-NNNN.yaml`` (each trial's spec). See :mod:`trainer.tuning.report`.
 """
 
 from __future__ import annotations
@@ -63,13 +73,11 @@ from .params import Param, apply_values, baseline_values, build_search_space
 
 if TYPE_CHECKING:
     from pipelines import PipelineSpec
+    from trainer.run import TrainConfig
 
 HEARTBEAT_INTERVAL_S = 10
 HEARTBEAT_GRACE_S = 40
 SETTINGS_ATTR = "augserve_tune_settings"
-
-# Model creation draws from torch's global generator; trials running in threads take turns here so
-# each gets the weights its seed gives.
 
 
 @dataclass
@@ -78,11 +86,13 @@ class TuneConfig:
     dataset: str
     trials: int = 20
     params: list[str] = field(default_factory=list)  # "path=LOW:HIGH[:log]"; empty → defaults
-    pipeline: str | None = None  # preset or file; None → lenet5 for lenet*, else resnet
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.1
+    pipeline: str | None = None  # preset or file; None → the model's recipe preset fitted to the dataset
+    steps: int | None = None  # a trial's budget in optimiser steps (None → the recipe's trial_steps)
+    epochs: int | None = None  # or in epochs (give one of the two)
+    batch_size: int | None = None  # None → the recipe's
+    lr: float | None = None  # None → the recipe's
     dataset_options: dict = field(default_factory=dict)
+    val_fraction: float = 0.2  # the hold-out of train that scores trials
     seed: int = 0
     jobs: int | None = None
     timeout: float | None = None
@@ -96,15 +106,20 @@ class TuneConfig:
     storage: str | None = None
     study_name: str | None = None
     baseline: bool = True
-    prune: bool = True
+    pruner: str = "median"  # "median" | "hyperband" | "none"
     prune_startup: int | None = None
     prune_from_epoch: int | None = None
     startup_trials: int | None = None
+    confirm_seeds: int = 3  # K: retrain best, base spec and no augmentation with K new seeds (0: skip)
+
+
+PRUNERS = ("median", "hyperband", "none")
 
 
 @dataclass
 class Plan:
-    """What :func:`prepare` settled before any daemon is contacted."""
+    """What :func:`prepare` settled before any daemon is contacted, and :func:`settle` once the
+    daemon described the dataset (``trial`` is then every trial's training config but its spec)."""
 
     config: TuneConfig
     base: "PipelineSpec"
@@ -113,16 +128,15 @@ class Plan:
     out: str
     storage: str
     study_name: str
+    trial: "TrainConfig | None" = None
+    classes: int = 0
+    val_size: int = 0
 
 
 def _slug(text: str) -> str:
     text = os.path.basename(os.path.normpath(text)) or text
     text = re.sub(r"\.(npz|ya?ml|json)$", "", text)
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "data"
-
-
-def default_pipeline(model: str) -> str:
-    return "lenet5" if model.lower().startswith("lenet") else "resnet"
 
 
 def prepare(config: TuneConfig) -> Plan:
@@ -134,24 +148,35 @@ def prepare(config: TuneConfig) -> Plan:
 
     checks = [
         (config.trials >= 1, f"--trials must be >= 1, got {config.trials}"),
-        (config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}"),
-        (config.batch_size >= 1, f"--batch-size must be >= 1, got {config.batch_size}"),
-        (config.lr > 0, f"--lr must be > 0, got {config.lr}"),
+        (config.steps is None or config.steps >= 1, f"--steps must be >= 1, got {config.steps}"),
+        (config.epochs is None or config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}"),
+        (config.steps is None or config.epochs is None, "give --steps or --epochs, not both"),
+        (config.batch_size is None or config.batch_size >= 1, f"--batch-size must be >= 1, got {config.batch_size}"),
+        (config.lr is None or config.lr > 0, f"--lr must be > 0, got {config.lr}"),
+        (0.0 < config.val_fraction < 1.0, f"--val-fraction must be strictly between 0 and 1, got {config.val_fraction}"),
         (config.jobs is None or config.jobs >= 1, f"--jobs must be >= 1, got {config.jobs}"),
         (config.timeout is None or config.timeout > 0, f"--timeout must be > 0 seconds, got {config.timeout}"),
         (config.threads >= 1, f"--threads must be >= 1, got {config.threads}"),
         (config.workers >= 1 or config.connect, f"--workers must be >= 1, got {config.workers}"),
+        (config.pruner in PRUNERS, f"--pruner must be one of {', '.join(PRUNERS)}, got {config.pruner!r}"),
         (config.prune_startup is None or config.prune_startup >= 0, f"--prune-startup must be >= 0, got {config.prune_startup}"),
         (config.prune_from_epoch is None or config.prune_from_epoch >= 1, f"--prune-from-epoch must be >= 1, got {config.prune_from_epoch}"),
         (config.startup_trials is None or config.startup_trials >= 1, f"--startup-trials must be >= 1, got {config.startup_trials}"),
+        (config.confirm_seeds >= 0, f"--confirm-seeds must be >= 0, got {config.confirm_seeds}"),
+        (config.confirm_seeds != 1, "--confirm-seeds 1 cannot measure noise: use 0 (skip) or >= 2"),
+        (not set(config.dataset_options) & {"val_fraction", "val_seed"}, "the hold-out is the tuner's: pass --val-fraction, not dataset options val_fraction/val_seed"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     from trainer import models
+    from trainer.recipes import recipe_for
 
     models.get_builder(config.model)  # ValueError naming the known models
-    pipeline_name = config.pipeline or default_pipeline(config.model)
+    if config.pipeline is None:
+        pipeline_name = recipe_for(config.model).pipeline  # fitted to the dataset by settle()
+    else:
+        pipeline_name = config.pipeline
     try:
         base = pipelines.resolve(pipeline_name)
     except ValidationError as exc:
@@ -165,10 +190,11 @@ def prepare(config: TuneConfig) -> Plan:
 
 def settings_of(plan: Plan) -> dict:
     """What must match for a stored study to be continued (JSON-able)."""
-    c = plan.config
+    c, t = plan.config, plan.trial
     return {
         "model": c.model, "dataset": c.dataset, "dataset_options": dict(c.dataset_options), "base_spec": plan.base.to_dict(),
-        "params": [p.to_dict() for p in plan.params], "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed,
+        "params": [p.to_dict() for p in plan.params], "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr,
+        "optimizer": t.optimizer, "val_fraction": c.val_fraction, "seed": c.seed,
     }  # fmt: skip
 
 
@@ -187,29 +213,60 @@ def study_daemon(config: TuneConfig):
         yield address
 
 
-def check_dataset(plan: Plan, address: str) -> dict:
-    """Attach once to the train and the test split (closing at once): refuses an unknown dataset, bad
-    options, or a dataset without a held-out split, in one line, before any trial runs."""
+def _attach(address: str, refused: str, **options):
+    """Attach (then the caller closes); a refusal becomes one line: ``refused`` + the daemon's reason."""
     from augserve import connect
-    from trainer.data import eval_spec
 
-    c = plan.config
-    common = dict(dataset=c.dataset, batch_size=c.batch_size, epochs=1, dataset_options=c.dataset_options, prefetch=1, timeout=30.0)
     try:
-        stream = connect(address, pipeline=plan.base, **common)
+        return connect(address, epochs=1, prefetch=1, timeout=30.0, **options)
     except ValueError as exc:
         reason = str(exc).removeprefix("daemon refused the stream: ")
-        raise ValueError(f"the daemon refused --dataset {c.dataset} with --pipeline {plan.pipeline_name}: {reason}") from None
-    info = dict(stream.dataset_info)
-    stream.close()
-    try:
-        stream = connect(address, pipeline=eval_spec(plan.base), split="test", shuffle=False, **common)
-    except ValueError as exc:
-        if "split" in str(exc):
-            raise ValueError(f"--dataset {c.dataset} has no held-out (test) split, and tuning scores trials by held-out accuracy: {exc}") from None
-        raise
-    stream.close()
-    return info
+        raise ValueError(f"{refused}: {reason}") from None
+
+
+def settle(plan: Plan, address: str) -> Plan:
+    """Ask the daemon about the dataset and settle every trial's training config: the recipe's batch
+    size, optimiser and learning rate (unless given), the base spec fitted to the images (when no
+    --pipeline was given), and the number of epochs that gives the step budget. Refuses, in one line and
+    before any trial runs, an unknown dataset, bad options, a spec the dataset cannot take, or a dataset
+    without the held-out splits tuning needs (val, carved from train; test, for the confirmation)."""
+    from dataclasses import replace
+
+    from trainer import recipes
+    from trainer.data import eval_spec
+    from trainer.run import PROBE_SPEC, TrainConfig
+
+    c = plan.config
+    recipe = recipes.recipe_for(c.model) if None in (c.batch_size, c.lr, c.pipeline) or c.epochs is None else None
+    batch_size = c.batch_size or recipe.batch_size
+    options = {**c.dataset_options, "val_fraction": c.val_fraction, "val_seed": c.seed}
+    common = dict(dataset=c.dataset, batch_size=batch_size, dataset_options=options)
+    probe = _attach(address, f"the daemon refused --dataset {c.dataset}", pipeline=PROBE_SPEC, **common)
+    info, batches = dict(probe.dataset_info), probe.batches_per_epoch
+    probe.close()
+    if batches < 1:
+        raise ValueError(f"--dataset {c.dataset}: the train split (less the {c.val_fraction:g} hold-out) has no full batch of {batch_size}: lower --batch-size")
+    base, params = plan.base, plan.params
+    if c.pipeline is None:
+        size = info.get("image_size")
+        base = recipes.default_pipeline(recipe, int(info.get("channels", 3)), tuple(size) if size else None)
+        params = build_search_space(base, c.params)
+    _attach(address, f"the daemon refused --dataset {c.dataset} with --pipeline {base.name or plan.pipeline_name}", pipeline=base, **common).close()
+    val = _attach(address, f"--dataset {c.dataset} cannot hold out a val split to score trials on", pipeline=eval_spec(base), split="val", shuffle=False, **common)
+    val_size = int(val.samples_per_epoch)
+    val.close()
+    if c.confirm_seeds:
+        test = _attach(address, f"--dataset {c.dataset} has no test split for the final confirmation (pass --confirm-seeds 0 to skip it)", pipeline=eval_spec(base), split="test", shuffle=False, **common)
+        test.close()
+    if c.epochs is not None:
+        epochs = c.epochs
+    else:
+        epochs = recipes.run_epochs(1, c.steps or recipe.trial_steps, batches)
+    trial = recipes.settle(
+        TrainConfig(model=c.model, dataset=c.dataset, dataset_options=options, pipeline=base, epochs=epochs, batch_size=batch_size,
+                    lr=c.lr, seed=c.seed, device=c.device, connect=address, eval_split="val", out=None, tensorboard=False, progress=False)
+    )  # fmt: skip
+    return replace(plan, base=base, params=params, trial=trial, classes=len(info["classes"]), val_size=val_size)
 
 
 def daemon_workers(address: str) -> int:
@@ -221,27 +278,18 @@ def daemon_workers(address: str) -> int:
         return 1
 
 
+class AtChance(ValueError):
+    """The base spec's trial learnt nothing measurable: the study stops rather than rank noise."""
+
+
+def chance_bound(classes: int, held_out: int) -> float:
+    """Accuracy a classifier guessing one class reaches on a stratified hold-out of ``held_out`` samples,
+    plus three binomial standard deviations: a trial at or below it has learnt nothing we can tell."""
+    p = 1.0 / max(1, classes)
+    return p + 3.0 * math.sqrt(p * (1 - p) / max(1, held_out))
+
+
 # --- one trial ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _forward_stop(stop: threading.Event, run):
-    """While the block runs, a set ``stop`` becomes ``run.request_stop()``."""
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            if stop.wait(0.05):
-                run.request_stop()
-                return
-
-    watcher = threading.Thread(target=watch, daemon=True, name="trial-stop")
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join()
 
 
 @contextlib.contextmanager
@@ -257,7 +305,7 @@ def _stop_on_interrupt(stop: threading.Event):
         raise KeyboardInterrupt
 
     def quiet_once_stopped(record: logging.LogRecord) -> bool:
-        return not stop.is_set()  # no traceback per interrupted trial; one line says "interrupted"
+        return not stop.is_set()  # no traceback per interrupted trial; one line says why (interrupted, at chance)
 
     previous = signal.signal(signal.SIGINT, handler)
     optuna_log = logging.getLogger("optuna.study._optimize")  # where optuna logs each failed trial
@@ -286,12 +334,18 @@ def trial_reporter(trial, epochs: int):
     return report
 
 
-def make_objective(plan: Plan, address: str, stop: threading.Event | None = None) -> Callable:
-    from trainer.run import Run, StopRequested, TrainConfig
+def make_objective(plan: Plan, stop: threading.Event | None = None) -> Callable:
+    """Optuna's objective: one training run of the trial's spec, scored by its val accuracy. The base
+    spec's own trial (enqueued first) ending at chance stops the study: its settings do not learn, and
+    ranking the other trials would rank noise."""
+    from dataclasses import replace
+
+    from .runs import train_once
 
     c = plan.config
     trial_dir = os.path.join(plan.out, "trials")
     spec_name = f"{plan.base.name or 'custom'}-tuned"
+    bound = chance_bound(plan.classes, plan.val_size)
 
     def objective(trial) -> float:
         values = {p.name: p.suggest(trial) for p in plan.params}
@@ -301,27 +355,22 @@ def make_objective(plan: Plan, address: str, stop: threading.Event | None = None
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(f"# trial {trial.number} of study {plan.study_name}: " + ", ".join(f"{k}={v:g}" for k, v in values.items()) + "\n")
             handle.write(spec.to_yaml())
-        config = TrainConfig(
-            model=c.model, dataset=c.dataset, dataset_options=dict(c.dataset_options), pipeline=spec, epochs=c.epochs,
-            batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device, connect=address, out=None,
-            tensorboard=False, progress=False,
-        )  # fmt: skip
-        run = Run(config, epoch_callbacks=[trial_reporter(trial, c.epochs)])
-        # Ctrl-C reaches only the main thread: trials in worker threads watch ``stop`` and end at their
-        # next batch, as FAIL (KeyboardInterrupt), to run again on resume.
-        watcher = _forward_stop(stop, run) if stop is not None else contextlib.nullcontext()
-        try:
-            with watcher:
-                summary = run.fit()
-        except StopRequested:
-            raise KeyboardInterrupt from None
-        finally:
-            run.world.close()
+        summary = train_once(replace(plan.trial, pipeline=spec), stop, [trial_reporter(trial, plan.trial.epochs)])
         if summary.get("accuracy") is None:
             raise ValueError(f"dataset {c.dataset!r} has no held-out split to score trials on")
-        for key in ("train_accuracy", "img_per_s", "stall_pct", "time_s", "epochs"):
+        for key in ("train_accuracy", "img_per_s", "stall_pct", "time_s", "epochs", "steps"):
             trial.set_user_attr(key, summary.get(key))
-        return float(summary["accuracy"])
+        value = float(summary["accuracy"])
+        if trial.user_attrs.get("baseline") and value <= bound:
+            t = plan.trial
+            if stop is not None:
+                stop.set()  # the study ends here: no traceback from Optuna, one line from the CLI
+            raise AtChance(
+                f"the base spec's trial ended at chance: val accuracy {value:.4f} <= {bound:.4f} ({plan.classes} classes, {plan.val_size} val samples) "
+                f"after {summary.get('steps')} steps of {c.model} (batch {t.batch_size}, {t.optimizer} lr {t.lr:g}); "
+                "nothing to rank: raise --steps (or --epochs), or change --lr, and run again"
+            )
+        return value
 
     return objective
 
@@ -335,11 +384,16 @@ def open_study(plan: Plan, n_total: int):
     c = plan.config
     startup = c.startup_trials if c.startup_trials is not None else min(10, max(2, n_total // 3))
     sampler = optuna.samplers.TPESampler(seed=c.seed, n_startup_trials=startup)
-    if c.prune:
+    epochs = plan.trial.epochs
+    if c.pruner == "median":
         prune_startup = c.prune_startup if c.prune_startup is not None else min(5, max(2, n_total // 4))
         # Trials report step = epoch number (1, 2, ...); the earliest prune is at step == n_warmup_steps.
-        prune_from = c.prune_from_epoch if c.prune_from_epoch is not None else max(1, math.ceil(c.epochs / 2))
+        prune_from = c.prune_from_epoch if c.prune_from_epoch is not None else max(1, math.ceil(epochs / 2))
         pruner = optuna.pruners.MedianPruner(n_startup_trials=prune_startup, n_warmup_steps=prune_from)
+    elif c.pruner == "hyperband":
+        # Successive halving in several brackets over the epochs a trial reports (Li et al. 2018); the
+        # smallest rung is prune_from_epoch (default 1), each next rung 3× later.
+        pruner = optuna.pruners.HyperbandPruner(min_resource=c.prune_from_epoch or 1, max_resource=epochs, reduction_factor=3)
     else:
         pruner = optuna.pruners.NopPruner()
     engine_kwargs = {"connect_args": {"timeout": 60}} if plan.storage.startswith("sqlite") else None
@@ -354,6 +408,11 @@ def open_study(plan: Plan, n_total: int):
         raise ValueError(f"study {plan.study_name!r} in {plan.storage} minimizes; a tuning study maximizes held-out accuracy (use another --study-name)")
     wanted = settings_of(plan)
     stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is not None and stored != wanted and not counted(study):
+        # Nothing was learnt under the old settings (e.g. the base spec's trial ended at chance, and the
+        # user raised --steps): start over instead of refusing.
+        optuna.delete_study(study_name=plan.study_name, storage=storage)
+        return open_study(plan, n_total)
     if stored is None:
         study.set_user_attr(SETTINGS_ATTR, wanted)
     elif stored != wanted:
@@ -403,7 +462,7 @@ def run_study(config: TuneConfig, progress: Callable | None = None) -> dict:
     ran = 0
     try:
         with study_daemon(config) as address:
-            check_dataset(plan, address)
+            plan = settle(plan, address)
             os.makedirs(os.path.join(plan.out, "trials"), exist_ok=True)
             study = open_study(plan, config.trials)
             before = counted(study)
@@ -422,7 +481,7 @@ def run_study(config: TuneConfig, progress: Callable | None = None) -> dict:
                 if progress is not None:
                     callbacks.append(progress)
                 stop = threading.Event()
-                objective = make_objective(plan, address, stop)
+                objective = make_objective(plan, stop)
                 deadline = None if config.timeout is None else time.monotonic() + config.timeout
                 # Enqueued (WAITING) trials run one at a time: on SQLite, two threads can pop the same
                 # waiting trial (no SELECT ... FOR UPDATE; optuna/optuna#4002) and then both tell it.
@@ -435,9 +494,16 @@ def run_study(config: TuneConfig, progress: Callable | None = None) -> dict:
                     if left > 0 and (time_left is None or time_left > 0):
                         study.optimize(objective, n_trials=left, timeout=time_left, n_jobs=jobs, callbacks=callbacks)
                 ran = len(finished)
+            from .confirm import confirm
+
+            torch.set_num_threads(config.threads)
+            stop = threading.Event()
+            say = None if progress is None else (lambda line: print(line, file=sys.stderr, flush=True))
+            with _stop_on_interrupt(stop):
+                confirmation = confirm(plan, study, jobs=jobs, stop=stop, progress=say)
     finally:
         torch.set_num_threads(threads)
         optuna.logging.set_verbosity(verbosity)
-    summary = report.write_outputs(study, plan)
+    summary = report.write_outputs(study, plan, confirmation)
     summary.update({"n_ran": ran, "jobs": jobs, "time_s": round(time.perf_counter() - started, 1)})
     return summary

@@ -1,0 +1,111 @@
+"""Training recipes: every model has one, pipelines are fitted to the dataset exactly as documented,
+and a run settles what the user left unset (and nothing else)."""
+
+import math
+
+import pytest
+
+import pipelines
+from pipelines.spec import CenterCrop, Normalize, PcaColor, RandomCrop, RandomResizedCrop, Resize
+from trainer import models
+from trainer.recipes import GENERIC, RECIPES, default_pipeline, fit_pipeline, recipe_for, run_epochs, settle
+from trainer.run import TrainConfig
+
+
+def test_every_registered_model_has_a_recipe():
+    families = {name: recipe_for(name).family for name in models.list_models()}
+    assert families["lenet5"] == families["lenet5_relu"] == "lenet"
+    assert {families[f"resnet{d}"] for d in (20, 32, 44, 56, 110)} == {"cifar-resnet"}
+    assert {families[f"resnet{d}"] for d in (18, 34, 50, 101, 152)} == {"resnet"}  # 34 and 50 are not CIFAR depths
+    assert families["googlenet"] == "inception" and families["vgg16"] == "vgg" and families["mobilenet_v2"] == "mobilenet"
+    assert all(name.startswith("plain") for name, family in families.items() if family == "plain")
+    for _patterns, recipe in RECIPES:
+        assert recipe.pipeline in pipelines.list_presets()
+        assert recipe.optimizer in ("sgd", "adamw") and recipe.steps >= recipe.trial_steps > 0 and recipe.epochs >= 1
+    with pytest.raises(ValueError, match="unknown model 'mynet'"):
+        recipe_for("mynet")
+
+
+@pytest.mark.parametrize("epochs, steps, per_epoch, expected", [(30, 700, 23, 31), (30, 700, 18, 39), (16, 500, 1000, 16), (1, 300, 300, 1), (1, 301, 300, 2)])
+def test_run_length_is_the_larger_of_epochs_and_the_step_budget(epochs, steps, per_epoch, expected):
+    assert run_epochs(epochs, steps, per_epoch) == expected
+    assert run_epochs(epochs, steps, per_epoch) * per_epoch >= max(steps, epochs * per_epoch)
+
+
+def test_run_length_needs_a_full_batch():
+    with pytest.raises(ValueError, match="no full batch per epoch"):
+        run_epochs(1, 10, 0)
+
+
+def test_fit_scales_every_size_of_a_preset_to_a_smaller_dataset():
+    vgg = fit_pipeline(pipelines.load_preset("vgg"), 3, (64, 64))
+    resize, crop = vgg.ops[0], vgg.ops[1]
+    assert isinstance(resize, Resize) and resize.short_side == (73, 146)  # 256..512 × 64/224
+    assert isinstance(crop, RandomCrop) and crop.size == (64, 64) and vgg.name == "vgg-64"
+    assert vgg.ops[2:] == pipelines.load_preset("vgg").ops[2:]  # mirror, PCA lighting, normalize unchanged
+    resnet = fit_pipeline(pipelines.load_preset("resnet"), 3, (48, 60))
+    assert isinstance(resnet.ops[0], RandomResizedCrop) and resnet.ops[0].size == (48, 48)
+    assert resnet.ops[0].scale == (0.08, 1.0)  # fractions of area do not scale
+
+
+def test_fit_never_scales_up_and_leaves_varying_sizes_alone():
+    for image_size in ((500, 375), None):
+        assert fit_pipeline(pipelines.load_preset("resnet"), 3, image_size).ops == pipelines.load_preset("resnet").ops
+
+
+def test_fit_resizes_images_larger_than_a_crop_without_rescaling():
+    lenet = fit_pipeline(pipelines.load_preset("lenet5"), 3, (64, 64))
+    assert lenet.ops[0] == Resize(short_side=32) and lenet.ops[1] == RandomCrop(size=32, padding=2)
+    assert lenet.name == "lenet5-32"
+    assert fit_pipeline(pipelines.load_preset("lenet5"), 1, (32, 32)).ops == pipelines.load_preset("lenet5").ops
+
+
+def test_fit_to_grey_drops_color_ops_and_averages_normalize():
+    grey = fit_pipeline(pipelines.load_preset("alexnet"), 1, (32, 32))
+    assert not any(isinstance(op, PcaColor) for op in grey.ops)
+    assert grey.normalize.mean == pytest.approx((sum((0.485, 0.456, 0.406)) / 3,))
+    assert grey.normalize.std == pytest.approx((sum((0.229, 0.224, 0.225)) / 3,))
+    rgb = fit_pipeline(pipelines.load_preset("lenet5"), 3, (32, 32))
+    assert rgb.normalize == Normalize(mean=(0.26,) * 3, std=(0.36,) * 3)
+
+
+def test_grey_datasets_take_lenets_preset_whatever_the_family():
+    spec = default_pipeline(recipe_for("resnet18"), 1, (32, 32))
+    assert spec.ops == pipelines.load_preset("lenet5").ops  # no mirror on digits
+    spec = default_pipeline(recipe_for("resnet18"), 3, (64, 64))
+    assert spec.name == "resnet-64" and spec.ops[0].size == (64, 64)
+    assert default_pipeline(recipe_for("googlenet"), 3, None).ops[0] == pipelines.load_preset("inception").ops[0]
+    assert isinstance(fit_pipeline(pipelines.load_preset("alexnet"), 3, (64, 64)).ops[1], RandomCrop)
+    assert not any(isinstance(op, CenterCrop) for op in spec.ops)
+
+
+def test_settle_fills_only_what_is_unset():
+    config = TrainConfig(model="resnet18", dataset="shapes", lr=0.3)
+    settled = settle(config, channels=3, image_size=(64, 64), batches_per_epoch=31)
+    recipe = recipe_for("resnet18")
+    assert settled.lr == 0.3  # given: kept
+    assert (settled.batch_size, settled.optimizer, settled.weight_decay, settled.warmup_epochs) == (recipe.batch_size, recipe.optimizer, recipe.weight_decay, recipe.warmup_epochs)
+    assert settled.epochs == max(recipe.epochs, math.ceil(recipe.steps / 31))
+    assert settled.pipeline.name == "resnet-64"
+    assert config.lr == 0.3 and config.pipeline is None  # the input is not changed
+    by_steps = settle(TrainConfig(model="resnet18", dataset="shapes", steps=100), channels=3, image_size=(64, 64), batches_per_epoch=31)
+    assert by_steps.epochs == 4 and by_steps.steps is None  # ceil(100 / 31): a step budget, rounded up to whole epochs
+    by_steps.validate()
+    given = settle(TrainConfig(model="resnet18", pipeline="resnet", epochs=2, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0, schedule="step", warmup_epochs=0.0, label_smoothing=0.1))
+    assert given.pipeline == "resnet" and given.epochs == 2 and given.schedule == "step"  # nothing to settle: no dataset needed
+
+
+def test_a_model_without_a_recipe_needs_the_essentials(monkeypatch):
+    # A model of the user's own, registered under a name no recipe pattern matches (patched in, so the
+    # registry the other tests iterate stays as it is).
+    monkeypatch.setattr(models, "get_builder", lambda name: object())
+
+    with pytest.raises(ValueError, match="model 'test_recipeless_net' has no training recipe: pass --batch-size, --lr and --epochs yourself"):
+        settle(TrainConfig(model="test_recipeless_net", pipeline="resnet", epochs=2, batch_size=8), channels=3, image_size=None, batches_per_epoch=5)
+    settled = settle(TrainConfig(model="test_recipeless_net", pipeline="resnet", epochs=2, batch_size=8, lr=0.1))
+    assert (settled.optimizer, settled.weight_decay, settled.schedule) == (GENERIC.optimizer, GENERIC.weight_decay, GENERIC.schedule)
+
+
+def test_both_epochs_and_steps_is_a_mistake():
+    with pytest.raises(ValueError, match="give --epochs or --steps, not both"):
+        TrainConfig(epochs=2, steps=10).validate()
