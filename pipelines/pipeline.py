@@ -48,7 +48,7 @@ class Pipeline:
         return self._sample(shapes, seed, epoch, sample_ids).records()
 
     def _sample(self, shapes, seed, epoch, sample_ids) -> BatchParams:
-        shapes = [tuple(int(v) for v in (s if len(s) == 3 else (*s, 1))) for s in shapes]
+        shapes = [tuple(map(int, s)) if len(s) == 3 else (*map(int, s), 1) for s in shapes]
         if not shapes:
             raise ValueError("empty batch: no shapes were given")
         ids = list(range(len(shapes))) if sample_ids is None else list(sample_ids)

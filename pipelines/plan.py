@@ -186,15 +186,17 @@ def fuse_batch(batch: BatchParams, color_first: bool = False) -> list[SamplePlan
                 forward = _compose(matrices, forward)
     inverse = _invert_affine(forward)
     plans = []
+    # Plain Python values for the per-sample loop: indexing numpy arrays element by element costs more
+    # than the rest of the loop.
+    shapes, out_hws, ids, with_color = batch.in_shapes.tolist(), hw.tolist(), batch.sample_ids.tolist(), colored.tolist()
     for i in range(n):
-        count = int(channels[i])
-        shape = (int(batch.in_shapes[i, 0]), int(batch.in_shapes[i, 1]), count)
-        plan = SamplePlan(shape, (int(hw[i, 0]), int(hw[i, 1])), sample_id=int(batch.sample_ids[i]), color_first=color_first)
+        height, width, count = shapes[i]
+        plan = SamplePlan((height, width, count), tuple(out_hws[i]), sample_id=ids[i], color_first=color_first)
         if i in pieces:
             plan.chain = list(reversed([*pieces[i], AffineStep(inverse[i])]))
         else:
             plan.inverse = inverse[i]
-        if colored[i]:
+        if with_color[i]:
             plan.color = (np.eye(count), offset[i, :count])
         plans.append(plan)
     return plans
@@ -221,6 +223,7 @@ class AxisAligned:
     source coordinates of the output's left/top edge. ``copies``: aligned, unit scales and integer
     ``left``/``top`` — the output is the window ``image[top:top+out_h, left:left+out_w]`` (mirrored
     by ``flip_x``/``flip_y``), copied exactly. Values of samples that are not aligned are meaningless.
+    ``in_hw``/``out_hw``: (N, 2) int64 input and output height, width of every sample.
     """
 
     aligned: np.ndarray  # bool
@@ -231,6 +234,8 @@ class AxisAligned:
     scale_y: np.ndarray  # float64
     left: np.ndarray  # float64
     top: np.ndarray  # float64
+    in_hw: np.ndarray  # int64 (N, 2)
+    out_hw: np.ndarray  # int64 (N, 2)
 
     def window(self, i: int) -> tuple[int, int]:
         """``(top, left)`` of sample ``i``'s integer window (meaningful when ``copies[i]``)."""
@@ -247,11 +252,11 @@ def axis_aligned(plans: list[SamplePlan]) -> AxisAligned:
     n = len(plans)
     matrices = _eyes(n)
     is_affine = np.zeros(n, dtype=bool)
-    out_hw = np.empty((n, 2))
-    for i, plan in enumerate(plans):
-        out_hw[i] = plan.out_hw
-        if plan.inverse is not None:
-            matrices[i], is_affine[i] = plan.inverse, True
+    out_hw = np.array([plan.out_hw for plan in plans], dtype=np.int64).reshape(n, 2)
+    in_hw = np.array([plan.in_shape[:2] for plan in plans], dtype=np.int64).reshape(n, 2)
+    affine = [i for i, plan in enumerate(plans) if plan.inverse is not None]
+    if affine:
+        matrices[affine], is_affine[affine] = np.stack([plans[i].inverse for i in affine]), True
     a, d = matrices[:, 0, 0], matrices[:, 1, 1]
     aligned = is_affine & (np.abs(matrices[:, 0, 1]) <= PIXEL_ATOL) & (np.abs(matrices[:, 1, 0]) <= PIXEL_ATOL) & (np.abs(a) > PIXEL_ATOL) & (np.abs(d) > PIXEL_ATOL)
     flip_x, flip_y = a < 0, d < 0
@@ -261,4 +266,4 @@ def axis_aligned(plans: list[SamplePlan]) -> AxisAligned:
     scale_x, scale_y = np.abs(a), np.abs(d)
     unit = (np.abs(scale_x - 1.0) <= PIXEL_ATOL) & (np.abs(scale_y - 1.0) <= PIXEL_ATOL)
     copies = aligned & unit & _whole(left) & _whole(top)
-    return AxisAligned(aligned, copies, flip_x & aligned, flip_y & aligned, scale_x, scale_y, left, top)
+    return AxisAligned(aligned, copies, flip_x & aligned, flip_y & aligned, scale_x, scale_y, left, top, in_hw, out_hw)

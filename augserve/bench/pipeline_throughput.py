@@ -273,16 +273,46 @@ def _bind(run, inputs):
     return lambda round_index: run(inputs, round_index)
 
 
+def available_backends() -> tuple[list[str], dict[str, str]]:
+    """The registered backends that can run here, and for each one that cannot (its optional
+    dependency is not installed) the one-line reason: ``(names, {name: reason})``."""
+    from pipelines.backends import BackendUnavailable, require_backend
+
+    names, skipped = [], {}
+    for name in pipelines.BACKENDS.names():
+        try:
+            require_backend(name)
+        except BackendUnavailable as exc:
+            skipped[name] = str(exc)
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def _backends(backends: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """Backends asked for by name must all run here (BackendUnavailable otherwise, before anything is
+    measured); by default, every backend that can run here, and the reasons for the others."""
+    if backends is None:
+        return available_backends()
+    from pipelines.backends import require_backend
+
+    for name in backends:
+        require_backend(name)
+    return list(backends), {}
+
+
 def run_benchmark(images: int = 64, rounds: int = 5, threads: int = 1, backends: list[str] | None = None, progress=None, per_op: bool = False, op_rounds: int | None = None) -> dict:
     """Measure and return ``{"rows": [...], "ratio": ..., ...}``; every row is images/s per process.
 
+    ``backends``: the backends to measure (each must be installed); by default every registered one
+    that is, the others listed with the reason in ``"skipped_backends"`` (name -> one line).
     ``per_op``: also ``"per_op"`` and ``"per_pipeline"`` row lists, measured in a second interleaved pass
     of ``op_rounds`` rounds (default: ``rounds``, at most 3).
     """
+    backends, skipped = _backends(backends)
     cv2.setNumThreads(threads if threads > 1 else 0)  # 0: OpenCV runs on the calling thread only
     torch.set_num_threads(threads)
     inputs = make_inputs(images)
-    backends = backends or pipelines.BACKENDS.names()
     alexnet = pipelines.load_preset("alexnet").without_normalize()
     candidates = {"albumentations Compose (baseline)": (lambda baseline: lambda r: baseline(inputs))(albumentations_baseline())}
     for backend in backends:
@@ -303,6 +333,7 @@ def run_benchmark(images: int = 64, rounds: int = 5, threads: int = 1, backends:
         "rounds": rounds,
         "cpu": _cpu_name(),
         "backends": list(backends),
+        "skipped_backends": skipped,
         "rows": rows,
         "ratio_fused_cpu_vs_compose": round(fused / baseline, 2) if fused else None,
         "target_ratio": 1.5,
@@ -315,8 +346,9 @@ def run_benchmark(images: int = 64, rounds: int = 5, threads: int = 1, backends:
 
 def run_per_op(inputs: np.ndarray, rounds: int = 3, threads: int = 1, backends: list[str] | None = None, progress=None) -> dict:
     """Every op of :data:`PER_OP` and every preset (without normalize), each backend and the ordinary
-    albumentations equivalent, in one interleaved pass over identical inputs."""
-    backends = backends or pipelines.BACKENDS.names()
+    albumentations equivalent, in one interleaved pass over identical inputs. ``backends``: as for
+    :func:`run_benchmark` (by default, every one installed here)."""
+    backends, _ = _backends(backends)
     side = int(min(inputs.shape[1:3]))
     implementations = [UNCOLLATED, ORDINARY, *(f"augserve {b}" for b in backends)]
     candidates: dict[tuple[str, str, str], object] = {}
@@ -384,6 +416,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"pipelines benchmark — {result['input']}, {result['threads']} thread(s) per process, median of {result['rounds']} interleaved rounds",
         f"CPU: {result['cpu']}",
+        *(f"skipped: {reason}" for reason in result.get("skipped_backends", {}).values()),
         "",
         f"| {'implementation':<46} | {'images/s':>9} | {'× baseline':>10} |",
         f"|{'-' * 48}|{'-' * 11}:|{'-' * 12}:|",

@@ -79,6 +79,58 @@ def test_pipelines_per_op_rows_summary_and_plot(tmp_path):
     assert_png(plot)
 
 
+MISSING_DALI = "backend 'dali' needs NVIDIA DALI: pip install 'augserve[dali]'"
+
+# The CLI in a fresh interpreter where NVIDIA DALI is absent for real: an import finder placed first
+# answers for it as the import system does for a module that is not installed.
+_WITHOUT_DALI = """
+import sys
+
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Absent())
+from augserve.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def bench_without_dali(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_DALI, "bench", *args], capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def test_pipelines_skips_a_backend_not_installed_in_one_line():
+    proc = bench_without_dali("pipelines", "--images", "2", "--rounds", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines.count(f"skipped: {MISSING_DALI}") == 1 and sum("dali" in line for line in lines) == 1
+    assert "augserve torch: alexnet-chain" in proc.stdout and "augserve albumentations: alexnet-chain" in proc.stdout
+
+    rows, summary = json_lines(bench_without_dali("pipelines", "--images", "2", "--rounds", "1", "--json"))
+    assert summary["backends"] == ["albumentations", "torch"] and summary["skipped_backends"] == {"dali": MISSING_DALI}
+    assert not any("dali" in row["name"] for row in rows)
+
+
+def test_pipelines_refuses_a_backend_asked_for_that_is_not_installed():
+    proc = bench_without_dali("pipelines", "--backend", "dali", "--images", "2", "--rounds", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"augserve: error: {MISSING_DALI}"] and proc.stdout == ""
+
+
+def test_pipelines_by_default_measures_every_backend_installed_here():
+    """The dev install brings DALI, so nothing is skipped here: the skip above is the finder's doing."""
+    import pipelines
+    from augserve.bench.pipeline_throughput import available_backends
+
+    assert available_backends() == (pipelines.BACKENDS.names(), {})
+
+
 def test_e2e_scaling_rows_summary_and_plot(tmp_path):
     plot = tmp_path / "e2e.png"
     proc = bench("e2e", "--workers", "2", "--scaling", "--batch-size", "8", "--batches", "2", "--rounds", "1", "--images", "32", "--json", "--plot", str(plot))

@@ -1,11 +1,11 @@
-"""The OpenCV kernels of the CPU backends: the resize fast path against the warp it replaces."""
+"""The OpenCV kernels of the CPU backends: the window path of axis-aligned plans against the warp it replaces."""
 
 import numpy as np
 import pytest
 
 import pipelines
 from pipelines.backends import opencv_kernels as K
-from pipelines.backends.opencv_kernels import _edge_strips, _resize_region
+from pipelines.backends.opencv_kernels import _tap_span
 from pipelines.plan import SamplePlan, axis_aligned
 
 
@@ -20,81 +20,105 @@ def plans_for(spec, images, seed=3):
 
 AXIS_ALIGNED = {
     "random_resized_crop": [{"op": "random_resized_crop", "size": [48, 56]}],
-    "random_resized_crop mirrored": [{"op": "random_resized_crop", "size": [48, 56]}, {"op": "mirror", "horizontal": 0.5, "vertical": 0.5}],
-    "resize up": [{"op": "resize", "short_side": 100}],
+    "random_resized_crop flipped": [{"op": "random_resized_crop", "size": [48, 56]}, {"op": "mirror", "horizontal": 1.0}],
+    "random_resized_crop both ways": [{"op": "random_resized_crop", "size": [48, 56]}, {"op": "mirror", "horizontal": 1.0, "vertical": 1.0}],
+    "flipped then cropped and enlarged": [{"op": "mirror", "vertical": 1.0, "horizontal": 0.0}, {"op": "random_resized_crop", "size": 96, "scale": [0.05, 0.2]}],
+    "resize up": [{"op": "resize", "short_side": 100}, {"op": "mirror", "horizontal": 1.0}],
     "resize down": [{"op": "resize", "short_side": 40}],
-    "resize then crop": [{"op": "resize", "short_side": [72, 90]}, {"op": "random_crop", "size": 64}],
+    "resize down flipped": [{"op": "resize", "short_side": 40}, {"op": "mirror", "horizontal": 1.0}],
+    # Windows that leave the image: the border mode decides the taps there.
+    "resize then padded crop": [{"op": "resize", "short_side": [72, 90]}, {"op": "random_crop", "size": 64, "padding": 12}, {"op": "mirror", "horizontal": 1.0}],
 }
 
 
 @pytest.mark.parametrize("ops", AXIS_ALIGNED.values(), ids=AXIS_ALIGNED.keys())
 @pytest.mark.parametrize("border, fill", [("constant", 0), ("constant", 130), ("replicate", 0)])
 @pytest.mark.parametrize("channels", [3, 1])
-def test_resize_path_matches_the_warp(ops, border, fill, channels):
-    """Float weights, one rounding: within one level of warpAffine everywhere, on raw noise (the
-    worst case), and on few values. Measured: max 1, mean <= 0.011 (down-scaling, where warpAffine's
-    fixed-point taps differ most)."""
+def test_window_path_matches_the_warp(ops, border, fill, channels):
+    """The same samples as warpAffine with the plan's matrix, on raw noise (the worst case): only the
+    float rounding of the coordinates differs. Measured: max 1, mean <= 0.009."""
     images = noise(shape=(64, 80, channels))
     plans = plans_for({"ops": ops}, images)
     facts = axis_aligned(plans)
-    used = 0
     for i, (image, plan) in enumerate(zip(images, plans)):
-        assert facts.aligned[i]
-        fast = K.resize_window(image, facts, i, plan.out_hw, border, fill, None)
-        if fast is None:
-            continue
-        used += 1
+        assert facts.aligned[i] and not facts.copies[i]
+        fast = K.warp_window(image, K.tap_windows(facts), i, plan.out_hw, border, fill, None)
         slow = K.warp_affine(image, plan.inverse, plan.out_hw, border, fill)
         assert fast.shape == slow.shape == (*plan.out_hw, channels) and fast.dtype == np.uint8
         diff = np.abs(fast.astype(np.int16) - slow.astype(np.int16))
         assert diff.max() <= 1 and diff.mean() < 0.02, (diff.max(), diff.mean())
-    assert used >= len(plans) // 2  # the fast path is taken, not skipped
 
 
-def test_resize_path_writes_into_the_batch_slot():
+def test_the_cases_above_take_both_borders():
+    """Windows inside the image (warped with the replicate border: no tap can leave them) and windows
+    clipped by the image edge (the spec's border mode) both occur in the comparison above."""
+    inside = [K.tap_windows(axis_aligned(plans_for({"ops": ops}, noise()))).inside for ops in AXIS_ALIGNED.values()]
+    assert any(any(flags) for flags in inside) and any(not all(flags) for flags in inside)
+
+
+def test_window_path_writes_into_the_batch_slot():
     images = noise(count=4)
-    plans = plans_for({"ops": AXIS_ALIGNED["random_resized_crop mirrored"]}, images)
+    plans = plans_for({"ops": AXIS_ALIGNED["random_resized_crop both ways"]}, images)
     facts = axis_aligned(plans)
     out = np.zeros((len(plans), 48, 56, 3), dtype=np.uint8)
     for i, (image, plan) in enumerate(zip(images, plans)):
-        result = K.resize_window(image, facts, i, plan.out_hw, "constant", 0, out[i])
+        result = K.warp_window(image, K.tap_windows(facts), i, plan.out_hw, "constant", 0, out[i])
         assert result is not None and np.shares_memory(result, out[i])
-        np.testing.assert_array_equal(out[i], K.resize_window(image, facts, i, plan.out_hw, "constant", 0, None))
+        np.testing.assert_array_equal(out[i], K.warp_window(image, K.tap_windows(facts), i, plan.out_hw, "constant", 0, None))
 
 
-@pytest.mark.parametrize("mirror", [(False, False), (True, False), (False, True), (True, True)])
-def test_edge_strips_are_the_warp_exactly(mirror):
-    """Output pixels whose taps reach past the region are computed by the warp itself — also when
-    the region is mirrored before it is resized."""
+def test_window_path_reads_only_near_the_taps():
+    """Pixels more than one pixel away from every tap do not reach the output: the window is the taps'
+    span plus a margin of one."""
     from pipelines import geometry as G
 
     image = noise(count=1, shape=(40, 40, 3))[0]
-    # Enlarge the 10×10 box at (5, 7) to 40×40: scale 0.25, strips of 2 outputs on each side.
-    inverse = np.array([[0.25, 0.0, 7.0], [0.0, 0.25, 5.0], [0.0, 0.0, 1.0]]) @ G.mirror_matrix(*mirror, 40, 40)
+    # Enlarge the 10×10 box at (5, 7) to 40×40, mirrored: the taps span columns 6-17 and rows 4-15.
+    inverse = np.array([[0.25, 0.0, 7.0], [0.0, 0.25, 5.0], [0.0, 0.0, 1.0]]) @ G.mirror_matrix(True, False, 40, 40)
     plan = SamplePlan((40, 40, 3), (40, 40), inverse=inverse)
     facts = axis_aligned([plan])
-    fast = K.resize_window(image, facts, 0, (40, 40), "constant", 0, None)
-    slow = K.warp_affine(image, inverse, (40, 40), "constant", 0)
-    assert _edge_strips(7.0, 0.25, 40, 7, 17) == (2, 2)
-    np.testing.assert_array_equal(fast[:2], slow[:2])
-    np.testing.assert_array_equal(fast[-2:], slow[-2:])
-    np.testing.assert_array_equal(fast[:, :2], slow[:, :2])
-    np.testing.assert_array_equal(fast[:, -2:], slow[:, -2:])
-    assert np.abs(fast.astype(int) - slow.astype(int)).max() <= 1
+    assert _tap_span(7.0, 0.25, 40, 40) == (5, 19, True) and _tap_span(5.0, 0.25, 40, 40) == (3, 17, True)
+    spoiled = image.copy()
+    spoiled[:, :5] = spoiled[:, 19:] = spoiled[:3] = spoiled[17:] = 255
+    expected = K.warp_affine(image, inverse, (40, 40), "constant", 0)
+    np.testing.assert_array_equal(K.warp_window(spoiled, K.tap_windows(facts), 0, (40, 40), "constant", 0, None), K.warp_window(image, K.tap_windows(facts), 0, (40, 40), "constant", 0, None))
+    assert np.abs(K.warp_window(image, K.tap_windows(facts), 0, (40, 40), "constant", 0, None).astype(int) - expected).max() <= 1
 
 
-def test_resize_region_needs_a_whole_pixel_start():
-    # Starts on a whole pixel: no skipped outputs.
-    assert _resize_region(7.0, 0.5, 20, 64) == (7, 0, 10)
-    # A resize followed by a crop at output column 6: the region starts at 0 and 6 outputs are dropped.
-    assert _resize_region(6 * 0.8, 0.8, 10, 64) == (0, 6, 13)
-    # A sub-pixel start that no whole-pixel region reaches: the warp runs instead.
-    assert _resize_region(0.3, 0.7, 10, 64) is None
-    # The region would have to leave the image.
-    assert _resize_region(60.0, 1.0, 10, 64) is None
+def test_tap_span_is_clipped_to_the_image():
+    # A box from column 0: the bilinear taps of the first outputs leave the image (the border decides).
+    assert _tap_span(0.0, 0.5, 20, 64) == (0, 12, False)
+    # Shrinking by 2 from column 10: taps from 10 to 49, one pixel of margin each side.
+    assert _tap_span(10.0, 2.0, 20, 64) == (9, 51, True)
+    # The margin alone leaves the image: clipped, and the border mode is kept.
+    assert _tap_span(1.0, 1.0, 62, 64) == (0, 64, False)
+    assert _tap_span(60.0, 1.0, 10, 64) == (59, 64, False)
 
 
-def test_no_resize_for_plans_that_are_not_axis_aligned():
+def test_no_window_when_the_taps_all_leave_the_image():
+    """A box wholly outside the image: None, and the plain warp fills the output by the border mode."""
+    from pipelines import geometry as G
+
+    image = noise(count=1, shape=(20, 20, 3))[0]
+    inverse = np.array([[0.5, 0.0, 40.0], [0.0, 0.5, 2.0], [0.0, 0.0, 1.0]]) @ G.mirror_matrix(True, False, 16, 16)
+    facts = axis_aligned([SamplePlan((20, 20, 3), (16, 16), inverse=inverse)])
+    assert facts.aligned[0] and facts.flip_x[0]
+    assert K.warp_window(image, K.tap_windows(facts), 0, (16, 16), "constant", 0, None) is None
+
+
+@pytest.mark.parametrize("name", ["random_resized_crop", "random_resized_crop flipped"])
+def test_the_backend_takes_the_window_path(name):
+    """The albumentations backend runs scale + translation plans through warp_window."""
+    images = noise(count=4)
+    spec = {"ops": AXIS_ALIGNED[name]}
+    plans = plans_for(spec, images)
+    facts = axis_aligned(plans)
+    out = pipelines.build(spec)(images, seed=3).numpy()
+    for i, (image, plan) in enumerate(zip(images, plans)):
+        np.testing.assert_array_equal(out[i], K.warp_window(image, K.tap_windows(facts), i, plan.out_hw, "constant", 0, None))
+
+
+def test_no_fast_path_for_plans_that_are_not_axis_aligned():
     images = noise(count=4)
     plans = plans_for({"ops": [{"op": "rotate", "degrees": 20}]}, images)
     facts = axis_aligned(plans)
