@@ -212,8 +212,11 @@ def test_a_killed_worker_leaves_no_segment_and_the_epoch_stays_exactly_once(star
 _TRAINER = """
 import sys
 from augserve import connect
-stream = connect(sys.argv[1], dataset="shapes", dataset_options={"size": 32, "n": 200}, batch_size=16, epochs=100, prefetch=4,
-                 pipeline={"ops": [{"op": "random_crop", "size": 32, "padding": 2}, {"op": "mirror"}]}, transport="shm",
+# Elastic warps of 128² images: a batch takes a worker a good part of a second, so when the test stops
+# this trainer the batches its credits asked for are still being made, and their slots are filled
+# after it stopped (never mapped). With cheap batches they could all arrive first, on a quiet machine.
+stream = connect(sys.argv[1], dataset="shapes", dataset_options={"size": 128, "n": 200}, batch_size=16, epochs=100, prefetch=4,
+                 pipeline={"ops": [{"op": "warp", "kind": "elastic", "magnitude": 0.05}, {"op": "mirror"}]}, transport="shm",
                  timeout=10, batch_timeout=60)
 kept = []
 for batch in stream:
