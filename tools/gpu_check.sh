@@ -11,7 +11,9 @@ if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-echo "== GPU tests"; timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/tests.txt"
+echo "== GPU tests"; timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_recipes_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+# The big models' default recipes on shapes at 64² (issue 10's acceptance check), each a full default run.
+echo "== recipes"; timeout 420 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_recipes_gpu.py 2>&1 | tail -15 | tee "$OUT/recipes.txt"
 echo "== bench gpu"; timeout 120 python3 -m augserve bench gpu --rounds 8 --json > "$OUT/bench_gpu.jsonl" 2> "$OUT/bench_gpu.err"
 tail -1 "$OUT/bench_gpu.jsonl" | python3 -c "import json,sys; from augserve.bench.gpu import format_table; print(format_table(json.loads(sys.stdin.read())))" | tee "$OUT/bench_gpu.md"
 tail -3 "$OUT/bench_gpu.err"
