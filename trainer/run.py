@@ -135,7 +135,10 @@ class Run:
     """
 
     def __init__(self, config: TrainConfig, epoch_callbacks: Iterable[Callable[["Run", dict], None]] = ()) -> None:
+        from . import models
+
         config.validate()
+        models.get_builder(config.model)  # an unknown model fails here, before any daemon starts
         self.config = config
         self.epoch_callbacks = list(epoch_callbacks)
         self._stop = threading.Event()
