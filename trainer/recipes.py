@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from pipelines.spec import CenterCrop, ColorShift, Normalize, PcaColor, PipelineSpec, RandomCrop, RandomResizedCrop, Resize
 
@@ -47,9 +47,6 @@ class Recipe:
     epochs: int = 1  # at least this many epochs (what counts on a large folder)
     steps: int = 600  # and at least this many optimiser steps (what counts on the built-in datasets)
     trial_steps: int = 300  # one tuning trial
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # What a model without a recipe of its own takes for the optimiser's details (once the user has given

@@ -112,14 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_arms(args, address: str, tuned) -> dict:
     """Every arm × seed, ``jobs`` runs at a time; test accuracy of each."""
-    from concurrent.futures import ThreadPoolExecutor
-    from dataclasses import replace
-
     import pipelines
     from trainer import recipes
     from trainer.data import eval_spec
     from trainer.run import TrainConfig
-    from trainer.tuning.runs import train_once
+    from trainer.tuning.runs import held_out_accuracies
 
     from augserve.sources import open_dataset
 
@@ -137,20 +134,9 @@ def run_arms(args, address: str, tuned) -> dict:
         "crop+flip+pca": pipelines.resolve(crop_flip(side, pca=True)),
     }
     seeds = [1 + i for i in range(args.seeds)]
-    accuracies: dict[str, list[float]] = {arm: [] for arm in specs}
-    results = {}
-
-    def one(arm: str, seed: int) -> None:
-        t0 = time.perf_counter()
-        summary = train_once(replace(template, pipeline=specs[arm], seed=seed))
-        results[(arm, seed)] = float(summary["accuracy"])
-        print(f"{arm} seed {seed}: test accuracy {summary['accuracy']:.4f} [{time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
-
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(one, arm, seed) for arm in specs for seed in seeds]:
-            future.result()
-    for arm in specs:
-        accuracies[arm] = [results[(arm, seed)] for seed in seeds]
+    runs = [(arm, spec, seed) for arm, spec in specs.items() for seed in seeds]
+    results = held_out_accuracies(template, runs, jobs=args.jobs, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    accuracies = {arm: [results[(arm, seed)] for seed in seeds] for arm in specs}
     return {"seeds": seeds, "accuracies": accuracies, "specs": {arm: spec.to_dict() for arm, spec in specs.items()}}
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import statistics
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Callable
 
@@ -90,7 +88,7 @@ def confirm(plan, study, *, jobs: int, stop: threading.Event | None = None, prog
     """Run (or reuse) the confirmation of ``study``'s best trial; None when there is no complete trial
     or ``confirm_seeds`` is 0. Returns ``{"seeds", "best_trial", "arms": {arm: {accuracies, mean, std,
     spec}}, "tuned_vs_base", "base_vs_none", "tuned_beats_base", "verdict"}``."""
-    from .runs import train_once
+    from .runs import held_out_accuracies
 
     c = plan.config
     if not c.confirm_seeds:
@@ -106,19 +104,9 @@ def confirm(plan, study, *, jobs: int, stop: threading.Event | None = None, prog
     if stored.get("best_trial") == best.number and stored.get("seeds") == seeds:
         accuracies = {arm: list(values) for arm, values in stored.get("accuracies", {}).items()}
     todo = [(arm, spec, seed) for arm, spec in arms for seed in seeds if len(accuracies.get(arm, [])) < len(seeds)]
-    results: dict[tuple[str, int], float] = {}
-
-    def one(arm: str, spec, seed: int) -> None:
-        started = time.perf_counter()
-        summary = train_once(replace(plan.trial, pipeline=spec, seed=seed, eval_split="test"), stop)
-        results[(arm, seed)] = float(summary["accuracy"])
-        if progress is not None:
-            progress(f"confirm {arm} seed {seed}: test accuracy {summary['accuracy']:.4f} [{time.perf_counter() - started:.1f} s]")
-
     if todo:
-        with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="confirm") as pool:
-            for future in [pool.submit(one, *item) for item in todo]:
-                future.result()
+        template = replace(plan.trial, eval_split="test")
+        results = held_out_accuracies(template, todo, jobs=jobs, stop=stop, progress=progress, label="confirm ")
         for arm, _spec, seed in todo:
             accuracies.setdefault(arm, []).append(results[(arm, seed)])
         study.set_user_attr(STORE_ATTR, {"best_trial": best.number, "seeds": seeds, "accuracies": accuracies})

@@ -1,4 +1,4 @@
-"""One training run inside a study (a trial, or a confirmation run): :class:`trainer.run.Run` in this
+"""One training run inside a study (a trial, or a confirmation run), and a set of them in parallel: :class:`trainer.run.Run` in this
 thread, ended at its next batch when the study's ``stop`` event is set (Ctrl-C reaches only the main
 thread; runs in worker threads watch the event)."""
 
@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Callable, Iterable
 
 
@@ -43,3 +46,23 @@ def train_once(config, stop: threading.Event | None = None, epoch_callbacks: Ite
         raise KeyboardInterrupt from None
     finally:
         run.world.close()
+
+
+def held_out_accuracies(template, runs, *, jobs: int, stop: threading.Event | None = None, progress: Callable[[str], None] | None = None, label: str = "") -> dict:
+    """Train ``template`` (a settled or settleable :class:`trainer.run.TrainConfig`) once per
+    ``(arm, spec, seed)`` of ``runs`` with that pipeline and seed, ``jobs`` runs at a time (threads,
+    as trials are), and return ``{(arm, seed): held-out accuracy}`` (on ``template.eval_split``).
+    ``progress`` gets one line per finished run, prefixed with ``label``."""
+    results: dict[tuple[str, int], float] = {}
+
+    def one(arm: str, spec, seed: int) -> None:
+        started = time.perf_counter()
+        summary = train_once(replace(template, pipeline=spec, seed=seed), stop)
+        results[(arm, seed)] = float(summary["accuracy"])
+        if progress is not None:
+            progress(f"{label}{arm} seed {seed}: {template.eval_split} accuracy {summary['accuracy']:.4f} [{time.perf_counter() - started:.1f} s]")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="run") as pool:
+        for future in [pool.submit(one, *run) for run in runs]:
+            future.result()
+    return results
