@@ -113,8 +113,11 @@ def cmd_serve(args) -> int:
         require_ray()  # one line when Ray is not installed
     if config.workers != 0 or config.autoscale is not None:  # with no local workers the backend is the remote workers' business
         from pipelines.backends import require_backend
+        from pipelines.backends.base import check_device
 
         require_backend(config.backend)  # before binding anything: one line, not a failure per worker
+        if config.ray is None:  # Ray places workers on other machines, whose GPUs this one cannot see
+            check_device(config.device)
     logging.getLogger().setLevel(config.log_level.upper())
     import cv2
 
@@ -145,8 +148,11 @@ def cmd_worker(args) -> int:
 
     check_address(args.connect, "--connect")
     from pipelines.backends import require_backend
+    from pipelines.backends.base import check_device
 
     require_backend(args.backend)
+    if args.device:
+        check_device(args.device)
     options = WorkerOptions(
         connect=args.connect,
         backend=args.backend,

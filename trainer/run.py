@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from augserve.sources.open import check_dataset_name
+
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .data import embedded_daemon, eval_spec, output_size
@@ -139,6 +141,8 @@ class Run:
 
         config.validate()
         models.get_builder(config.model)  # an unknown model fails here, before any daemon starts
+        if not config.connect:  # so does an unknown dataset for the daemon this run starts itself
+            check_dataset_name(config.dataset)
         self.config = config
         self.epoch_callbacks = list(epoch_callbacks)
         self._stop = threading.Event()

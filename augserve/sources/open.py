@@ -73,10 +73,26 @@ def _open(name_or_path: str | os.PathLike, split: str, options: dict[str, Any]) 
     if path.is_file() and path.suffix.lower() == ".npz":
         _check_options(os.fspath(path), NpzSource, options)
         return NpzSource(name_or_path, split, **options)
+    raise _unknown(name_or_path)
+
+
+def check_dataset_name(name_or_path: str | os.PathLike) -> None:
+    """Raise :func:`open_dataset`'s one-line error for a name that is neither a built-in dataset nor
+    an existing folder or ``.npz`` file — without opening anything (a caller that starts a daemon
+    for it can fail first)."""
+    path = Path(name_or_path)
+    if isinstance(name_or_path, str) and get_builtin(name_or_path) is not None:
+        return
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".npz"):
+        return
+    raise _unknown(name_or_path)
+
+
+def _unknown(name_or_path: str | os.PathLike) -> ValueError:
     text = os.fspath(name_or_path)
     looks_like_path = os.sep in text or "/" in text or text.lower().endswith(".npz")
-    missing = " (no such file or folder)" if looks_like_path and not path.exists() else ""
-    raise ValueError(
+    missing = " (no such file or folder)" if looks_like_path and not Path(text).exists() else ""
+    return ValueError(
         f"unknown dataset {text!r}{missing}: expected one of {', '.join(builtin_names())}, "
         "a folder of class sub-folders, or a .npz file"
     )

@@ -31,8 +31,7 @@ class Backend(ABC):
         kind = device.split(":")[0]
         if kind not in self.devices:
             raise ValueError(f"backend {self.name!r} does not run on device {device!r}: supported {', '.join(self.devices)}")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine")
+        check_device(device)
         self.spec = spec
         self.device = device
         self.border = spec.border
@@ -41,6 +40,20 @@ class Backend(ABC):
     @abstractmethod
     def run(self, images: list[np.ndarray] | torch.Tensor, plans: list[SamplePlan]) -> torch.Tensor | list[torch.Tensor]:
         ...
+
+
+def check_device(device: str) -> None:
+    """One-line ValueError unless ``device`` ('cpu' or 'cuda[:K]') exists on this machine: CUDA that
+    this torch build lacks or no GPU is visible, or an index past the visible GPUs."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return
+    if not torch.cuda.is_available():
+        reason = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)"
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine: {reason}")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise ValueError(f"device {device!r} was asked for but this machine has {count} CUDA device(s): use cuda:0 … cuda:{count - 1}")
 
 
 def same_output_shape(plans: list[SamplePlan]) -> bool:

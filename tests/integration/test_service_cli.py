@@ -108,6 +108,21 @@ def test_serve_config_mistakes_end_in_one_line(args, env, needle):
     assert needle in _one_error_line(proc)
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_cuda_device_this_machine_lacks_ends_in_one_line_at_start(command):
+    """Asked for a GPU index past the visible ones (on a CPU machine: any GPU), ``serve`` and ``worker``
+    stop before binding or connecting anything, with one line naming the device."""
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last visible GPU; cuda:0 without any
+    address = f"tcp://127.0.0.1:{free_port()}"
+    args = ["--bind", address, "--workers", "1"] if command == "serve" else ["--connect", address]
+    proc = run_augserve(command, *args, "--backend", "torch", "--device", device, timeout=60)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert f"device '{device}' was asked for" in line, line
+
+
 def test_a_config_error_is_not_reported_as_a_pipeline_spec_error(tmp_path):
     config = tmp_path / "daemon.yaml"
     config.write_text("wrokers: 3\n")
