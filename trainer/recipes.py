@@ -164,6 +164,15 @@ def needs_dataset(config) -> bool:
     return config.pipeline is None or config.epochs is None
 
 
+def dataset_facts(stream) -> dict:
+    """What :func:`settle` needs to know of a dataset, from a stream attached to it (any pipeline):
+    ``channels``, ``image_size`` ((H, W), None when the images differ in size) and
+    ``batches_per_epoch`` (full batches of the stream's batch size)."""
+    info = stream.dataset_info
+    size = info.get("image_size")
+    return {"channels": int(info.get("channels", 3)), "image_size": tuple(size) if size else None, "batches_per_epoch": stream.batches_per_epoch}
+
+
 def settle(config, *, channels: int | None = None, image_size: tuple[int, int] | None = None, batches_per_epoch: int | None = None):
     """``config`` (a :class:`trainer.run.TrainConfig`) with every field left None filled from the model's
     recipe: optimiser settings as they stand, the pipeline fitted to the dataset (``channels``,

@@ -213,9 +213,7 @@ class Run:
         if recipes.needs_dataset(config):
             probe = self._connect(address, pipeline=PROBE_SPEC, batch_size=config.batch_size, epochs=1, prefetch=1, dataset_options=config.dataset_options)
             try:
-                info = probe.dataset_info
-                size = info.get("image_size")
-                facts = dict(channels=int(info.get("channels", 3)), image_size=tuple(size) if size else None, batches_per_epoch=probe.batches_per_epoch)
+                facts = recipes.dataset_facts(probe)
             finally:
                 probe.close()
         self.config = recipes.settle(config, **facts)

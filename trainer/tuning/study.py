@@ -242,14 +242,14 @@ def settle(plan: Plan, address: str) -> Plan:
     options = {**c.dataset_options, "val_fraction": c.val_fraction, "val_seed": c.seed}
     common = dict(dataset=c.dataset, batch_size=batch_size, dataset_options=options)
     probe = _attach(address, f"the daemon refused --dataset {c.dataset}", pipeline=PROBE_SPEC, **common)
-    info, batches = dict(probe.dataset_info), probe.batches_per_epoch
+    facts, classes = recipes.dataset_facts(probe), len(probe.dataset_info["classes"])
+    batches = facts["batches_per_epoch"]
     probe.close()
     if batches < 1:
         raise ValueError(f"--dataset {c.dataset}: the train split (less the {c.val_fraction:g} hold-out) has no full batch of {batch_size}: lower --batch-size")
     base, params = plan.base, plan.params
     if c.pipeline is None:
-        size = info.get("image_size")
-        base = recipes.default_pipeline(recipe, int(info.get("channels", 3)), tuple(size) if size else None)
+        base = recipes.default_pipeline(recipe, facts["channels"], facts["image_size"])
         params = build_search_space(base, c.params)
     _attach(address, f"the daemon refused --dataset {c.dataset} with --pipeline {base.name or plan.pipeline_name}", pipeline=base, **common).close()
     val = _attach(address, f"--dataset {c.dataset} cannot hold out a val split to score trials on", pipeline=eval_spec(base), split="val", shuffle=False, **common)
@@ -266,7 +266,7 @@ def settle(plan: Plan, address: str) -> Plan:
         TrainConfig(model=c.model, dataset=c.dataset, dataset_options=options, pipeline=base, epochs=epochs, batch_size=batch_size,
                     lr=c.lr, seed=c.seed, device=c.device, connect=address, eval_split="val", out=None, tensorboard=False, progress=False)
     )  # fmt: skip
-    return replace(plan, base=base, params=params, trial=trial, classes=len(info["classes"]), val_size=val_size)
+    return replace(plan, base=base, params=params, trial=trial, classes=classes, val_size=val_size)
 
 
 def daemon_workers(address: str) -> int:
