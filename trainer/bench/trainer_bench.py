@@ -16,28 +16,36 @@ as ``trainer.metrics.StepTimer`` measures it in training runs). Runs alternate b
 (the order flips every round) and medians are reported. One extra run trains on a single pre-made batch
 (no loader at all): the model's own ceiling on this machine.
 
+The same machinery runs ``augserve bench gpu-e2e`` (:mod:`trainer.bench.gpu_e2e`): the config's
+further fields put the trainer on a CUDA device (``device``, ``precision``, ``channels_last``; model and
+batches there, one pre-made batch already there for the synthetic run), the daemon's workers on one
+(``worker_device``), size the DataLoader apart from the daemon (``dataloader_workers``) and add DALI's
+own iterator (``loaders``). Their defaults keep this benchmark as it was. The batch sources are in
+:mod:`trainer.bench.loaders`.
+
 ``python -m trainer.bench.trainer_bench MODE --config JSON`` is the trainer process (MODE: augserve,
-dataloader or synthetic); it prints one JSON line.
+dataloader, dali or synthetic); it prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
 
-LOADERS = {"augserve": "augserve (daemon + connect)", "dataloader": "torch DataLoader + albumentations"}
-SERVED_NAME = "bench"  # a dataset given by path is served under this name
+LOADERS = {"augserve": "augserve (daemon + connect)", "dataloader": "torch DataLoader + albumentations", "dali": "DALI pipeline + DALIGenericIterator"}
+MODES = (*LOADERS, "synthetic")
+PRECISIONS = {"fp32": "none", "bf16": "bf16"}  # --precision -> trainer.loop.Precision's amp name
 CHILD_TIMEOUT_S = 1800.0
 
 
@@ -56,12 +64,65 @@ class TrainerBenchConfig:
     threads: int = 1
     lr: float = 0.01
     seed: int = 0
+    # Beyond ``augserve bench trainer`` (which keeps these defaults): see the module docstring.
+    device: str = "cpu"  # the trainer's: cpu or cuda[:k]
+    precision: str = "fp32"  # a key of PRECISIONS
+    channels_last: bool = False
+    worker_device: str = "cpu"  # the daemon workers'
+    dataloader_workers: int | None = None  # None: ``workers``
+    dali_threads: int | None = None  # None: the DataLoader's worker count
+    crop_size: int | None = None  # the preset's random_resized_crop resized (see loaders.bench_spec)
+    loaders: tuple[str, ...] = ("augserve", "dataloader")
+    one_epoch: bool = False  # the DataLoader draws the whole run as one epoch (see loaders.dataloader_batches)
+    child_timeout_s: float = CHILD_TIMEOUT_S
+
+    @property
+    def loader_workers(self) -> int:
+        return self.workers if self.dataloader_workers is None else self.dataloader_workers
+
+    @property
+    def loader_threads(self) -> int:
+        return self.loader_workers if self.dali_threads is None else self.dali_threads
+
+    def spec(self) -> dict:
+        """The pipeline every loader applies, as a spec dict."""
+        from trainer.bench.loaders import bench_spec
+
+        return bench_spec(self.pipeline, self.crop_size).to_dict()
 
 
-def _builtin(dataset: str) -> bool:
-    from augserve.config import BUILTIN_DATASETS
+EXTENDED_FIELDS = tuple(f.name for f in fields(TrainerBenchConfig) if f.name not in ("model", "dataset", "dataset_options", "pipeline", "batch_size", "steps", "warmup_steps", "workers", "rounds", "backend", "threads", "lr", "seed"))
 
-    return dataset in BUILTIN_DATASETS
+
+class ChildFailed(RuntimeError):
+    """A trainer process exited with an error or ran out of time; ``line``: the gist, one line."""
+
+    def __init__(self, message: str, line: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def check_setup(config: TrainerBenchConfig):
+    """The checks that need no dataset (pipeline, precision, loaders, model name): ValueError (one line)
+    for a mistake, before anything is generated or started. Returns the spec every loader applies."""
+    import pipelines
+    from pipelines.spec import RandomResizedCrop
+    from trainer import models
+
+    from augserve.bench.pipeline_throughput import ordinary_for_preset
+
+    ordinary_for_preset(config.pipeline)  # refuses pipelines without an albumentations equivalent
+    spec = pipelines.PipelineSpec.model_validate(config.spec())
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    unknown = [mode for mode in config.loaders if mode not in LOADERS]
+    if unknown or not config.loaders:
+        raise ValueError(f"loaders must be some of {', '.join(LOADERS)}, got {list(config.loaders)}")
+    if "dali" in config.loaders and not any(isinstance(op, RandomResizedCrop) for op in spec.ops):
+        raise ValueError(f"DALI's own pipeline starts with random_resized_crop, and pipeline {config.pipeline} has none")
+    if config.model not in models.list_models():
+        raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(models.list_models())}")
+    return spec
 
 
 def check(config: TrainerBenchConfig) -> dict:
@@ -69,17 +130,14 @@ def check(config: TrainerBenchConfig) -> dict:
 
     Returns what the trainer will see: classes, channels and the input size.
     """
-    import pipelines
     from augserve.sources import open_dataset
     from trainer import models
+    from trainer.bench.loaders import folder_files
     from trainer.data import output_size
 
-    from augserve.bench.pipeline_throughput import ordinary_for_preset
-
-    ordinary_for_preset(config.pipeline)  # refuses pipelines without an albumentations equivalent
-    spec = pipelines.load_preset(config.pipeline)
-    if config.model not in models.list_models():
-        raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(models.list_models())}")
+    spec = check_setup(config)
+    if "dali" in config.loaders:
+        folder_files(config.dataset, config.dataset_options)
     source = open_dataset(config.dataset, split="train", **config.dataset_options)
     if len(source) < config.batch_size:
         raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(source)} training images of {source.name}")
@@ -113,32 +171,76 @@ def _run_child(mode: str, config: TrainerBenchConfig, address: str | None, seed:
     command = [sys.executable, "-m", "trainer.bench.trainer_bench", mode, "--config", json.dumps(asdict(config)), "--seed", str(seed)]
     if address:
         command += ["--address", address]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=config.child_timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"{mode} trainer process ran past {config.child_timeout_s:.0f} s", f"ran past {config.child_timeout_s:.0f} s") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{mode} trainer process failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise ChildFailed(f"{mode} trainer process failed ({proc.returncode}):\n{proc.stderr[-2000:]}", lines[-1].strip()[:300] if lines else f"exit status {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(config: TrainerBenchConfig, progress=None, tolerate: bool = False) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Run every loader of ``config.loaders`` ``config.rounds`` times, alternating (the order reverses
+    every other round), against one daemon when ``augserve`` is among them.
+
+    Returns (runs per loader: the trainer processes' JSON, failures per loader: one line each). A
+    failure raises :class:`ChildFailed` (a RuntimeError), or with ``tolerate`` is recorded and that loader
+    is not run again (a daemon that does not start counts as augserve's failure).
+    """
+    from augserve.local import local_daemon
+    from trainer.bench.loaders import served_datasets
+
+    runs: dict[str, list[dict]] = {mode: [] for mode in config.loaders}
+    failures: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        address = None
+        if "augserve" in config.loaders:
+            try:
+                address = stack.enter_context(local_daemon(config.workers, config.backend, config.worker_device, served_datasets(config.dataset)))
+            except (ConnectionError, TimeoutError) as exc:
+                if not tolerate:
+                    raise
+                failures["augserve"] = f"the daemon did not start: {exc}"
+        for round_index in range(config.rounds):
+            order = list(config.loaders) if round_index % 2 == 0 else list(reversed(config.loaders))
+            for mode in (m for m in order if m not in failures):
+                try:
+                    run = _run_child(mode, config, address if mode == "augserve" else None, seed=config.seed + round_index)
+                except ChildFailed as exc:
+                    if not tolerate:
+                        raise
+                    failures[mode] = exc.line
+                    if progress:
+                        progress(f"round {round_index + 1}/{config.rounds}: {LOADERS[mode]}: failed: {exc.line}")
+                    continue
+                runs[mode].append(run)
+                if progress:
+                    progress(f"round {round_index + 1}/{config.rounds}: {LOADERS[mode]}: {run['images_per_s']:.0f} img/s, stall {run['stall_pct']:.1f}%")
+    return runs, failures
+
+
+def synthetic_run(config: TrainerBenchConfig, progress=None) -> dict:
+    """One trainer process on one pre-made batch (no loader at all): the model's own speed."""
+    run = _run_child("synthetic", config, None, seed=config.seed)
+    if progress:
+        progress(f"model alone (one pre-made batch, no loader): {run['images_per_s']:.0f} img/s")
+    return run
+
+
+def median_of(runs: list[dict], key: str, digits: int):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return round(statistics.median(values), digits) if values else None
 
 
 def run_trainer_bench(config: TrainerBenchConfig, progress=None) -> dict:
     """Measure and return the result dict (rows per loader, medians, ratio)."""
-    from augserve.local import local_daemon
-
     from augserve.bench.plots import cpu_name
 
     info = check(config)
-    served = {} if _builtin(config.dataset) else {SERVED_NAME: os.path.abspath(config.dataset)}
-    runs: dict[str, list[dict]] = {"augserve": [], "dataloader": []}
-    with local_daemon(config.workers, config.backend, "cpu", served) as address:
-        for round_index in range(config.rounds):
-            order = ["augserve", "dataloader"] if round_index % 2 == 0 else ["dataloader", "augserve"]
-            for mode in order:
-                run = _run_child(mode, config, address if mode == "augserve" else None, seed=config.seed + round_index)
-                runs[mode].append(run)
-                if progress:
-                    progress(f"round {round_index + 1}/{config.rounds}: {LOADERS[mode]}: {run['images_per_s']:.0f} img/s, stall {run['stall_pct']:.1f}%")
-    synthetic = _run_child("synthetic", config, None, seed=config.seed)
-    if progress:
-        progress(f"model alone (one pre-made batch, no loader): {synthetic['images_per_s']:.0f} img/s")
+    runs, _ = measure(config, progress)
+    synthetic = synthetic_run(config, progress)
     rows = []
     for mode, mode_runs in runs.items():
         rows.append(
@@ -146,10 +248,10 @@ def run_trainer_bench(config: TrainerBenchConfig, progress=None) -> dict:
                 "benchmark": "trainer",
                 "loader": mode,
                 "workers": config.workers,
-                "images_per_s": round(statistics.median(r["images_per_s"] for r in mode_runs), 1),
-                "stall_pct": round(statistics.median(r["stall_pct"] for r in mode_runs), 1),
-                "first_batch_s": round(statistics.median(r["first_batch_s"] for r in mode_runs), 3),
-                "final_loss": round(statistics.median(r["final_loss"] for r in mode_runs), 4),
+                "images_per_s": median_of(mode_runs, "images_per_s", 1),
+                "stall_pct": median_of(mode_runs, "stall_pct", 1),
+                "first_batch_s": median_of(mode_runs, "first_batch_s", 3),
+                "final_loss": median_of(mode_runs, "final_loss", 4),
                 "runs": [{"images_per_s": round(r["images_per_s"], 1), "stall_pct": round(r["stall_pct"], 1)} for r in mode_runs],
             }
         )
@@ -157,7 +259,7 @@ def run_trainer_bench(config: TrainerBenchConfig, progress=None) -> dict:
     ours, baseline = rows[0], rows[1]
     return {
         "benchmark": "trainer",
-        **{k: v for k, v in asdict(config).items() if k not in ("threads",)},
+        **{k: v for k, v in asdict(config).items() if k not in ("threads", *EXTENDED_FIELDS)},
         "trainer_threads": config.threads,
         "input": "×".join(map(str, info["input"])),
         "classes": info["classes"],
@@ -206,83 +308,32 @@ def plot(result: dict, path: str) -> str:
 # --- the trainer process -------------------------------------------------------------------------------
 
 
-class OrdinaryDataset(torch.utils.data.Dataset):
-    """The source with the preset's ordinary albumentations Compose applied per image (in the workers)."""
+def _batches(mode: str, config: TrainerBenchConfig, address: str | None, seed: int, precision, facts: dict):
+    """The endless ``(images, labels)`` iterator of ``mode`` (see :mod:`trainer.bench.loaders`)."""
+    from trainer.bench import loaders
 
-    def __init__(self, dataset: str, options: dict, pipeline: str) -> None:
-        from augserve.sources import open_dataset
-
-        from augserve.bench.pipeline_throughput import ordinary_for_preset
-
-        self.source = open_dataset(dataset, split="train", **options)
-        self.labels = self.source.labels
-        size = self.source.image_size
-        self.transform = ordinary_for_preset(pipeline, image_side=min(size) if size else None)
-        normalize = self.transform.spec.normalize
-        self.dtype = normalize.dtype if normalize is not None else None
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int):
-        image = torch.from_numpy(self.transform(self.source.load(index)))
-        if self.dtype not in (None, "float32"):
-            image = image.to(getattr(torch, self.dtype))
-        return image, int(self.labels[index])
+    spec = config.spec()
+    source = (config.dataset, config.dataset_options)
+    if mode == "augserve":
+        # A preset travels by name, as a user passes it; a resized one as its spec.
+        pipeline = config.pipeline if config.crop_size is None else spec
+        return loaders.augserve_batches(address, *source, pipeline, config.batch_size, seed, device=config.device, facts=facts)
+    if mode == "dataloader":
+        samples = (config.warmup_steps + config.steps) * config.batch_size if config.one_epoch else None
+        return loaders.dataloader_batches(*source, spec, config.batch_size, config.loader_workers, seed, pin_memory=precision.device.type == "cuda", samples=samples)
+    if mode == "dali":
+        return loaders.dali_batches(*source, spec, config.batch_size, config.loader_threads, seed, device=config.device)
+    return loaders.synthetic_batches(*source, spec, config.batch_size, seed, place=precision.prepare)
 
 
-def _worker_init(_):
-    import cv2
-
-    cv2.setNumThreads(0)
-    torch.set_num_threads(1)
-
-
-def _forever(loader):
-    while True:
-        yield from loader
-
-
-def _dataloader_batches(config: TrainerBenchConfig, seed: int):
-    # The class from the imported module, not from ``__main__``: picklable by reference for any start method.
-    from trainer.bench.trainer_bench import OrdinaryDataset as Dataset
-
-    dataset = Dataset(config.dataset, config.dataset_options, config.pipeline)
-    workers = config.workers
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-        num_workers=workers, persistent_workers=workers > 0, prefetch_factor=max(2, math.ceil(8 / workers)) if workers > 0 else None,
-        worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
-    return _forever(loader)
-
-
-def _augserve_batches(config: TrainerBenchConfig, address: str, seed: int):
-    from augserve import connect
-
-    dataset = config.dataset if _builtin(config.dataset) else SERVED_NAME
-    stream = connect(address, dataset=dataset, pipeline=config.pipeline, batch_size=config.batch_size, seed=seed, epochs=1000, prefetch=8, ordered=False, drop_last=True, dataset_options=config.dataset_options, timeout=30)
-    try:
-        for batch in stream:
-            yield batch.images, batch.labels
-    finally:
-        stream.close()
-
-
-def _synthetic_batches(config: TrainerBenchConfig, seed: int):
-    """One real augmented batch, made up front and repeated: the model's speed with no loader."""
-    dataset = OrdinaryDataset(config.dataset, config.dataset_options, config.pipeline)
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(dataset), generator=generator)[: config.batch_size].tolist()
-    items = [dataset[i] for i in picks]
-    images, labels = torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
-    while True:
-        yield images, labels
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def child_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.bench.trainer_bench")
-    parser.add_argument("mode", choices=["augserve", "dataloader", "synthetic"])
+    parser.add_argument("mode", choices=MODES)
     parser.add_argument("--config", required=True, help="TrainerBenchConfig as JSON")
     parser.add_argument("--address")
     parser.add_argument("--seed", type=int, default=0)
@@ -300,34 +351,43 @@ def child_main(argv: list[str] | None = None) -> None:
     cv2.setNumThreads(0)  # before DataLoader workers fork (OpenCV's thread pool does not survive fork)
     torch.set_num_threads(config.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # one input shape for the whole run
     source = open_dataset(config.dataset, split="train", **config.dataset_options)
-    model = models.create(config.model, num_classes=len(source.classes), in_channels=source.channels)
+    model = models.create(config.model, num_classes=len(source.classes), in_channels=source.channels).to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = build_optimizer(TrainConfig(lr=config.lr, momentum=0.9, optimizer="sgd", weight_decay=5e-4), model.parameters())
-    precision = Precision.create(torch.device("cpu"), "none", False)
+    precision = Precision.create(device, PRECISIONS[config.precision], config.channels_last)
 
     started = time.perf_counter()
-    if args.mode == "augserve":
-        batches = _augserve_batches(config, args.address, args.seed)
-    elif args.mode == "dataloader":
-        batches = _dataloader_batches(config, args.seed)
-    else:
-        batches = _synthetic_batches(config, args.seed)
+    facts: dict = {}
+    batches = _batches(args.mode, config, args.address, args.seed, precision, facts)
     timer, first_batch, losses = None, None, []
     for step in range(config.warmup_steps + config.steps):
         if step == config.warmup_steps:
+            _synchronize(device)  # nothing of the warm-up steps may spill into the timed ones
             timer = StepTimer()  # the clock starts now: waiting for the first timed batch counts
         images, labels = next(batches)
         if timer is not None:
             timer.batch_arrived()
         if first_batch is None:
             first_batch = time.perf_counter() - started
+        # train_step reads the loss back (float), which waits for the step's GPU work: each step's time
+        # is its compute, so the wait before it is the data stall.
         loss, _correct = train_step(model, optimizer, precision, images, labels)
         if timer is not None:
             timer.step_done(int(labels.shape[0]))
         losses.append(loss)
+    _synchronize(device)
     batches.close()
-    print(json.dumps({"mode": args.mode, "images_per_s": timer.images_per_s, "stall_pct": timer.stall_pct, "first_batch_s": first_batch, "first_loss": losses[0], "final_loss": losses[-1], "steps": config.steps, "input": list(images.shape[1:])}))
+    result = {"mode": args.mode, "images_per_s": timer.images_per_s, "stall_pct": timer.stall_pct, "first_batch_s": first_batch, "first_loss": losses[0], "final_loss": losses[-1], "steps": config.steps, "input": list(images.shape[1:])}
+    if args.mode == "augserve":
+        result["transport"] = facts.get("transport")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
