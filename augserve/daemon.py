@@ -36,7 +36,7 @@ from . import protocol as P
 from . import security
 from .admission import Admission, Admitted, Refused
 from .config import DaemonConfig
-from .handoff.policy import handoff_for
+from .handoff.policy import StreamTransport, handoff_for
 from .handoff.shm import reap_orphans
 from .autoscale import AutoscaleSettings
 from .metrics import DaemonMetrics, NullMetrics
@@ -331,6 +331,8 @@ class Daemon:
 
     def _on_done(self, identity: bytes, owner: str, report: P.Done) -> None:
         stream = self.scheduler.done(identity, report, time.monotonic())
+        if stream is not None:
+            stream.transport.count(report)
         self.skipped_corrupt += report.skipped
         self.metrics.batch_done(stream.id if stream is not None else None, identity.decode(errors="replace"), report.samples, report.skipped, report.times.model_dump())
 
@@ -419,6 +421,7 @@ class Daemon:
             start_epoch=admitted.start_epoch, skip=admitted.skip, last_heard=now,
         )  # fmt: skip
         handoff, transport = handoff_for(request, self.config.transport)
+        stream.transport = StreamTransport.of(request, self.config.transport)
         self.scheduler.add_stream(stream, handoff)
         log.info("stream %s attached: %s/%s, pipeline %s, batch %d, rank %d/%d, %d batch(es) per epoch; transport %s", stream.id, request.dataset,
                  request.split, stream.spec.get("name") or "custom", request.batch_size, request.rank, request.world_size, stream.plan.num_batches(),

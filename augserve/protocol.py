@@ -78,6 +78,8 @@ class Empty(Body):
 # How batches reach a trainer: "frames" always over ZeroMQ; "shm" through shared memory for every worker
 # that can (each one that cannot is a warning in the trainer's log); "auto" likewise, quietly.
 Transport = Literal["auto", "frames", "shm"]
+Via = Literal["frames", "shm"]  # how one batch went
+FallbackKind = Literal["other_host", "no_space", "busy", "unavailable"]  # why frames where shm was allowed (see Fallback)
 SEGMENT_PATTERN = r"^augserve-slot-[0-9]{1,20}-[0-9]{1,10}-[0-9a-f]{16}$"  # prefix-pid namespace-pid-random
 SegmentName = Annotated[str, Field(min_length=1, max_length=80, pattern=SEGMENT_PATTERN)]
 
@@ -280,6 +282,10 @@ class Done(Body):
     skipped_paths: Annotated[list[Text], Field(max_length=1024)] = Field(default_factory=list)
     bytes: Count = 0
     times: StageTimes = StageTimes()
+    # Optional (left out by workers before them, so older peers see the same message): which way the
+    # batch went to the trainer and, for frames although the task allowed shared memory, why.
+    via: Via | None = None
+    fallback: FallbackKind | None = None
 
 
 FailureKind = Literal["corrupt", "error", "unreachable"]
@@ -382,7 +388,7 @@ class Fallback(Body):
     too full), ``busy`` (every slot of the pool is still held by the trainer), ``unavailable`` (anything
     else: no shared-memory directory, an error creating a slot)."""
 
-    kind: Literal["other_host", "no_space", "busy", "unavailable"]
+    kind: FallbackKind
     message: Text
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from . import protocol as P
 from .epochs import BatchIds, EpochPlan
+from .handoff.policy import StreamTransport
 from .meters import RateMeter, StageTotals
 
 Key = tuple[int, int]  # (epoch, batch index)
@@ -68,6 +69,7 @@ class StreamState:
     last_heard: float = 0.0
     times: StageTotals = field(default_factory=StageTotals)
     rate: RateMeter = field(default_factory=RateMeter)
+    transport: StreamTransport = field(default_factory=lambda: StreamTransport("auto"))  # set from the policy when attached
     _batch_ids: BatchIds = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -212,4 +214,5 @@ class StreamState:
             "skipped_corrupt": self.skipped_corrupt,
             "stage_ms": {k: round(v, 2) for k, v in self.times.mean_ms().items()},
             "client": self.request.client,
+            "transport": self.transport.status(),
         }

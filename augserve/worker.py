@@ -7,7 +7,9 @@ A worker is a process of its own — started by the daemon, or by hand on anothe
 run single-threaded here unless told otherwise: parallelism comes from processes.
 
 A trainer on this worker's host gets its batches through shared memory when its task allows it: the
-batch is written into a slot and the PUSH socket carries only a descriptor (:mod:`augserve.handoff`).
+worker takes a slot once the pipeline knows the batch's size, the pipeline writes the images straight
+into it (``out=``: each byte written once), and the PUSH socket carries only a descriptor
+(:mod:`augserve.handoff`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ PIPELINE_CACHE_SIZE = 8  # built pipelines kept per worker (a DALI pipeline take
 SOURCE_CACHE_SIZE = 8  # opened datasets kept per worker
 OUTPUT_CACHE_SIZE = 64  # sockets to trainers kept open
 MAX_REPORTED_PATHS = 64  # corrupt-file paths quoted in one report
+TRAILING_BYTES = (8, 8)  # per image, after the images in a slot: its label and its sample id (int64)
 
 
 @dataclass
@@ -242,12 +245,16 @@ class Worker:
         def failed(message: str, kind: str) -> P.Failed:
             return P.Failed(worker=self.id, task=task.task, stream=task.stream, message=message[:4000], kind=kind)
 
+        # Where shared memory is allowed, the slot is taken once the pipeline knows the batch's size,
+        # and the images are augmented straight into it; with none to be had they go to private memory.
+        reservation = self.handoff.reserve(task, TRAILING_BYTES) if task.handoff is not None else None
         try:
             source = self._source(task.dataset)
             pipe = self._pipeline(task.pipeline)
             # Files are decoded between planning and augmenting (augserve.batch): the time spent
             # reading and decoding is reported as the load stage, the rest of the call as augment.
-            out, kept_ids, labels, load_s = augment_batch(source, pipe, task.ids, task.seed, task.epoch, task.on_error, stats)
+            destination = None if reservation is None else _as_tensor(reservation.images)
+            out, kept_ids, labels, load_s = augment_batch(source, pipe, task.ids, task.seed, task.epoch, task.on_error, stats, out=destination)
             loaded = started + load_s
             if out is None:  # every image of the batch was corrupt: an empty batch still completes the plan
                 out = np.zeros((0, 1, 1, 1), dtype=np.uint8)
@@ -261,7 +268,7 @@ class Worker:
                 skipped=[p[:4000] for p in stats.paths[:MAX_REPORTED_PATHS]], worker=self.id,
             )  # fmt: skip
             tensors = [("images", out), ("labels", labels_array), ("sample_ids", ids_array)]
-            outgoing = self.handoff.pack(task, info, tensors)
+            outgoing = self.handoff.pack(task, info, tensors, reservation)
             try:
                 self._send_batch(task, outgoing.frames)
             except BaseException:
@@ -275,11 +282,15 @@ class Worker:
         except Exception as exc:  # a bad batch must not kill the worker; the daemon retries it elsewhere
             log.exception("task %s failed", task.task)
             return failed(f"{type(exc).__name__}: {exc}", "error")
+        finally:
+            if reservation is not None:
+                reservation.cancel()  # a slot the batch never reached is free again (no-op once packed)
         return P.Done(
             worker=self.id, task=task.task, stream=task.stream, epoch=task.epoch, index=task.index, samples=len(kept_ids),
             skipped=stats.skipped, skipped_paths=[p[:4000] for p in stats.paths[:MAX_REPORTED_PATHS]],
             bytes=int(sum(array.nbytes for _, array in tensors)),
             times=P.StageTimes(load=loaded - started, augment=augmented - loaded, send=sent - augmented),
+            via=outgoing.via, fallback=outgoing.fallback,
         )  # fmt: skip
 
     def _send_batch(self, task: P.Task, frames: list) -> None:
@@ -305,6 +316,13 @@ class Worker:
             if sock is not None:
                 sock.close(linger=0)
         self.handoff.drop(address)
+
+
+def _as_tensor(images_into):
+    """The pipeline's ``out=`` callable over ``images_into(shape) -> numpy array``: the same memory as a tensor."""
+    import torch  # loaded already: the pipelines run on it
+
+    return lambda shape: torch.from_numpy(images_into(shape))
 
 
 class TrainerUnreachable(ConnectionError):

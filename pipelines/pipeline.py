@@ -9,6 +9,8 @@ import torch
 
 from .backends import backend_class
 from .decode_plan import largest_reduction, on_canvas, reaim, source_box
+from .destination import Destination, output_shape, resolve
+from .device_fusion import DevicePlanner, choose_sampling
 from .images import as_batch
 from .normalize import normalize_images
 from .plan import SamplePlan, color_runs_first, fuse, fuse_batch
@@ -27,9 +29,21 @@ class Pipeline:
     spec ends with ``normalize`` — its dtype and layout. Images whose outputs differ in size come back
     as a list. ``fused=False`` runs each op as its own pass (uint8 in between): the reference that the
     fused single pass is tested against.
+
+    ``out=`` (``__call__``, ``apply``, ``run_decoding``): a uint8 N×H×W×C CPU tensor, C-contiguous, or a
+    callable that returns one given (N, H, W, C) — see :mod:`pipelines.destination`. The batch is
+    written there and that tensor returned. The albumentations backend writes each sample's result
+    straight into its row (no temporary, no copy); the torch and DALI backends make the batch on their
+    device and copy it into ``out`` once (from a GPU: the one device-to-host copy the batch needs anyway).
+
+    ``sampling``: where ``__call__`` samples and fuses the parameters — ``"host"`` (numpy), ``"device"``
+    (torch ops on the torch backend's device, :mod:`pipelines.device_fusion`: same parameters, same
+    bytes, no per-sample Python) or ``"auto"`` (device on a GPU). ``pipe.sampling`` says which was
+    chosen; specs with a local ``warp``, ``apply`` (replay), ``run_decoding`` and ``sample_params`` use
+    the host.
     """
 
-    def __init__(self, spec: PipelineSpec, backend: str = "albumentations", device: str = "cpu", fused: bool = True) -> None:
+    def __init__(self, spec: PipelineSpec, backend: str = "albumentations", device: str = "cpu", fused: bool = True, sampling: str = "auto") -> None:
         self.spec = spec
         self.backend_name = backend
         self.device = device
@@ -37,6 +51,8 @@ class Pipeline:
         self._geometry_spec = spec.without_normalize()
         self._color_first = color_runs_first(self._geometry_spec)
         self.backend = backend_class(backend)(self._geometry_spec, device)
+        self.sampling = choose_sampling(sampling, self._geometry_spec, self.backend, fused)
+        self._planner = DevicePlanner(self._geometry_spec, device, self._color_first) if self.sampling == "device" else None
 
     def __repr__(self) -> str:
         return f"Pipeline({self.spec.name or 'unnamed'!r}, backend={self.backend_name!r}, device={self.device!r}, ops={len(self.spec.ops)})"
@@ -62,11 +78,17 @@ class Pipeline:
 
     # --- execution -------------------------------------------------------------------------------------
 
-    def __call__(self, images, seed: int = 0, epoch: int = 0, sample_ids: Sequence[int] | None = None):
+    def __call__(self, images, seed: int = 0, epoch: int = 0, sample_ids: Sequence[int] | None = None, out: Destination | None = None):
         batch, shapes = as_batch(images)
-        return self._run(batch, self._sample(shapes, seed, epoch, sample_ids))
+        if self.sampling == "device":  # no BatchParams, no SamplePlan: tensors on the device
+            fused = self._planner(shapes, seed, epoch, sample_ids)
+            target = None if out is None else self._destination(out, fused.sizes())
+            result = self.backend.run_fused(batch, fused)
+            return self._finish(result if target is None else target.copy_(result))  # one copy into out
+        params = self._sample(shapes, seed, epoch, sample_ids)
+        return self._run(batch, params, self._destination(out, params))
 
-    def apply(self, images, params: Sequence[SampleParams]):
+    def apply(self, images, params: Sequence[SampleParams], out: Destination | None = None):
         """Replay recorded parameters on ``images`` (one record per image)."""
         batch, shapes = as_batch(images)
         if len(params) != len(shapes):
@@ -74,9 +96,11 @@ class Pipeline:
         for index, (record, shape) in enumerate(zip(params, shapes)):
             if tuple(record.in_shape) != tuple(shape):
                 raise ValueError(f"image {index}: shape {shape} does not match its record's in_shape {tuple(record.in_shape)}")
-        return self._run(batch, BatchParams.from_records(list(params)))
+        batch_params = BatchParams.from_records(list(params))
+        return self._run(batch, batch_params, self._destination(out, batch_params))
 
-    def run_decoding(self, shapes: Sequence[Sequence[int]], decode: DecodeRegion, seed: int = 0, epoch: int = 0, sample_ids: Sequence[int] | None = None):
+    def run_decoding(self, shapes: Sequence[Sequence[int]], decode: DecodeRegion, seed: int = 0, epoch: int = 0, sample_ids: Sequence[int] | None = None,
+                     out: Destination | None = None):  # fmt: skip
         """Augment images that are not decoded yet: plan each from its header's shape, then decode.
 
         ``shapes``: (H, W, C) of each image as its decoder will deliver it. ``decode(i, box,
@@ -85,9 +109,10 @@ class Pipeline:
         ``(array, (factor, top, left))`` — uint8 H×W×C and where it sits (see
         :mod:`pipelines.decode_plan`). With the spec's ``decode: exact`` (or ``fused=False``) every
         image is decoded whole and the output is byte-identical to decoding first and calling the
-        pipeline.
+        pipeline. ``out``: as for ``__call__``; a callable is called before the first decode.
         """
         params = self._sample(shapes, seed, epoch, sample_ids)
+        target = self._destination(out, params)
         if self.spec.decode == "exact" or not self.fused:
             images = []
             for index, shape in enumerate(params.in_shapes.tolist()):
@@ -95,7 +120,7 @@ class Pipeline:
                 if tuple(image.shape) != tuple(shape):
                     raise ValueError(f"image {index}: decoded shape {tuple(image.shape)} differs from its header's {tuple(shape)}")
                 images.append(image)
-            return self._run(images, params)
+            return self._run(images, params, target)
         plans = fuse_batch(params, self._color_first)
         images = []
         for index, plan in enumerate(plans):
@@ -106,27 +131,55 @@ class Pipeline:
             else:
                 plans[index] = reaim(plan, factor, top, left, image.shape)
             images.append(image)
-        return self._finish(self.backend.run(images, plans))
+        return self._finish(self._backend_run(images, plans, target))
 
-    def _run(self, batch, params: BatchParams):
+    def _run(self, batch, params: BatchParams, out: torch.Tensor | None = None):
         if self.fused:
-            out = self.backend.run(batch, fuse_batch(params, self._color_first))
+            result = self._backend_run(batch, fuse_batch(params, self._color_first), out)
         else:
-            out = self._run_step_by_step(batch, params.records())
-        return self._finish(out)
+            result = self._run_step_by_step(batch, params.records(), out)
+        return self._finish(result)
 
-    def _run_step_by_step(self, batch, params: list[SampleParams]):
-        """One pass per op record, uint8 between passes: what an ordinary per-op pipeline does."""
+    def _destination(self, out: Destination | None, params: BatchParams) -> torch.Tensor | None:
+        """The checked ``out`` tensor for the batch of ``params`` (None without ``out``)."""
+        if out is None:
+            return None
+        if self.spec.normalize is not None:
+            raise ValueError("out= takes uint8 outputs, but this spec ends with normalize (float output): "
+                             "build the pipeline from spec.without_normalize() and normalize afterwards, or leave out= out")  # fmt: skip
+        return resolve(out, output_shape(params))
+
+    def _backend_run(self, images, plans: list[SamplePlan], out: torch.Tensor | None):
+        """``backend.run``, into ``out`` when given: in place where the backend writes into a destination
+        (``writes_in_place``), else one copy of its result."""
+        if out is None:
+            return self.backend.run(images, plans)
+        if self.backend.writes_in_place:
+            return self.backend.run(images, plans, out=out)
+        result = self.backend.run(images, plans)
+        out.copy_(torch.stack(result) if isinstance(result, list) else result)
+        return out
+
+    def _run_step_by_step(self, batch, params: list[SampleParams], out: torch.Tensor | None = None):
+        """One pass per op record, uint8 between passes: what an ordinary per-op pipeline does. With
+        ``out``, each sample's last pass writes into its row."""
         outputs = []
         for index, record in enumerate(params):
             image = batch[index : index + 1] if isinstance(batch, torch.Tensor) else [batch[index]]
             shape = tuple(record.in_shape)
-            for op_record in record.ops:
+            for position, op_record in enumerate(record.ops):
                 step = SampleParams(record.sample_id, shape, shape, [op_record])
                 plan = fuse(step)
-                image = self.backend.run(image, [plan])
+                last = out is not None and position == len(record.ops) - 1
+                image = self._backend_run(image, [plan], out[index : index + 1] if last else None)
                 shape = (*plan.out_hw, shape[2])
-            outputs.append(image[0] if isinstance(image, torch.Tensor) else image[0])
+            if out is not None and not record.ops:  # no op ran: the input is the output
+                row = image[0]
+                out[index].copy_(row if isinstance(row, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(row)))
+            row = image[0]  # a numpy image when no op ran on a list input
+            outputs.append(row if isinstance(row, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(row)))
+        if out is not None:
+            return out
         if all(o.shape == outputs[0].shape for o in outputs):
             return torch.stack(outputs)
         return outputs
@@ -140,11 +193,12 @@ class Pipeline:
         return normalize_images(out, op)
 
 
-def build(spec, backend: str = "albumentations", device: str = "cpu", fused: bool = True) -> Pipeline:
-    """Bind a spec (a :class:`PipelineSpec`, dict, YAML/JSON text or preset name) to a backend."""
+def build(spec, backend: str = "albumentations", device: str = "cpu", fused: bool = True, sampling: str = "auto") -> Pipeline:
+    """Bind a spec (a :class:`PipelineSpec`, dict, YAML/JSON text or preset name) to a backend;
+    ``sampling`` as for :class:`Pipeline`."""
     from .presets import resolve
 
-    return Pipeline(resolve(spec), backend=backend, device=device, fused=fused)
+    return Pipeline(resolve(spec), backend=backend, device=device, fused=fused, sampling=sampling)
 
 
 def as_uint8_numpy(out) -> np.ndarray:

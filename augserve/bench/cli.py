@@ -1,5 +1,6 @@
-"""The ``augserve bench`` subcommands of the service: ``pipelines``, ``e2e``, ``gpu``, ``soak``,
-``transport``, ``decoders`` and ``control-plane`` (``trainer`` is registered by :mod:`trainer.bench.cli`, above the service).
+"""The ``augserve bench`` subcommands of the service: ``pipelines``, ``e2e``, ``gpu``, ``sampling``, ``soak``,
+``transport``, ``decoders`` and ``control-plane`` (``trainer`` and ``gpu-e2e``,
+which train, are registered by :mod:`trainer.bench.cli`, above the service).
 
 ``augserve/cli.py`` calls :func:`add_bench_commands` with its ``bench`` sub-parsers. Every handler takes
 the parsed ``args``, raises ValueError (one line) for a user's mistake, and prints either a readable
@@ -58,6 +59,15 @@ def cmd_bench_gpu(args) -> int:
     if args.plot:
         result["plot"] = plot(result, args.plot)
     print_rows_and_summary(args, result["rows"], result, format_table(result) + plot_note(args.plot))
+    return 0
+
+
+def cmd_bench_sampling(args) -> int:
+    at_least(args, 1, "batch", "rounds", "threads")
+    from .sampling import format_table, run_sampling_bench
+
+    result = run_sampling_bench(batch=args.batch, rounds=args.rounds, devices=args.device or None, threads=args.threads)
+    print_rows_and_summary(args, result["rows"], result, format_table(result))
     return 0
 
 
@@ -158,7 +168,7 @@ def add_output_flags(sub) -> None:
 
 
 def add_bench_commands(bench_kinds, backends: list[str]) -> None:
-    """Register ``pipelines``, ``e2e``, ``gpu``, ``soak``, ``transport``, ``decoders`` and ``control-plane``
+    """Register ``pipelines``, ``e2e``, ``gpu``, ``sampling``, ``soak``, ``transport``, ``decoders`` and ``control-plane``
     under ``augserve bench`` (``bench_kinds``: the ``bench`` parser's sub-parsers; ``backends``: the augmentation backend
     names)."""
 
@@ -199,6 +209,14 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     gpu.add_argument("--batch", type=int, default=256, help="images per batch (256² inputs)")
     add_output_flags(gpu)
     gpu.set_defaults(func=cmd_bench_gpu)
+
+    sampling = bench_kinds.add_parser("sampling", help="host time to plan a batch: numpy sample + fuse vs sampling on the worker's device")
+    sampling.add_argument("--batch", type=int, default=256, help="samples per batch (256² inputs)")
+    sampling.add_argument("--rounds", type=int, default=30, help="interleaved rounds; medians are reported")
+    sampling.add_argument("--device", action="append", help="cpu, cuda:0, ... (repeatable; default: cpu, and cuda:0 when available)")
+    sampling.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a worker uses 1)")
+    sampling.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
+    sampling.set_defaults(func=cmd_bench_sampling)
 
     soak = bench_kinds.add_parser("soak", help="minutes of four trainers against a daemon whose workers get SIGKILLed: exactly-once per epoch, memory, restarts")
     soak.add_argument("--minutes", type=float, default=30.0, help="how long the trainers stream")

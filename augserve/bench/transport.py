@@ -20,6 +20,25 @@ PULL socket in this process (a trainer's side: :func:`protocol.decode`, then
   make a worker wait. Slots live in ``$AUGSERVE_SHM_DIR`` or ``/dev/shm``;
 * ``memcpy``     the baseline: the same number of bytes copied into a preallocated numpy buffer.
 
+Those rows time the hand-off of a batch made beforehand. A worker makes each batch first, though, and
+where the batch's bytes are written then decides how many times they are written. Four more rows run
+the same **producing step** for every batch, in the sender process — the albumentations backend
+cropping N source images of (S+32)² pixels to S² and mirroring half of them, fused: parameters sampled
+per batch as a worker does, then one slice copy or one ``cv2.flip`` per image, single-threaded as in a
+worker — and time it together with what follows it:
+
+* ``produce``      the second baseline: the producing step alone, into a fresh tensor (as a pipeline
+  returns it), nothing sent;
+* ``tcp-made``     made into a fresh tensor, then sent as frames as ``tcp``: a worker's frame path;
+* ``shm-copied``   made into a fresh tensor, then copied into a slot (``write_batch``) and handed over
+  as ``shm``: what a worker did before ``out=``, every byte written twice;
+* ``shm-in-place`` a slot taken first, the batch made straight into it (the pipeline's ``out=``), then
+  handed over as ``shm``: what a worker does now, every byte written once.
+
+``shm-in-place`` × ``produce`` is what the hand-off costs on top of making the batch (1.0: nothing),
+× ``tcp-made`` what it gains over frames when both make their batches. Its × tcp and × memcpy compare
+a row that also makes its batch with rows that do not, so they understate it.
+
 All of them run in interleaved rounds (:func:`timing.interleaved`) and medians are reported; on a shared
 machine the ratios (× tcp, × memcpy) are what holds. GB/s counts the batch's payload bytes (all three
 frames; 1 GB = 10⁹ bytes). Every wait is bounded: a sender that dies or stays silent for ``timeout_s``
@@ -45,12 +64,16 @@ import zmq
 from .. import protocol as P
 from .. import security
 from ..handoff.host import default_dir, host_identity
-from ..handoff.sender import write_batch
+from ..handoff.sender import batch_layout, into_slot, write_batch
 from ..handoff.shm import Segment
 from ..handoff.slots import NoSlot, SlotPool
 from .timing import interleaved
 
-TRANSPORTS = ("tcp", "tcp+curve", "ipc", "shm")
+TRANSPORTS = ("tcp", "tcp+curve", "ipc", "shm", "tcp-made", "shm-copied", "shm-in-place")
+PRODUCE = "produce"  # the producing step alone: the baseline of the rows that make their batches
+PRODUCING = (PRODUCE, "tcp-made", "shm-copied", "shm-in-place")  # senders that make every batch before its hand-off
+SENDERS = (*TRANSPORTS[:4], PRODUCE, *TRANSPORTS[4:])  # one process each, in the table's order
+SOURCE_MARGIN = 32  # source images are this many pixels larger than the crops made of them
 SHM_SLOTS = 8  # as a worker's pool at a trainer's prefetch of 6 (credits + 2)
 BASELINE = "memcpy"
 MAX_BATCH_BYTES = 10**9  # every batch lives several times over: in each sender, in the receive queue, in memcpy's two buffers
@@ -62,7 +85,8 @@ STOP_TIMEOUT_S = 5.0
 MAX_TIMEOUT_S = 3600.0
 SLICE_S = 0.2  # how often a waiting receiver checks that its sender is still alive
 SLOT_WAIT_S = 0.0002  # how long a shm sender sleeps between looks for a released slot
-CURVE = ("tcp+curve", "shm")  # transports whose socket is CURVE-secured
+CURVE = ("tcp+curve", "shm", "shm-copied", "shm-in-place")  # transports whose socket is CURVE-secured
+SLOTS = ("shm", "shm-copied", "shm-in-place")  # transports that hand over slots
 
 
 @dataclass(frozen=True)
@@ -107,6 +131,28 @@ def _batch(images: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # --- the sender (a worker's side), in its own process ---------------------------------------------
 
 
+class Producer:
+    """The producing step of the rows that make their batches (see the module docstring): ``make(N,
+    index, out)`` returns batch ``index`` of ``N`` images — uint8 N×S×S×3, made into ``out`` when given."""
+
+    def __init__(self, batch_images: tuple[int, ...], size: int) -> None:
+        import cv2
+        import torch
+
+        import pipelines
+
+        cv2.setNumThreads(0)  # as in a worker: one thread, parallelism comes from processes
+        torch.set_num_threads(1)
+        self.pipe = pipelines.build({"ops": [{"op": "random_crop", "size": size}, {"op": "mirror", "horizontal": 0.5}]})
+        rng = np.random.default_rng(size)
+        side = size + SOURCE_MARGIN
+        self.sources = {count: rng.integers(0, 256, (count, side, side, 3), dtype=np.uint8) for count in batch_images}
+
+    def make(self, count: int, index: int, out=None):
+        # The batch index as the epoch: every batch crops at new places, as in training.
+        return self.pipe(self.sources[count], seed=0, epoch=index % 1_000_000, sample_ids=range(count), out=out)
+
+
 def _waiting_for_a_slot(pool: SlotPool, timeout_s: float):
     """``slot_for`` of :func:`write_batch` that waits (bounded) while the receiver holds every slot."""
 
@@ -133,7 +179,7 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
     parent = os.getppid()
     context = zmq.Context()
     sock = context.socket(zmq.PUSH)
-    pool = SlotPool(partial(Segment.create, shm_dir), SHM_SLOTS) if transport == "shm" else None
+    pool = SlotPool(partial(Segment.create, shm_dir), SHM_SLOTS) if transport in SLOTS else None
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
@@ -142,6 +188,7 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
             security.secure_client(sock, keyring.worker, keyring.client.public)
         sock.connect(endpoint)
         batches = {count: _batch(count, size) for count in batch_images}
+        producer = Producer(batch_images, size) if transport in PRODUCING else None
         conn.send(("ready", os.getpid()))
         while True:
             while not conn.poll(1.0):
@@ -153,10 +200,18 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
             _, count, batches_to_send, first_index = command
             images, labels, ids = batches[count]
             for index in range(first_index, first_index + batches_to_send):
+                if transport == PRODUCE:
+                    producer.make(count, index)
+                    continue
                 info = dict(stream="bench", task=f"bench-{index}", epoch=0, index=index, pipeline_version=1, worker="bench-sender")
+                slot_for = _waiting_for_a_slot(pool, timeout_s) if pool is not None else None
+                if transport in ("tcp-made", "shm-copied"):
+                    images = producer.make(count, index)
+                elif transport == "shm-in-place":
+                    slot_for, images = _made_in_slot(producer, pool, slot_for, count, index, size)
                 tensors = [("images", images), ("labels", labels), ("sample_ids", ids)]
                 if pool is not None:
-                    slot, generation, descriptors = write_batch(pool, tensors, _waiting_for_a_slot(pool, timeout_s))
+                    slot, generation, descriptors = write_batch(pool, tensors, slot_for)
                     frames = P.encode(P.ShmBatch(**info, segment=slot.memory.name, generation=generation, tensors=descriptors, retired=pool.take_retired()))
                 else:
                     header = P.BatchHeader(**info, tensors=[P.describe(name, array) for name, array in tensors])
@@ -178,6 +233,22 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
             pool.close()  # unlinks the names the receiver has not mapped
 
 
+def _made_in_slot(producer: Producer, pool: SlotPool, slot_for, count: int, index: int, size: int):
+    """Take a slot for batch ``index`` (images, then labels and ids: 8 bytes each per image), make the
+    images straight into its start, and return ``(slot_for of write_batch, the images)``."""
+    import torch  # loaded by the producer already
+
+    shape = (count, size, size, 3)
+    nbytes = count * size * size * 3
+    slot = slot_for(batch_layout([nbytes, 8 * count, 8 * count])[1])
+    try:
+        images = producer.make(count, index, out=torch.from_numpy(slot.memory.view(0, nbytes).reshape(shape)))
+    except BaseException:
+        pool.give_back(slot)  # never lent: FREE again
+        raise
+    return into_slot(slot), images
+
+
 # --- the receiver (a trainer's side) --------------------------------------------------------------
 
 
@@ -188,12 +259,12 @@ class Channel:
     ``timeout_s``, and a sender that died or reported an error becomes a ConnectionError."""
 
     def __init__(self, transport: str, config: TransportBenchConfig, keys_dir: str | os.PathLike | None = None) -> None:
-        if transport not in TRANSPORTS:
-            raise ValueError(f"unknown transport {transport!r}; transports are {', '.join(TRANSPORTS)}")
+        if transport not in SENDERS:
+            raise ValueError(f"unknown transport {transport!r}; transports are {', '.join(SENDERS)}")
         if transport in CURVE and keys_dir is None:
             raise ValueError(f"{transport} needs a keys directory")
         self.shm_dir = self.reader = None
-        if transport == "shm":
+        if transport in SLOTS:
             self.shm_dir = default_dir()
             if host_identity(self.shm_dir)[0] is None:
                 raise ValueError(f"shm cannot be measured here: {host_identity(self.shm_dir)[1]}")
@@ -246,7 +317,8 @@ class Channel:
             raise ConnectionError(f"the {self.transport} sender answered {reply[0]!r} instead of 'ready'")
 
     def move(self, images: int, count: int) -> None:
-        """Have the sender push ``count`` batches of ``images`` images; receive, decode and wrap each."""
+        """Have the sender push ``count`` batches of ``images`` images; receive, decode and wrap each
+        (``produce``: have it make them; nothing is sent)."""
         shape = (images, self.config.size, self.config.size, 3)
         first = self._next_index
         self._next_index += count
@@ -254,7 +326,7 @@ class Channel:
             self.conn.send(("send", images, count, first))
         except OSError:  # BrokenPipeError: the sender is gone
             raise self._died() from None
-        for index in range(first, first + count):
+        for index in range(first, first + count if self.transport != PRODUCE else first):
             self._receive_one(index, shape)
         reply = self._reply(time.monotonic() + self.config.timeout_s, f"confirm its batches within {self.config.timeout_s:g} s")
         if reply != ("sent", count):
@@ -383,8 +455,8 @@ def run_transport_bench(config: TransportBenchConfig, progress=None) -> dict:
         if not zmq.has("curve"):
             raise ValueError(f"libzmq {zmq.zmq_version()} was built without CURVE, so tcp+curve cannot be measured")
         security.Keyring.load(keys_dir)  # a throwaway keyring: the user's own keys stay untouched
-        say(f"starting {len(TRANSPORTS)} sender processes ({', '.join(TRANSPORTS)})")
-        channels = {name: stack.enter_context(contextlib.closing(Channel(name, config, keys_dir))) for name in TRANSPORTS}
+        say(f"starting {len(SENDERS)} sender processes ({', '.join(SENDERS)})")
+        channels = {name: stack.enter_context(contextlib.closing(Channel(name, config, keys_dir))) for name in SENDERS}
         for channel in channels.values():
             channel.wait_ready()
         candidates, buffers = {}, {}
@@ -414,12 +486,15 @@ def run_transport_bench(config: TransportBenchConfig, progress=None) -> dict:
     return _result(config, timed, started)
 
 
+ROWS = (BASELINE, *SENDERS)
+
+
 def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
     rows, by_batch = [], []
     for images in config.batch_images:
         nbytes = payload_bytes(images, config.size)
-        rate = {name: timed[(name, images)]["images_per_s"] * nbytes / images / 1e9 for name in (BASELINE, *TRANSPORTS)}
-        for name in (BASELINE, *TRANSPORTS):
+        rate = {name: timed[(name, images)]["images_per_s"] * nbytes / images / 1e9 for name in ROWS}
+        for name in ROWS:
             runs = timed[(name, images)]["runs"]
             rows.append({
                 "benchmark": "transport",
@@ -432,16 +507,24 @@ def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
                 "batches_per_s": _sig(timed[(name, images)]["images_per_s"] / images),
                 "vs_tcp": _sig(rate[name] / rate["tcp"]),
                 "vs_memcpy": _sig(rate[name] / rate[BASELINE]),
+                "vs_produce": _sig(rate[name] / rate[PRODUCE]) if name in PRODUCING else None,  # rows that make their batches only
+                "makes_batches": name in PRODUCING,
                 "runs_gb_per_s": [_sig(r * nbytes / images / 1e9) for r in runs],
             })  # fmt: skip
         by_batch.append({
             "batch_images": images,
             "batch_mb": _sig(nbytes / 1e6),
-            "gb_per_s": {name: _sig(rate[name]) for name in (BASELINE, *TRANSPORTS)},
+            "gb_per_s": {name: _sig(rate[name]) for name in ROWS},
             "curve_vs_tcp": _sig(rate["tcp+curve"] / rate["tcp"]),
             "ipc_vs_tcp": _sig(rate["ipc"] / rate["tcp"]),
             "shm_vs_tcp": _sig(rate["shm"] / rate["tcp"]),
             "shm_vs_memcpy": _sig(rate["shm"] / rate[BASELINE]),
+            "in_place_vs_tcp": _sig(rate["shm-in-place"] / rate["tcp"]),
+            "in_place_vs_memcpy": _sig(rate["shm-in-place"] / rate[BASELINE]),
+            "in_place_vs_produce": _sig(rate["shm-in-place"] / rate[PRODUCE]),
+            "in_place_vs_copied": _sig(rate["shm-in-place"] / rate["shm-copied"]),
+            "in_place_vs_tcp_made": _sig(rate["shm-in-place"] / rate["tcp-made"]),
+            "copied_vs_produce": _sig(rate["shm-copied"] / rate[PRODUCE]),
         })  # fmt: skip
     return {
         "benchmark": "transport",
@@ -455,8 +538,12 @@ def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
         "ipc_vs_tcp": _sig(statistics.median(b["ipc_vs_tcp"] for b in by_batch)),
         "shm_vs_tcp": _sig(statistics.median(b["shm_vs_tcp"] for b in by_batch)),
         "shm_vs_memcpy": _sig(statistics.median(b["shm_vs_memcpy"] for b in by_batch)),
+        **{key: _sig(statistics.median(b[key] for b in by_batch)) for key in IN_PLACE_RATIOS},
         "conditions": started,
     }
+
+
+IN_PLACE_RATIOS = ("in_place_vs_tcp", "in_place_vs_memcpy", "in_place_vs_produce", "in_place_vs_copied", "in_place_vs_tcp_made", "copied_vs_produce")
 
 
 def _fmt(value: float) -> str:
@@ -476,19 +563,30 @@ def format_table(result: dict) -> str:
     lines = [
         f"transport benchmark — one batch (N×{size}×{size}×3 uint8 images + labels + ids) from a PUSH sender process to a PULL receiver "
         f"that decodes it and wraps it as tensors without copying; median of {result['rounds']} interleaved round(s) of {result['batches']} batches",
+        f"memcpy, tcp, tcp+curve, ipc, shm: the hand-off of a batch made beforehand. produce, tcp-made, shm-copied, shm-in-place: each batch is "
+        f"first made (random crop of {size + SOURCE_MARGIN}² sources to {size}² + mirror, albumentations backend, one thread) — produce: that "
+        f"alone; tcp-made: made, then sent as frames over tcp; shm-copied: made, then copied into a slot; shm-in-place: made straight into "
+        f"the slot — and the time includes making it",
         "",
-        "| transport | batch | MB | GB/s | batches/s | × tcp | × memcpy |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| transport | batch | MB | GB/s | batches/s | × tcp | × memcpy | × produce |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
-        name = f"{row['transport']} (baseline)" if row["transport"] == BASELINE else row["transport"]
+        name = f"{row['transport']} (baseline)" if row["transport"] in (BASELINE, PRODUCE) else row["transport"]
+        vs_produce = "—" if row["vs_produce"] is None else _fmt(row["vs_produce"])
         lines.append(
             f"| {name} | {row['batch_images']}×{size}×{size}×3 | {_fmt(row['batch_bytes'] / 1e6)} | {_fmt(row['gb_per_s'])} | {_fmt(row['batches_per_s'])} "
-            f"| {_fmt(row['vs_tcp'])} | {_fmt(row['vs_memcpy'])} |"
+            f"| {_fmt(row['vs_tcp'])} | {_fmt(row['vs_memcpy'])} | {vs_produce} |"
         )
     per_batch = ", ".join(f"{_fmt(b['curve_vs_tcp'])}× at {_fmt(b['batch_mb'])} MB" for b in result["by_batch"])
     ipc = ", ".join(f"{_fmt(b['ipc_vs_tcp'])}× at {_fmt(b['batch_mb'])} MB" for b in result["by_batch"])
     shared = ", ".join(f"{_fmt(b['shm_vs_tcp'])}× tcp and {_fmt(b['shm_vs_memcpy'])}× memcpy at {_fmt(b['batch_mb'])} MB" for b in result["by_batch"])
+    in_place = ", ".join(
+        f"{_fmt(b['in_place_vs_produce'])}× produce, {_fmt(b['in_place_vs_copied'])}× shm-copied, {_fmt(b['in_place_vs_tcp_made'])}× tcp-made, "
+        f"{_fmt(b['in_place_vs_tcp'])}× tcp, "
+        f"{_fmt(b['in_place_vs_memcpy'])}× memcpy at {_fmt(b['batch_mb'])} MB"
+        for b in result["by_batch"]
+    )  # fmt: skip
     c = result["conditions"]
     load = "" if c["load_average"] is None else f", load average {c['load_average'][0]:.2f} at the start"
     lines += [
@@ -496,6 +594,8 @@ def format_table(result: dict) -> str:
         f"tcp+curve / tcp: {per_batch} (median {_fmt(result['curve_vs_tcp'])}×)",
         f"ipc / tcp: {ipc} (median {_fmt(result['ipc_vs_tcp'])}×)",
         f"shm: {shared} (median {_fmt(result['shm_vs_tcp'])}× tcp, {_fmt(result['shm_vs_memcpy'])}× memcpy)",
+        f"shm-in-place: {in_place} (median {_fmt(result['in_place_vs_produce'])}× produce, {_fmt(result['in_place_vs_copied'])}× shm-copied, "
+        f"{_fmt(result['in_place_vs_tcp_made'])}× tcp-made)",
         f"conditions: {c['cores']} cores ({c['cpu']}){load}; Python {c['python']}, pyzmq {c['pyzmq']}, libzmq {c['libzmq']}; CURVE by {c['curve']}",
     ]
     return "\n".join(lines)

@@ -126,7 +126,17 @@ class Segment:
     def write(self, offset: int, source: np.ndarray) -> None:
         if offset + source.nbytes > self.capacity:
             raise ValueError(f"{source.nbytes} bytes at offset {offset} overflow the {self.capacity}-byte slot {self.name}")
-        self.data[offset : offset + source.nbytes] = source
+        target = self.data[offset : offset + source.nbytes]
+        if source.nbytes and _address(source) == _address(target):
+            return  # its producer wrote it here already (a batch written in place): nothing to copy
+        target[...] = source
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` of the slot's data from ``offset`` as a writable uint8 array (for a producer that
+        writes a tensor in place)."""
+        if offset < 0 or offset + nbytes > self.capacity:
+            raise ValueError(f"{nbytes} bytes at offset {offset} overflow the {self.capacity}-byte slot {self.name}")
+        return self.data[offset : offset + nbytes]
 
     def publish(self, generation: int) -> None:
         _GENERATION.pack_into(self._mapping, 16, generation)
@@ -142,6 +152,10 @@ class Segment:
             self._mapping.close()
         except BufferError:  # a view of it is still alive somewhere: it unmaps when that goes
             pass
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
 
 
 def no_space_message(directory: str, size: int, free: int, reserve: int, racing: bool = False) -> str:

@@ -43,7 +43,11 @@ class SlotMemory(Protocol):
         """FREE or LENT, as the shared state word says now."""
 
     def write(self, offset: int, source) -> None:
-        """Copy ``source`` (a uint8 host array) to ``offset`` bytes into the slot's data."""
+        """Copy ``source`` (a uint8 host array) to ``offset`` bytes into the slot's data; nothing to do
+        when ``source`` is that very memory (a tensor its producer wrote in place, see :meth:`view`)."""
+
+    def view(self, offset: int, nbytes: int):
+        """A writable uint8 host array over ``nbytes`` of the slot's data from ``offset``."""
 
     def publish(self, generation: int) -> None:
         """Write ``generation``, then the LENT state: the filled slot is the trainer's from here."""

@@ -37,19 +37,28 @@ class AlbumentationsBackend(Backend):
     name = "albumentations"
     devices = ("cpu",)
     reads_only_sampled_pixels = True  # slices, the windows of warp_window, warpAffine/remap taps
+    writes_in_place = True  # run(..., out=): each sample's last kernel writes into its row (Pipeline's out=)
 
-    def run(self, images, plans):
+    def run(self, images, plans, out: torch.Tensor | None = None):
+        """As :meth:`Backend.run`. ``out``: a C-contiguous uint8 CPU tensor N×H×W×C of the plans' common
+        output size; each sample's last kernel writes its row (OpenCV's ``dst=``), and ``out`` is returned."""
         if isinstance(images, torch.Tensor):
             images = [image for image in images.cpu().numpy()]
         facts = axis_aligned(plans)
         batch = (facts, K.tap_windows(facts))
-        if same_output_shape(plans):
+        if out is not None:
+            rows = out.numpy()  # the tensor's own memory: rows[i] is a view of out[i]
+            expected = (len(plans), *plans[0].out_hw, plans[0].channels)
+            if not same_output_shape(plans) or rows.shape != expected or not rows.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous uint8 array of shape {expected} for these plans, got {rows.shape}")
+        elif same_output_shape(plans):
             height, width = plans[0].out_hw
-            out = np.empty((len(plans), height, width, plans[0].channels), dtype=np.uint8)
-            for index, (image, plan) in enumerate(zip(images, plans)):
-                self._apply(image, plan, batch, index, out[index])
-            return torch.from_numpy(out)
-        return [torch.from_numpy(np.ascontiguousarray(self._apply(image, plan, batch, index, None))) for index, (image, plan) in enumerate(zip(images, plans))]
+            rows = np.empty((len(plans), height, width, plans[0].channels), dtype=np.uint8)
+        else:
+            return [torch.from_numpy(np.ascontiguousarray(self._apply(image, plan, batch, index, None))) for index, (image, plan) in enumerate(zip(images, plans))]
+        for index, (image, plan) in enumerate(zip(images, plans)):
+            self._apply(image, plan, batch, index, rows[index])
+        return out if out is not None else torch.from_numpy(rows)
 
     def _apply(self, image: np.ndarray, plan: SamplePlan, batch: tuple[AxisAligned, K.TapWindows], index: int, out: np.ndarray | None) -> np.ndarray:
         """Sample ``index`` of the batch (H×W×C uint8) → out_h×out_w×C uint8, written into ``out`` when

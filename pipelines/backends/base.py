@@ -26,6 +26,9 @@ class Backend(ABC):
     # run unchanged (see Pipeline.run_decoding). Backends that convert or upload whole images re-aim
     # the plan at the region instead.
     reads_only_sampled_pixels: bool = False
+    # Whether ``run(images, plans, out=...)`` writes each sample's result straight into its row of a
+    # preallocated uint8 batch (Pipeline's ``out=``); otherwise the pipeline copies the result in once.
+    writes_in_place: bool = False
 
     def __init__(self, spec: PipelineSpec, device: str = "cpu") -> None:
         kind = device.split(":")[0]

@@ -20,7 +20,15 @@ pixel (``border="replicate"``, ``padding_mode="border"``).
 
 On CUDA the uint8 batch goes to the device once (from pinned memory, ``non_blocking``) and stays there.
 Every arithmetic step is elementwise per sample, so a sample's bytes do not depend on the batch it
-travels in. Per-sample Python work is limited to gathering the plans' matrices.
+travels in.
+
+Plans arrive as :class:`~pipelines.batched_plan.FusedBatch` tensors: ``run`` gathers a list of
+``SamplePlan`` objects into one (the host path's per-sample Python work), ``run_fused`` takes one made
+on the device (:mod:`pipelines.device_fusion`) as it is. Either way the passes are the same — the host
+learns how to split the batch (output sizes, pixel copies and their windows, color flags) from one
+small table copied from the plans' device, and matrices and offsets stay where they were made — so a
+sample's bytes do not depend on where its plan came from. Copies take the window-copy fast path on
+both; only local warps (host plans) take the chain path.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ import torch.nn.functional as F
 
 from .. import geometry as G
 from ..borders import BORDERS
-from ..plan import AffineStep, AxisAligned, SamplePlan, axis_aligned
-from .base import Backend, same_output_shape
+from ..batched_plan import FACT_COLUMNS, FusedBatch
+from ..plan import AffineStep, WarpStep
+from .base import Backend
 
 _CHAIN_ELEMENTS = 1 << 24  # per warp-chain chunk: bounds each (B, P, K) weight temporary to 64 MB
 
@@ -44,17 +53,22 @@ _CHAIN_ELEMENTS = 1 << 24  # per warp-chain chunk: bounds each (B, P, K) weight 
 class _Group:
     """Samples sharing input shape and output size: resampled together."""
 
-    positions: list[int]  # where the samples sit in the batch
-    plans: list[SamplePlan]
+    positions: np.ndarray  # int64 (n,): where the samples sit in the batch
+    in_shape: tuple[int, int, int]
+    out_hw: tuple[int, int]
     images: torch.Tensor | list[torch.Tensor]  # uint8 (n, H, W, C) on the device, or (CPU) a list of H×W×C
 
-    @property
-    def in_shape(self) -> tuple[int, int, int]:
-        return self.plans[0].in_shape
 
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return self.plans[0].out_hw
+@dataclass
+class _Facts:
+    """What the host needs to know of a :class:`FusedBatch` to split it into passes (arrays of length N),
+    fetched from the plan's device in one copy."""
+
+    out_hw: np.ndarray  # int64 (N, 2)
+    copies: np.ndarray  # bool: whole-pixel copies (see ``copy_windows``)
+    windows: np.ndarray  # int64 (N, 4): ``(r0, sr, c0, sc)`` of each copy
+    colored: np.ndarray  # bool: the sample has a color pass
+    ties: np.ndarray  # bool: a color offset sits near a .5 tie (batched_plan.TIE_ATOL)
 
 
 class TorchBackend(Backend):
@@ -78,31 +92,57 @@ class TorchBackend(Backend):
             raise ValueError(f"got {len(plans)} plans for {count} images")
         if count == 0:
             raise ValueError("empty batch: no images were given")
-        results = []  # (positions, uint8 (n, h, w, C) tensor)
-        for group in self._groups(images, plans):
-            if any(p.color is not None for p in group.plans) and group.plans[0].color_first:
-                group.images = self._color_uint8(self._stacked(group), group.plans)
-            results.extend(self._geometry(group))
-        return self._assemble(results, plans)
+        return self.run_fused(images, FusedBatch.from_plans(plans))
 
-    def _groups(self, images, plans: list[SamplePlan]) -> list[_Group]:
-        keyed: dict[tuple, list[int]] = defaultdict(list)
-        for index, plan in enumerate(plans):
-            keyed[(tuple(plan.in_shape), tuple(plan.out_hw))].append(index)
+    def run_fused(self, images, fused: FusedBatch):
+        """:meth:`run` on a batch of plans as tensors (made on the host from plans, or on the device by
+        :func:`pipelines.device_fusion.plan_on_device`): the same passes, the same bytes."""
+        count = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        if count != len(fused):
+            raise ValueError(f"got {len(fused)} plans for {count} images")
+        if count == 0:
+            raise ValueError("empty batch: no images were given")
+        facts = self._facts(fused)
+        results = []  # (positions, uint8 (n, h, w, C) tensor)
+        for group in self._groups(images, fused, facts):
+            if fused.color_first and facts.colored[group.positions].any():
+                group.images = self._finish(self._stacked(group), self._color_tensors(fused, facts, group.positions, group.in_shape[2]))
+            results.extend(self._geometry(group, fused, facts))
+        return self._assemble(results, fused, facts)
+
+    def _facts(self, fused: FusedBatch) -> _Facts:
+        """The host's part of ``fused`` (:meth:`~pipelines.batched_plan.FusedBatch.host_facts`): the
+        only device→host copy a batch planned on the device makes."""
+        column = dict(zip(FACT_COLUMNS, fused.host_facts().T))
+        copies = column["copies"].astype(bool)
+        if fused.chains is not None:  # warped samples have no matrix to copy with
+            copies &= np.array([chain is None for chain in fused.chains])
+        windows = np.stack([column[name] for name in ("r0", "sr", "c0", "sc")], axis=1)
+        return _Facts(np.stack([column["out_h"], column["out_w"]], axis=1), copies, windows, column["colored"].astype(bool), column["ties"].astype(bool))
+
+    def _groups(self, images, fused: FusedBatch, facts: _Facts) -> list[_Group]:
+        keys = np.concatenate([fused.in_shapes, facts.out_hw], axis=1)
+        if (keys == keys[0]).all():
+            members = [np.arange(len(keys))]
+        else:  # groups in order of first appearance
+            _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            members = [np.flatnonzero(inverse == g) for g in np.argsort(first)]
+        shapes = [(tuple(int(v) for v in keys[m[0], :3]), (int(keys[m[0], 3]), int(keys[m[0], 4]))) for m in members]
         if isinstance(images, torch.Tensor):
             batch = self._to_device(images)
             shape = tuple(batch.shape[1:])
             groups = []
-            for (in_shape, _), positions in keyed.items():
+            for positions, (in_shape, out_hw) in zip(members, shapes):
                 if in_shape != shape:
                     raise ValueError(f"image {positions[0]}: shape {shape} does not match its plan's in_shape {in_shape}")
-                picked = batch if len(positions) == batch.shape[0] else batch[torch.tensor(positions, device=batch.device)]
-                groups.append(_Group(positions, [plans[i] for i in positions], picked))
+                picked = batch if len(positions) == batch.shape[0] else batch[torch.from_numpy(positions).to(batch.device)]
+                groups.append(_Group(positions, in_shape, out_hw, picked))
             return groups
         groups = []
-        for (in_shape, _), positions in keyed.items():
-            arrays = [images[i] if images[i].ndim == 3 else images[i][..., None] for i in positions]
-            for i, array in zip(positions, arrays):
+        for positions, (in_shape, out_hw) in zip(members, shapes):
+            arrays = [images[i] if images[i].ndim == 3 else images[i][..., None] for i in positions.tolist()]
+            for i, array in zip(positions.tolist(), arrays):
                 if tuple(array.shape) != in_shape:
                     raise ValueError(f"image {i}: shape {tuple(array.shape)} does not match its plan's in_shape {in_shape}")
             if self._cuda:
@@ -113,7 +153,7 @@ class TorchBackend(Backend):
                 picked = staging.to(self._device, non_blocking=True)
             else:
                 picked = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-            groups.append(_Group(positions, [plans[i] for i in positions], picked))
+            groups.append(_Group(positions, in_shape, out_hw, picked))
         return groups
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
@@ -128,67 +168,64 @@ class TorchBackend(Backend):
     def _stacked(self, group: _Group) -> torch.Tensor:
         return group.images if isinstance(group.images, torch.Tensor) else torch.stack(group.images)
 
-    def _assemble(self, results, plans):
-        if same_output_shape(plans):
+    def _assemble(self, results, fused: FusedBatch, facts: _Facts):
+        shapes = np.concatenate([facts.out_hw, fused.in_shapes[:, 2:]], axis=1)
+        if (shapes == shapes[0]).all():
             if len(results) == 1:  # one piece covering the batch in order: no copy
                 return results[0][1]
-            height, width = plans[0].out_hw
-            out = torch.empty((len(plans), height, width, plans[0].channels), dtype=torch.uint8, device=self._device)
+            height, width, channels = (int(v) for v in shapes[0])
+            out = torch.empty((len(shapes), height, width, channels), dtype=torch.uint8, device=self._device)
             for positions, piece in results:
-                out[torch.tensor(positions, device=self._device)] = piece
+                out[torch.from_numpy(positions).to(self._device)] = piece
             return out
-        outputs: list[torch.Tensor | None] = [None] * len(plans)
+        outputs: list[torch.Tensor | None] = [None] * len(shapes)
         for positions, piece in results:
-            for k, position in enumerate(positions):
+            for k, position in enumerate(positions.tolist()):
                 outputs[position] = piece[k]
         return outputs
 
     # --- geometry ------------------------------------------------------------------------------------
 
-    def _geometry(self, group: _Group):
-        """Split a group into pixel copies, affine resamplings and warp chains; run each batched."""
-        plans = group.plans
-        facts = axis_aligned(plans)
-        exact = [k for k in range(len(plans)) if facts.copies[k]]
-        windows = _windows(facts, exact, group.out_hw)
-        interpolated = [k for k, p in enumerate(plans) if p.inverse is not None and not facts.copies[k]]
-        affine_matrices = np.stack([plans[k].inverse for k in interpolated]) if interpolated else None
+    def _geometry(self, group: _Group, fused: FusedBatch, facts: _Facts):
+        """Split a group into pixel copies, affine resamplings and warp chains; run each batched.
+        Members are indices into the group (``group.positions[k]`` is the batch position)."""
+        positions = group.positions
+        exact = np.flatnonzero(facts.copies[positions])
+        chained = np.zeros(len(positions), dtype=bool) if fused.chains is None else np.array([fused.chains[p] is not None for p in positions.tolist()])
+        interpolated = np.flatnonzero(~facts.copies[positions] & ~chained)
         chains: dict[tuple, list[int]] = defaultdict(list)
-        for k, plan in enumerate(plans):
-            if plan.inverse is None:
-                chains[_signature(plan)].append(k)
+        for k in np.flatnonzero(chained).tolist():
+            chains[_signature(fused.chains[positions[k]])].append(k)
 
         pieces = []
-        if exact:
-            pieces.append((exact, self._copy_windows(group, exact, windows)))
-        if interpolated:
-            grid = self._affine_grid(affine_matrices, group.in_shape[:2], group.out_hw)
-            pieces.append((interpolated, self._resample(group, interpolated, grid)))
+        if exact.size:
+            pieces.append((exact, self._copy_windows(group, exact.tolist(), facts.windows[positions[exact]])))
+        if interpolated.size:
+            grid = self._affine_grid(_take(fused.inverse, positions[interpolated]), group.in_shape[:2], group.out_hw)
+            pieces.append((interpolated, self._resample(group, interpolated.tolist(), grid)))
         for members in chains.values():
-            grid = self._chain_grid([plans[k] for k in members], group.in_shape[:2], group.out_hw)
-            pieces.append((members, self._resample(group, members, grid)))
+            grid = self._chain_grid([fused.chains[positions[k]] for k in members], group.in_shape[:2], group.out_hw)
+            pieces.append((np.array(members), self._resample(group, members, grid)))
 
         results = []
         for members, image in pieces:
-            member_plans = [plans[k] for k in members]
-            color = None if member_plans[0].color_first else self._color_tensors(member_plans)
-            image = self._finish(image, color)
-            results.append(([group.positions[k] for k in members], image))
+            color = None if fused.color_first else self._color_tensors(fused, facts, positions[members], group.in_shape[2])
+            results.append((positions[members], self._finish(image, color)))
         return results
 
-    def _affine_grid(self, matrices: np.ndarray, in_hw, out_hw) -> torch.Tensor:
-        """(n, out_h, out_w, 2) normalised source coordinates of every destination pixel centre."""
+    def _affine_grid(self, matrices: torch.Tensor, in_hw, out_hw) -> torch.Tensor:
+        """(n, out_h, out_w, 2) normalised source coordinates of every destination pixel centre.
+        ``matrices``: (n, 3, 3) float64 dst→src, on the host or the device."""
         (in_h, in_w), (out_h, out_w) = in_hw, out_hw
         # Fold the pixel centres (+0.5) and grid_sample's normalisation (2 x / W - 1) into the matrices,
-        # in float64 on the host, so the device evaluates x_n = a j + b i + c per pixel index (i, j).
+        # in float64 where the matrices are (IEEE operations: the same bits on the host and the device),
+        # so the device evaluates x_n = a j + b i + c per pixel index (i, j).
         rows = matrices[:, :2, :]
-        coefficients = np.empty((len(matrices), 2, 3))
-        coefficients[:, :, :2] = rows[:, :, :2]
-        coefficients[:, :, 2] = 0.5 * rows[:, :, 0] + 0.5 * rows[:, :, 1] + rows[:, :, 2]
-        coefficients[:, 0] *= 2.0 / in_w
-        coefficients[:, 1] *= 2.0 / in_h
+        shift = 0.5 * rows[:, :, 0] + 0.5 * rows[:, :, 1] + rows[:, :, 2]
+        folded = torch.cat([rows[:, :, :2], shift[:, :, None]], dim=2)
+        coefficients = torch.stack([folded[:, 0] * (2.0 / in_w), folded[:, 1] * (2.0 / in_h)], dim=1)
         coefficients[:, :, 2] -= 1.0
-        theta = torch.from_numpy(coefficients.astype(np.float32)).to(self._device)
+        theta = coefficients.to(torch.float32).to(self._device)
         cols = torch.arange(out_w, dtype=torch.float32, device=self._device)
         rows_i = torch.arange(out_h, dtype=torch.float32, device=self._device)
         grid = torch.empty((len(matrices), out_h, out_w, 2), dtype=torch.float32, device=self._device)
@@ -198,13 +235,13 @@ class TorchBackend(Backend):
             torch.add(along_row[:, None, :], along_col[:, :, None], out=grid[..., axis])
         return grid
 
-    def _chain_grid(self, plans: list[SamplePlan], in_hw, out_hw) -> torch.Tensor:
-        """Like :meth:`_affine_grid` for plans with the same chain signature (see ``source_map.source_map``)."""
+    def _chain_grid(self, chains: list[list[AffineStep | WarpStep]], in_hw, out_hw) -> torch.Tensor:
+        """Like :meth:`_affine_grid` for chains with the same signature (see ``source_map.source_map``)."""
         (in_h, in_w), (out_h, out_w) = in_hw, out_hw
-        steps = list(zip(*(p.chain for p in plans)))  # step index → that step of every plan
+        steps = list(zip(*chains))  # step index → that step of every chain
         # One upload for every per-sample parameter of the chain.
         blocks = [np.stack([s.inverse[:2] for s in column]) if isinstance(column[0], AffineStep) else np.stack([s.control for s in column]) for column in steps]
-        flat = torch.from_numpy(np.concatenate([b.reshape(len(plans), -1) for b in blocks], axis=1).astype(np.float32)).to(self._device)
+        flat = torch.from_numpy(np.concatenate([b.reshape(len(chains), -1) for b in blocks], axis=1).astype(np.float32)).to(self._device)
         params, start = [], 0
         for block in blocks:
             size = int(np.prod(block.shape[1:]))
@@ -214,11 +251,11 @@ class TorchBackend(Backend):
         ys = torch.arange(out_h, dtype=torch.float32, device=self._device) + 0.5
         points_x = xs.repeat(out_h)  # (P,), row-major over the destination
         points_y = ys.repeat_interleave(out_w)
-        grid = torch.empty((len(plans), out_h * out_w, 2), dtype=torch.float32, device=self._device)
-        knots = max((s.control.shape[0] + 2 for s in plans[0].chain if not isinstance(s, AffineStep)), default=1)
+        grid = torch.empty((len(chains), out_h * out_w, 2), dtype=torch.float32, device=self._device)
+        knots = max((s.control.shape[0] + 2 for s in chains[0] if not isinstance(s, AffineStep)), default=1)
         chunk = max(1, _CHAIN_ELEMENTS // (out_h * out_w * knots))
-        for lo in range(0, len(plans), chunk):
-            hi = min(lo + chunk, len(plans))
+        for lo in range(0, len(chains), chunk):
+            hi = min(lo + chunk, len(chains))
             x = points_x.expand(hi - lo, -1)  # (B, P)
             y = points_y.expand(hi - lo, -1)
             for column, param in zip(steps, params):
@@ -231,7 +268,7 @@ class TorchBackend(Backend):
                     x, y = x + dx, y + dy
             grid[lo:hi, :, 0] = x * (2.0 / in_w) - 1.0
             grid[lo:hi, :, 1] = y * (2.0 / in_h) - 1.0
-        return grid.view(len(plans), out_h, out_w, 2)
+        return grid.view(len(chains), out_h, out_w, 2)
 
     def _resample(self, group: _Group, members: list[int], grid: torch.Tensor):
         """Bilinear resampling of the ``members`` of ``group`` at ``grid``: float32 (n, C, out_h, out_w)."""
@@ -293,25 +330,23 @@ class TorchBackend(Backend):
 
     # --- color and the uint8 conversion -------------------------------------------------------------
 
-    def _color_tensors(self, plans: list[SamplePlan]) -> "_Color | None":
-        """The color pass of ``plans`` as device tensors; ``None`` when no plan changes the color."""
-        if all(p.color is None for p in plans):
+    def _color_tensors(self, fused: FusedBatch, facts: _Facts, members: np.ndarray, channels: int) -> "_Color | None":
+        """The color pass of the batch positions ``members`` as device tensors; ``None`` when none of them
+        changes the color."""
+        if not facts.colored[members].any():
             return None
-        channels = plans[0].channels
-        identity, zero = np.eye(channels), np.zeros(channels)
-        matrices = np.stack([identity if p.color is None else p.color[0] for p in plans])
-        offsets = np.stack([zero if p.color is None else p.color[1] for p in plans])
-        if np.all(matrices == identity):
+        offsets = _take(fused.offsets, members)[:, :channels]
+        matrices = None if fused.color_matrices is None else _take(fused.color_matrices, members)[:, :channels, :channels]
+        if matrices is None or bool((matrices == torch.eye(channels, dtype=matrices.dtype, device=matrices.device)).all()):
             # Offsets only (pca_color, color_shift) on integer pixels: round(x + o) = x + round(o) unless
             # o sits on a .5 tie (then the parity of x decides). Away from ties, add whole numbers: no
             # float rounding per pixel, and uint8 pixels can take it in int16.
-            fraction = np.abs(offsets - np.floor(offsets) - 0.5)
-            if np.all(fraction > 1e-4):
+            if not facts.ties[members].any():
                 # ±1024 saturates 0..255 exactly like any larger offset, and fits int16.
-                whole = torch.from_numpy(np.clip(np.round(offsets), -1024, 1024).astype(np.float32)).to(self._device)
+                whole = torch.round(offsets).clamp(-1024, 1024).to(torch.float32).to(self._device)
                 return _Color(None, whole, integral=True)
-            return _Color(None, torch.from_numpy(offsets.astype(np.float32)).to(self._device), integral=False)
-        packed = torch.from_numpy(np.concatenate([offsets, matrices.reshape(len(plans), -1)], axis=1).astype(np.float32)).to(self._device)
+            return _Color(None, offsets.to(torch.float32).to(self._device), integral=False)
+        packed = torch.cat([offsets, matrices.reshape(len(members), -1)], dim=1).to(torch.float32).to(self._device)
         return _Color(packed[:, channels:].reshape(-1, channels, channels), packed[:, :channels], integral=False)
 
     def _finish(self, image: torch.Tensor, color: "_Color | None") -> torch.Tensor:
@@ -337,10 +372,6 @@ class TorchBackend(Backend):
             image.round_()
             color.apply(image, channel_dim=1)
         return _to_uint8(image.round_().clamp_(0.0, 255.0).permute(0, 2, 3, 1))
-
-    def _color_uint8(self, images: torch.Tensor, plans: list[SamplePlan]) -> torch.Tensor:
-        """Color pass on the uint8 input, before geometry (``color_first``): uint8 (n, H, W, C)."""
-        return self._finish(images, self._color_tensors(plans))
 
 
 @dataclass
@@ -375,18 +406,6 @@ class _Color:
         image.add_(self.offsets.view(shape))
 
 
-def _windows(facts: AxisAligned, members: list[int], out_hw: tuple[int, int]) -> np.ndarray:
-    """``(r0, sr, c0, sc)`` per pixel-copy member: destination (i, j) takes source pixel
-    (r0 + sr i, c0 + sc j), sr, sc = ±1 (a mirrored window starts at its far edge)."""
-    out_h, out_w = out_hw
-    windows = np.empty((len(members), 4), dtype=np.int64)
-    for row, k in enumerate(members):
-        top, left = facts.window(k)
-        flip_y, flip_x = bool(facts.flip_y[k]), bool(facts.flip_x[k])
-        windows[row] = (top + (out_h - 1) * flip_y, -1 if flip_y else 1, left + (out_w - 1) * flip_x, -1 if flip_x else 1)
-    return windows
-
-
 def _inside(windows: np.ndarray, out_h: int, out_w: int, height: int, width: int) -> np.ndarray:
     """Whether each window lies entirely inside the source."""
     r0, sr, c0, sc = windows.T
@@ -394,9 +413,16 @@ def _inside(windows: np.ndarray, out_h: int, out_w: int, height: int, width: int
     return (np.minimum(r0, r1) >= 0) & (np.maximum(r0, r1) < height) & (np.minimum(c0, c1) >= 0) & (np.maximum(c0, c1) < width)
 
 
-def _signature(plan: SamplePlan) -> tuple:
-    """Plans whose chains have the same steps (and warp canvases) are evaluated together."""
-    return tuple(("affine",) if isinstance(s, AffineStep) else ("warp", s.kind, s.control.shape, s.height, s.width) for s in plan.chain)
+def _signature(chain: list[AffineStep | WarpStep]) -> tuple:
+    """Chains with the same steps (and warp canvases) are evaluated together."""
+    return tuple(("affine",) if isinstance(s, AffineStep) else ("warp", s.kind, s.control.shape, s.height, s.width) for s in chain)
+
+
+def _take(values: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+    """``values[positions]`` along the first axis, on ``values``' device; no gather for the whole batch."""
+    if len(positions) == len(values) and (positions == np.arange(len(values))).all():
+        return values
+    return values[torch.from_numpy(positions).to(values.device, non_blocking=True)]  # staged: no wait for the device
 
 
 def _to_uint8(image: torch.Tensor) -> torch.Tensor:

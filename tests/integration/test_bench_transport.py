@@ -17,11 +17,13 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import pytest
+import torch
 import zmq
 
 from augserve import security
-from augserve.bench.transport import BASELINE, TRANSPORTS, Channel, TransportBenchConfig, payload_bytes
+from augserve.bench.transport import BASELINE, IN_PLACE_RATIOS, PRODUCE, PRODUCING, TRANSPORTS, Channel, TransportBenchConfig, payload_bytes
 from augserve.cli import main
 
 SMALL = ["--size", "32", "--batches", "3", "--rounds", "1"]
@@ -48,8 +50,10 @@ def test_json_rows_cover_every_transport_and_batch_size(capsys, monkeypatch, tmp
     lines = [json.loads(line) for line in out.strip().splitlines()]
     rows, summary = lines[:-1], lines[-1]
 
-    assert {(r["transport"], r["batch_images"]) for r in rows} == {(t, n) for t in (BASELINE, *TRANSPORTS) for n in (2, 3)}
-    assert len(rows) == 10 and all(r["benchmark"] == "transport" for r in rows)
+    assert {(r["transport"], r["batch_images"]) for r in rows} == {(t, n) for t in (BASELINE, PRODUCE, *TRANSPORTS) for n in (2, 3)}
+    assert len(rows) == 18 and all(r["benchmark"] == "transport" for r in rows)
+    assert set(TRANSPORTS) == {"tcp", "tcp+curve", "ipc", "shm", "tcp-made", "shm-copied", "shm-in-place"}
+    assert set(PRODUCING) == {PRODUCE, "tcp-made", "shm-copied", "shm-in-place"}
     for row in rows:
         assert row["batch_bytes"] == payload_bytes(row["batch_images"], 32) == row["batch_images"] * 32 * 32 * 3 + 16 * row["batch_images"]
         assert math.isfinite(row["gb_per_s"]) and row["gb_per_s"] > 0, row
@@ -57,18 +61,31 @@ def test_json_rows_cover_every_transport_and_batch_size(capsys, monkeypatch, tmp
         same_batch = {r["transport"]: r["gb_per_s"] for r in rows if r["batch_images"] == row["batch_images"]}
         assert row["vs_tcp"] == pytest.approx(row["gb_per_s"] / same_batch["tcp"], rel=2e-3)
         assert row["vs_memcpy"] == pytest.approx(row["gb_per_s"] / same_batch[BASELINE], rel=2e-3)
+        assert row["makes_batches"] == (row["transport"] in PRODUCING)
+        if row["makes_batches"]:
+            assert row["vs_produce"] == pytest.approx(row["gb_per_s"] / same_batch[PRODUCE], rel=2e-3)
+        else:
+            assert row["vs_produce"] is None  # a row that does not make its batches has no business with that baseline
         assert len(row["runs_gb_per_s"]) == 1 and row["runs_gb_per_s"][0] == pytest.approx(row["gb_per_s"], rel=2e-3)
 
     assert summary["benchmark"] == "transport" and summary["rows"] == rows
     assert [b["batch_images"] for b in summary["by_batch"]] == [2, 3]
     for entry in summary["by_batch"]:
         rates = entry["gb_per_s"]
-        assert set(rates) == {BASELINE, *TRANSPORTS}
+        assert set(rates) == {BASELINE, PRODUCE, *TRANSPORTS}
         assert entry["curve_vs_tcp"] == pytest.approx(rates["tcp+curve"] / rates["tcp"], rel=2e-3)
         assert entry["shm_vs_tcp"] == pytest.approx(rates["shm"] / rates["tcp"], rel=2e-3)
         assert entry["shm_vs_memcpy"] == pytest.approx(rates["shm"] / rates[BASELINE], rel=2e-3)
+        assert entry["in_place_vs_tcp"] == pytest.approx(rates["shm-in-place"] / rates["tcp"], rel=2e-3)
+        assert entry["in_place_vs_memcpy"] == pytest.approx(rates["shm-in-place"] / rates[BASELINE], rel=2e-3)
+        assert entry["in_place_vs_produce"] == pytest.approx(rates["shm-in-place"] / rates[PRODUCE], rel=2e-3)
+        assert entry["in_place_vs_copied"] == pytest.approx(rates["shm-in-place"] / rates["shm-copied"], rel=2e-3)
+        assert entry["in_place_vs_tcp_made"] == pytest.approx(rates["shm-in-place"] / rates["tcp-made"], rel=2e-3)
+        assert entry["copied_vs_produce"] == pytest.approx(rates["shm-copied"] / rates[PRODUCE], rel=2e-3)
     assert summary["curve_vs_tcp"] == pytest.approx(statistics.median(b["curve_vs_tcp"] for b in summary["by_batch"]), rel=1e-3)
     assert summary["shm_vs_tcp"] == pytest.approx(statistics.median(b["shm_vs_tcp"] for b in summary["by_batch"]), rel=1e-3)
+    for key in IN_PLACE_RATIOS:
+        assert summary[key] == pytest.approx(statistics.median(b[key] for b in summary["by_batch"]), rel=1e-3)
     conditions = summary["conditions"]
     assert conditions["libzmq"] == zmq.zmq_version() and conditions["pyzmq"] == zmq.pyzmq_version()
     assert conditions["cores"] == os.cpu_count() and conditions["curve"]
@@ -82,10 +99,15 @@ def test_table_names_every_transport(capsys):
     assert main(["bench", "transport", "--batch-images", "2", "--size", "16", "--batches", "1", "--rounds", "1"]) == 0
     captured = capsys.readouterr()
     table = [line for line in captured.out.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0] for line in table[1:]] == ["| memcpy (baseline)", "| tcp", "| tcp+curve", "| ipc", "| shm"]
+    assert [line.split(" | ")[0] for line in table[1:]] == [
+        "| memcpy (baseline)", "| tcp", "| tcp+curve", "| ipc", "| shm", "| produce (baseline)", "| tcp-made", "| shm-copied", "| shm-in-place"
+    ]  # fmt: skip
+    assert [line.split(" | ")[-1] for line in table[1:5]] == ["— |"] * 4 and table[6].endswith(" | 1.00 |")  # × produce: its own rows only
     assert "tcp+curve / tcp:" in captured.out and f"libzmq {zmq.zmq_version()}" in captured.out
     assert "shm: " in captured.out and "× memcpy at" in captured.out
-    assert "starting 4 sender processes" in captured.err  # progress goes to stderr, never into the table
+    assert "shm-in-place: " in captured.out and "× produce, " in captured.out and "× shm-copied" in captured.out and "× tcp-made" in captured.out
+    assert "the hand-off of a batch made beforehand" in captured.out and "the time includes making it" in captured.out  # what each row times
+    assert "starting 8 sender processes" in captured.err  # progress goes to stderr, never into the table
 
 
 @pytest.mark.parametrize(
@@ -165,21 +187,47 @@ def test_the_curve_channel_admits_only_the_worker_key(tmp_path):
         channel.close()
 
 
-def test_the_shm_channel_hands_over_slots_and_leaves_none_behind(private_shm_dir):
+@pytest.mark.parametrize("transport", ["shm", "shm-copied", "shm-in-place"])
+def test_the_shm_channel_hands_over_slots_and_leaves_none_behind(private_shm_dir, transport):
     channel = None
     keys = tempfile.mkdtemp(prefix="augserve-bench-keys-")
     try:
         security.Keyring.load(keys)
-        channel = Channel("shm", _config(), keys)
+        channel = Channel(transport, _config(), keys)
         channel.wait_ready()
         channel.move(2, 20)  # more batches than slots: each one is released as it is received
         names = os.listdir(private_shm_dir)
         assert names == [], f"the receiver unlinks each slot it maps: {names}"
         os.kill(channel.pid, signal.SIGKILL)
-        with pytest.raises(ConnectionError, match=r"the shm sender \(pid \d+\) died \(signal 9\)"):
+        with pytest.raises(ConnectionError, match=rf"the {transport} sender \(pid \d+\) died \(signal 9\)"):
             channel.move(2, 1)
     finally:
         if channel is not None:
             channel.close()
         shutil.rmtree(keys, ignore_errors=True)
+    assert os.listdir(private_shm_dir) == []
+
+
+def test_the_in_place_row_makes_its_batch_in_the_slot_it_sends(private_shm_dir):
+    """``shm-in-place`` makes each batch straight into the slot it then lends (nothing copied after), and
+    makes the same batch as ``produce`` and ``shm-copied`` do: the rows time the same producing step."""
+    from functools import partial
+
+    from augserve.bench.transport import Producer, _made_in_slot, _waiting_for_a_slot
+    from augserve.handoff.sender import write_batch
+    from augserve.handoff.shm import Segment
+    from augserve.handoff.slots import LENT, SlotPool
+
+    producer = Producer((3,), 16)
+    pool = SlotPool(partial(Segment.create, private_shm_dir), 2)
+    try:
+        slot_for, images = _made_in_slot(producer, pool, _waiting_for_a_slot(pool, 5.0), 3, 7, 16)
+        slot = slot_for(1)
+        assert images.data_ptr() == slot.memory.data.ctypes.data and tuple(images.shape) == (3, 16, 16, 3)
+        assert torch.equal(images, producer.make(3, 7)) and not torch.equal(images, producer.make(3, 8))
+        ids = np.arange(3, dtype=np.int64)
+        lent, _, descriptors = write_batch(pool, [("images", images), ("labels", ids), ("sample_ids", ids)], slot_for)
+        assert lent is slot and slot.memory.state() == LENT and [d.offset for d in descriptors] == [0, 2304, 2368]
+    finally:
+        pool.close()
     assert os.listdir(private_shm_dir) == []

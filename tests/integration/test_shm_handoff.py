@@ -24,6 +24,7 @@ import zmq
 from augserve import protocol as P
 from augserve.handoff import shm
 from augserve.handoff.host import host_identity
+from augserve.status import format_status
 
 try:  # tests/integration is a package in some checkouts (tests/__init__.py) and a plain folder in others
     from .conftest import CROP_FLIP, GEOMETRIC, SHAPES, as_record, collect, ids_per_epoch, images_by_sample, launch_daemon, open_stream, raw_data_socket, raw_dealer, subprocess_env, wait_until
@@ -130,6 +131,44 @@ def test_a_trainer_that_sees_another_shm_directory_gets_frames_and_is_told(share
         assert "the trainer sees another shared-memory directory" in told[0].getMessage()
         assert slot_names(elsewhere) == []
     finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_status_shows_each_streams_transport_and_why_frames(shared, monkeypatch):
+    """``augserve status`` while three streams run: one through shared memory, one forced to frames by
+    its trainer, one whose trainer sees another /dev/shm (the workers fall back: "remote host")."""
+    daemon, directory = shared
+    streams = {
+        "shm": open_stream(daemon.address, pipeline=CROP_FLIP, batch_size=16, seed=2, epochs=1, transport="shm"),
+        "frames": open_stream(daemon.address, pipeline=CROP_FLIP, batch_size=16, seed=2, epochs=1, transport="frames"),
+    }
+    elsewhere = fresh_shm_dir()
+    try:
+        monkeypatch.setenv("AUGSERVE_SHM_DIR", elsewhere)  # like a trainer in another container
+        streams["elsewhere"] = open_stream(daemon.address, pipeline=CROP_FLIP, batch_size=16, seed=2, epochs=1)
+        monkeypatch.setenv("AUGSERVE_SHM_DIR", directory)
+        for stream in streams.values():
+            assert len(collect(stream, limit=2)) == 2  # the rest stays in flight: the streams are still attached
+
+        def transports():
+            found = {s["stream"]: s["transport"] for s in daemon.status()["streams"]}
+            got = {name: found.get(stream.id) for name, stream in streams.items()}
+            return got if all(t is not None and sum(t["batches"].values()) >= 2 for t in got.values()) else None
+
+        got = wait_until(transports, timeout=30, what="the workers' reports of two batches per stream")
+        assert got["shm"]["mode"] == "shm" and got["shm"]["batches"]["shm"] >= 2 and not any(got["shm"]["fallbacks"].values())
+        assert got["frames"]["mode"] == "frames" and got["frames"]["frames_reason"] == "trainer" and got["frames"]["batches"]["frames"] >= 2
+        assert got["elsewhere"]["mode"] == "auto" and got["elsewhere"]["batches"]["shm"] == 0
+        assert got["elsewhere"]["fallbacks"]["other_host"] == got["elsewhere"]["batches"]["frames"] >= 2
+        lines = {name: next(line for line in format_status(daemon.status()).splitlines() if line.strip().startswith(stream.id)) for name, stream in streams.items()}
+        assert " · transport shm: " in lines["shm"] and "batches through shared memory, 0 as frames" in lines["shm"]
+        assert lines["frames"].endswith(" · transport frames (forced by the trainer)")
+        assert "as frames (remote host (or another /dev/shm or user) " in lines["elsewhere"]
+        for stream in streams.values():
+            collect(stream)
+    finally:
+        for stream in streams.values():
+            stream.close()
         shutil.rmtree(elsewhere, ignore_errors=True)
 
 

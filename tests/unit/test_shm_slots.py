@@ -16,6 +16,7 @@ import sys
 import tempfile
 import uuid
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -23,10 +24,11 @@ import torch
 from augserve import protocol as P
 from augserve.handoff import shm
 from augserve.handoff.host import host_identity, mismatch
-from augserve.handoff.policy import handoff_for
+from augserve.handoff.policy import StreamTransport, handoff_for
 from augserve.handoff.receiver import SlotReader
 from augserve.handoff.sender import Sender
 from augserve.handoff.slots import FREE, LENT, NoSlot, SlotPool
+from augserve.status import format_transport
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm") or not sys.platform.startswith("linux"), reason="needs Linux and /dev/shm")
 
@@ -400,6 +402,41 @@ def test_the_transport_of_a_stream_combines_both_sides(trainer, daemon, mode):
     assert handoff_for(attach(shm_host=None), "auto") == (None, "frames (the trainer has no shared memory)")
 
 
+def done(**fields) -> P.Done:
+    return P.Done(worker="w", task="t", stream="s", epoch=0, index=0, samples=8, **fields)
+
+
+def test_status_shows_a_streams_transport_and_why_frames():
+    for trainer, daemon, host, reason, text in [
+        ("frames", "auto", True, "trainer", "frames (forced by the trainer)"),
+        ("auto", "frames", True, "daemon", "frames (forced by the daemon)"),
+        ("auto", "auto", False, "no_shm", "frames (the trainer has no shared memory)"),
+    ]:
+        transport = StreamTransport.of(attach(transport=trainer, **({} if host else {"shm_host": None})), daemon)
+        assert (transport.mode, transport.frames_reason) == ("frames", reason) and format_transport(transport.status()) == text
+
+    transport = StreamTransport.of(attach(transport="auto"), "shm")
+    for report in [done(via="shm")] * 5 + [done(via="frames", fallback="busy")] * 2 + [done(via="frames", fallback="no_space"), done(via="frames", fallback="other_host"), done()]:
+        transport.count(report)  # the last one: a worker that does not say (before the field existed)
+    assert transport.status() == {
+        "mode": "shm", "frames_reason": None, "batches": {"frames": 4, "shm": 5},
+        "fallbacks": {"other_host": 1, "no_space": 1, "busy": 2, "unavailable": 0},
+    }  # fmt: skip
+    assert format_transport(transport.status()) == (
+        "shm: 5 batches through shared memory, 4 as frames (remote host (or another /dev/shm or user) 1, /dev/shm too small 1, the trainer holds every slot 2)"
+    )
+
+
+def test_a_workers_transport_report_is_typed_and_old_reports_still_decode():
+    old = P.encode(done())
+    assert b"via" not in old[0] and P.decode(old).body.via is None  # a default is left out of the header
+    assert P.decode(P.encode(done(via="frames", fallback="no_space"))).body.fallback == "no_space"
+    for bad in ({"via": "carrier pigeon"}, {"via": "frames", "fallback": "x" * 5000}):
+        header = msgpack.unpackb(old[0])
+        with pytest.raises(P.ProtocolError, match="bad 'done' message"):
+            P.decode([msgpack.packb({**header, **bad})])
+
+
 # --- the worker's sender --------------------------------------------------------------------------------
 
 
@@ -454,3 +491,88 @@ def test_the_sender_falls_back_when_full_and_cleans_up_after_a_stream(shm_dir):
     assert names(shm_dir) == [] and len(sender.pools) == 0
     with pytest.raises(ValueError, match="reserve must be >= 0"):
         Sender(shm_dir, reserve_bytes=-1)
+
+
+# --- a batch written in place: the worker takes the slot first, the pipeline writes into it ---------------
+
+
+LABELS = np.array([1, 0], dtype=np.int64)
+
+
+def test_a_reserved_slot_is_written_once_and_sent_as_it_lies(shm_dir):
+    sender = Sender(shm_dir)
+    reservation = sender.reserve(task(shm_dir, sender.identity), (8, 8))
+    images = reservation.images((2, 4, 4, 3))  # what a pipeline's out= gets, before any pixel is made
+    pool, slot = reservation.slot
+    assert images.ctypes.data == slot.memory.data.ctypes.data and images.flags.writeable
+    assert slot.filling and slot.memory.capacity >= 2 * 4 * 4 * 3 + 2 * 64
+    images[...] = IMAGES  # the producing step
+    tensor = torch.from_numpy(images)
+
+    slot.memory.data.flags.writeable = False  # any copy into the slot would raise now
+    slot.memory.write(0, np.frombuffer(P.tensor_buffer(tensor), dtype=np.uint8))  # already there: nothing is copied
+    with pytest.raises(ValueError, match="read-only"):
+        slot.memory.write(128, np.frombuffer(LABELS, dtype=np.uint8))
+    slot.memory.data.flags.writeable = True
+
+    out = sender.pack(task(shm_dir, sender.identity), INFO, [("images", tensor), ("labels", LABELS), ("sample_ids", IDS)], reservation)
+    assert out.via == "shm" and out.slot == (pool, slot) and out.fallback is None and reservation.slot is None
+    message = P.decode(out.frames, P.WORKER_TO_CLIENT)
+    assert [(t.name, t.offset, t.shape) for t in message.body.tensors] == [("images", 0, [2, 4, 4, 3]), ("labels", 128, [2]), ("sample_ids", 192, [2])]
+    got = SlotReader(shm_dir).wrap(message.body)
+    assert torch.equal(got["images"], torch.from_numpy(IMAGES)) and got["labels"].tolist() == [1, 0] and got["sample_ids"].tolist() == [5, 9]
+    reservation.cancel()  # after pack: nothing left to give back
+    assert slot.memory.state() == LENT
+    sender.close()
+
+
+def test_a_reservation_asked_again_for_fewer_images_keeps_its_slot(shm_dir):
+    """Samples skipped as corrupt: the batch is planned again with fewer images, in the same memory."""
+    sender = Sender(shm_dir)
+    reservation = sender.reserve(task(shm_dir, sender.identity), (8, 8))
+    first = reservation.images((3, 4, 4, 3))
+    slot = reservation.slot[1]
+    kept = reservation.images((2, 4, 4, 3))
+    assert reservation.slot[1] is slot and kept.ctypes.data == first.ctypes.data and kept.shape == (2, 4, 4, 3)
+    kept[...] = IMAGES
+    out = sender.pack(task(shm_dir, sender.identity), INFO, [("images", torch.from_numpy(kept)), ("labels", LABELS[:2]), ("sample_ids", IDS)], reservation)
+    body = P.decode(out.frames).body
+    assert body.tensors[0].shape == [2, 4, 4, 3] and torch.equal(SlotReader(shm_dir).wrap(body)["images"], torch.from_numpy(IMAGES))
+    sender.close()
+
+
+def test_a_reservation_that_finds_no_slot_hands_out_private_memory_and_frames_say_why(shm_dir):
+    sender = Sender(shm_dir)
+    away = task(shm_dir, sender.identity.model_copy(update={"boot": "f" * 32}))
+    reservation = sender.reserve(away, (8, 8))
+    images = reservation.images((2, 4, 4, 3))
+    assert reservation.slot is None and reservation.fallback == P.Fallback(kind="other_host", message="the trainer is on another host")
+    assert images.shape == (2, 4, 4, 3) and images.dtype == np.uint8 and images.flags.c_contiguous and images.flags.writeable
+    images[...] = IMAGES
+    out = sender.pack(away, INFO, [("images", images), ("sample_ids", IDS)], reservation)
+    message = P.decode(out.frames, P.WORKER_TO_CLIENT)
+    assert out.via == "frames" and out.fallback == "other_host" and message.body.fallback.kind == "other_host"
+    assert torch.equal(P.frames_to_tensors(message.body.tensors, message.buffers)["images"], torch.from_numpy(IMAGES))
+    assert names(shm_dir) == []
+
+    full = Sender(shm_dir, reserve_bytes=shm.free_bytes(shm_dir))
+    reservation = full.reserve(task(shm_dir, full.identity), (8, 8))
+    reservation.images((2, 4, 4, 3))
+    assert reservation.slot is None and reservation.fallback.kind == "no_space" and names(shm_dir) == []
+
+
+def test_a_cancelled_reservation_frees_its_slot_for_the_next_batch(shm_dir):
+    """A task that fails after its slot was taken (a corrupt image under on_error="raise", an error)."""
+    sender = Sender(shm_dir)
+    reservation = sender.reserve(task(shm_dir, sender.identity, slots=1), (8, 8))
+    reservation.images((2, 4, 4, 3))
+    slot = reservation.slot[1]
+    busy = sender.reserve(task(shm_dir, sender.identity, slots=1), (8, 8))
+    busy.images((2, 4, 4, 3))
+    assert busy.fallback.kind == "busy"  # the pool's one slot is being filled
+    reservation.cancel()
+    assert reservation.slot is None and not slot.filling
+    again = sender.reserve(task(shm_dir, sender.identity, slots=1), (8, 8))
+    again.images((2, 4, 4, 3))
+    assert again.slot[1] is slot
+    sender.close()

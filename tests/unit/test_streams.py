@@ -239,6 +239,8 @@ def test_status_counts_credits_and_rate():
     assert (status["in_flight"], status["credits_free"], status["waiting_reissue"], status["reissued"], status["acked"]) == (1, 2, 1, 1, 2)
     assert status["images_per_s"] == pytest.approx(20.0)
     assert status["pipeline"] == "v1" and status["batches_per_epoch"] == 4
+    no_batch_yet = {"mode": "auto", "frames_reason": None, "batches": {"frames": 0, "shm": 0}, "fallbacks": {"other_host": 0, "no_space": 0, "busy": 0, "unavailable": 0}}
+    assert status["transport"] == no_batch_yet  # the daemon sets the stream's policy when it attaches (StreamTransport.of)
 
 
 def test_task_state_defaults():
