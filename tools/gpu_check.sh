@@ -4,7 +4,7 @@
 # Usage: bash tools/gpu_check.sh [STAGE ...]     (OUT defaults to ./out/gpu)
 # Stages, most wanted first, each under its own timeout (a device session has ~15 minutes in all, at
 # most 10 per call: run them in separate calls when time is short):
-#   tests    the GPU tests but the recipe check (~3 min)
+#   tests    the GPU tests but the recipe check (~4 min)
 #   bench    bench gpu (torch vs DALI vs kornia, JPEG bytes → batch) and bench sampling on cuda (~3 min)
 #   e2e      bench gpu-e2e: ResNet-50 bf16 fed by augserve vs DataLoader vs DALI vs synthetic (~5 min)
 #   recipes  the big families' default recipes on shapes at 64² (issue 10's acceptance check, ~7 min)
@@ -26,7 +26,7 @@ table() {  # table MODULE JSONL: the summary line of a bench's --json output as 
 
 stage_tests() {
   echo "== GPU tests"
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_recipes_gpu.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
+  timeout 280 python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_recipes_gpu.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
 }
 
 stage_bench() {
