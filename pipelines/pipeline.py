@@ -20,6 +20,8 @@ from .spec import PipelineSpec
 
 # decode(index, box or None, max_factor) -> (uint8 H×W×C array, (factor, top, left))
 DecodeRegion = Callable[[int, "tuple[float, float, float, float] | None", int], "tuple[np.ndarray, tuple[int, int, int]]"]
+# decode_batch([box or None, ...]) -> [(uint8 H×W×C full-scale region, tensor or array, (top, left)), ...]
+DecodeBatch = Callable[[list], "list[tuple[torch.Tensor | np.ndarray, tuple[int, int]]]"]
 
 
 class Pipeline:
@@ -100,7 +102,7 @@ class Pipeline:
         return self._run(batch, batch_params, self._destination(out, batch_params))
 
     def run_decoding(self, shapes: Sequence[Sequence[int]], decode: DecodeRegion, seed: int = 0, epoch: int = 0, sample_ids: Sequence[int] | None = None,
-                     out: Destination | None = None):  # fmt: skip
+                     out: Destination | None = None, decode_batch: DecodeBatch | None = None):  # fmt: skip
         """Augment images that are not decoded yet: plan each from its header's shape, then decode.
 
         ``shapes``: (H, W, C) of each image as its decoder will deliver it. ``decode(i, box,
@@ -110,6 +112,14 @@ class Pipeline:
         :mod:`pipelines.decode_plan`). With the spec's ``decode: exact`` (or ``fused=False``) every
         image is decoded whole and the output is byte-identical to decoding first and calling the
         pipeline. ``out``: as for ``__call__``; a callable is called before the first decode.
+
+        ``decode_batch(boxes)``, when given, replaces ``decode`` on the plan-aware path (``decode:
+        fast``, fused): one call for the whole batch with each image's box (as above, or None), returning
+        per image ``(region, (top, left))`` — uint8 H×W×C at full scale, a tensor on any device (a GPU
+        decoder's output) or an array. The regions go back on zero canvases of their images' sizes on
+        this pipeline's device and the plans run unchanged (:func:`~pipelines.decode_plan.on_canvas`'s
+        reasoning): the bytes of decoding the same pixels whole, and every image of one size in one
+        backend call.
         """
         params = self._sample(shapes, seed, epoch, sample_ids)
         target = self._destination(out, params)
@@ -122,6 +132,8 @@ class Pipeline:
                 images.append(image)
             return self._run(images, params, target)
         plans = fuse_batch(params, self._color_first)
+        if decode_batch is not None:
+            return self._finish(self._run_on_canvases(decode_batch([source_box(plan) for plan in plans]), plans, target))
         images = []
         for index, plan in enumerate(plans):
             image, (factor, top, left) = decode(index, source_box(plan), largest_reduction(plan))
@@ -132,6 +144,39 @@ class Pipeline:
                 plans[index] = reaim(plan, factor, top, left, image.shape)
             images.append(image)
         return self._finish(self._backend_run(images, plans, target))
+
+    def _run_on_canvases(self, regions, plans: list[SamplePlan], out: torch.Tensor | None):
+        """``run_decoding``'s batched path: each ``(region, (top, left))`` on a zero canvas of its plan's
+        in_shape, one uint8 N×H×W×C canvas batch per in_shape on this pipeline's device, one backend run
+        each, the outputs back in batch order (into ``out`` when given)."""
+        if len(regions) != len(plans):
+            raise ValueError(f"decode_batch returned {len(regions)} regions for {len(plans)} images")
+        groups: dict[tuple, list[int]] = {}
+        for index, plan in enumerate(plans):
+            groups.setdefault(tuple(plan.in_shape), []).append(index)
+        device = torch.device(self.device)
+        outputs: list = [None] * len(plans)
+        for shape, members in groups.items():
+            canvas = torch.zeros((len(members), *shape), dtype=torch.uint8, device=device)
+            for k, index in enumerate(members):
+                region, (top, left) = regions[index]
+                region = torch.as_tensor(region)
+                fits = region.ndim == 3 and region.shape[2] == shape[2] and 0 <= top and 0 <= left
+                if not fits or top + region.shape[0] > shape[0] or left + region.shape[1] > shape[1]:
+                    raise ValueError(f"image {index}: decoded region {tuple(region.shape)} at ({top}, {left}) does not fit its header's shape {shape}")
+                canvas[k, top : top + region.shape[0], left : left + region.shape[1]] = region  # uploads a host region
+            result = self.backend.run(canvas, [plans[index] for index in members])
+            if len(groups) == 1:
+                outputs = result
+                break
+            for k, index in enumerate(members):
+                outputs[index] = result[k]
+        if isinstance(outputs, list) and all(o.shape == outputs[0].shape for o in outputs):
+            outputs = torch.stack(outputs)
+        if out is None:
+            return outputs
+        out.copy_(outputs)  # one size: out= was checked against the batch's outputs
+        return out
 
     def _run(self, batch, params: BatchParams, out: torch.Tensor | None = None):
         if self.fused:

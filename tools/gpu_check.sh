@@ -6,11 +6,19 @@
 # most 10 per call: run them in separate calls when time is short):
 #   tests    the GPU tests but the recipe check (~4 min)
 #   bench    bench gpu (torch vs DALI vs kornia, JPEG bytes → batch) and bench sampling on cuda (~3 min)
+#   decode   GPU JPEG decode: the device decoder's tests and bench decoders --device cuda:0 (~6 min)
 #   e2e      bench gpu-e2e: ResNet-50 bf16 fed by augserve vs DataLoader vs DALI vs synthetic (~5 min)
 #   recipes  the big families' default recipes on shapes at 64² (issue 10's acceptance check, ~7 min)
 #   trainer  ResNet-18 on the GPU fed by 12 CPU workers (the issue 11 baseline, ~2.5 min)
 # No stage named: all of them, in that order.
 set -uo pipefail
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(tests bench decode e2e recipes trainer)
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    tests|bench|decode|e2e|recipes|trainer) ;;
+    *) echo "gpu_check.sh: unknown stage '$stage' (tests, bench, decode, e2e, recipes, trainer)" >&2; exit 2 ;;
+  esac
+done
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -26,7 +34,7 @@ table() {  # table MODULE JSONL: the summary line of a bench's --json output as 
 
 stage_tests() {
   echo "== GPU tests"
-  timeout 280 python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_recipes_gpu.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
+  timeout 280 python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_recipes_gpu.py --ignore tests/gpu/test_device_decode_gpu.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
 }
 
 stage_bench() {
@@ -36,6 +44,13 @@ stage_bench() {
   echo "== bench sampling (host numpy vs device)"
   timeout 60 python3 -m augserve bench sampling --device cpu --device cuda:0 --json > "$OUT/bench_sampling.jsonl" 2> "$OUT/bench_sampling.err"
   table augserve.bench.sampling "$OUT/bench_sampling.jsonl" | tee "$OUT/bench_sampling.md"; tail -3 "$OUT/bench_sampling.err"
+}
+
+stage_decode() {
+  echo "== GPU decode: device decoder tests, bench decoders --device cuda:0"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_device_decode_gpu.py 2>&1 | tail -15 | tee "$OUT/decode_tests.txt"
+  timeout 150 python3 -m augserve bench decoders --device cuda:0 --photos 6 --rounds 5 --batch 128 > "$OUT/bench_decoders_gpu.md" 2> "$OUT/bench_decoders_gpu.err"
+  cat "$OUT/bench_decoders_gpu.md"; tail -3 "$OUT/bench_decoders_gpu.err"
 }
 
 stage_e2e() {
@@ -57,10 +72,4 @@ stage_trainer() {
   tail -1 "$OUT/trainer.json"; tail -3 "$OUT/trainer.err"
 }
 
-stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(tests bench e2e recipes trainer)
-for stage in "${stages[@]}"; do
-  case "$stage" in
-    tests|bench|e2e|recipes|trainer) "stage_$stage" ;;
-    *) echo "gpu_check.sh: unknown stage '$stage' (tests, bench, e2e, recipes, trainer)" >&2; exit 2 ;;
-  esac
-done
+for stage in "${stages[@]}"; do "stage_$stage"; done

@@ -137,9 +137,16 @@ def cmd_bench_transport(args) -> int:
 
 
 def cmd_bench_decoders(args) -> int:
+    at_least(args, 1, "photos", "rounds", "batch")
+    if args.device is not None:  # whole batches on one device: which decoder a GPU worker should use
+        from .device_decoders import format_table, run_device_decoders
+
+        result = run_device_decoders(device=args.device, photos=args.photos, rounds=args.rounds, batch=args.batch, progress=progress_for(args))
+        rows = [{"benchmark": "decoders-device", **row} for row in result["rows"]]
+        print_rows_and_summary(args, rows, {"benchmark": "decoders-device", **result["config"]}, format_table(result))
+        return 0
     from .decoders import format_table, run_decoders
 
-    at_least(args, 1, "photos", "rounds")
     result = run_decoders(photos=args.photos, rounds=args.rounds, progress=progress_for(args))
     rows = [{"benchmark": "decoders", **row} for row in result["rows"]]
     print_rows_and_summary(args, rows, {"benchmark": "decoders", **result["config"]}, format_table(result))
@@ -248,6 +255,9 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     decoders = bench_kinds.add_parser("decoders", help="JPEG decoding of random-resized-crop regions: whole-image, DCT-reduced and region decoders vs ours")
     decoders.add_argument("--photos", type=int, default=6, help="synthesized photos per size (1600×1200 and 500×375)")
     decoders.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    decoders.add_argument("--device", metavar="DEVICE", help="cpu or cuda:K: decode whole batches on this device instead (nvImageCodec with and "
+                          "without ROI, DALI's decoders, torchvision's decode_jpeg, OpenCV per image), images/s per candidate")  # fmt: skip
+    decoders.add_argument("--batch", type=int, default=128, help="with --device: samples per batch and image size")
     decoders.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
     decoders.set_defaults(func=cmd_bench_decoders)
 

@@ -36,7 +36,10 @@ from .errors import CorruptImageError
 from .region_decoder import region_decoder
 from .headers import JPEG_MAGIC, PNG_MAGIC, image_size, jpeg_frame, jpeg_orientation, png_orientation
 
-__all__ = ["EncodedImage", "Placement", "decode_encoded", "image_size", "read_encoded", "read_image"]
+__all__ = [
+    "EncodedImage", "Placement", "decode_encoded", "image_size", "goes_to_nvimgcodec", "orientation_steps", "oriented_placement",
+    "read_encoded", "read_image", "stored_region",
+]  # fmt: skip
 
 _JPEG_SOS = b"\xff\xda"  # start of scan: entropy-coded data follows
 _JPEG_EOI = b"\xff\xd9"  # end of image
@@ -189,6 +192,17 @@ def read_encoded(path: str | os.PathLike, max_pixels: int | None = None) -> Enco
 # --- orientation -----------------------------------------------------------------------------------
 
 
+def orientation_steps(orientation: int) -> tuple[bool, bool, bool]:
+    """(transpose, flip rows, flip columns): what EXIF ``orientation`` (1..8) does to the stored image,
+    in this order (OpenCV's ExifTransform)."""
+    return _ORIENTATIONS[orientation]
+
+
+def _stored_size(image: EncodedImage) -> tuple[int, int]:
+    """(height, width) of ``image`` as stored, before its orientation."""
+    return (image.width, image.height) if _ORIENTATIONS[image.orientation][0] else (image.height, image.width)
+
+
 def _stored_box(box: tuple[float, float, float, float], orientation: int, height: int, width: int):
     """``box`` (x0, y0, x1, y1) of the oriented ``height`` × ``width`` image, in stored coordinates."""
     transpose, flip_rows, flip_cols = _ORIENTATIONS[orientation]
@@ -200,23 +214,33 @@ def _stored_box(box: tuple[float, float, float, float], orientation: int, height
     return (y0, x0, y1, x1) if transpose else (x0, y0, x1, y1)
 
 
-def _orient(array: np.ndarray, placement: Placement, orientation: int, height: int, width: int):
-    """Apply ``orientation`` to a stored-orientation region and its placement; ``height`` × ``width``
-    is the oriented image's size. ``array``: 2-D, or HWC with up to 4 channels."""
+def oriented_placement(placement: Placement, rows: int, cols: int, orientation: int, height: int, width: int) -> Placement:
+    """Where a stored-orientation region of ``rows`` × ``cols`` pixels placed at ``placement`` lies once
+    ``orientation`` is applied; ``height`` × ``width`` is the oriented image's size. The array itself
+    is transposed first (when the orientation transposes), then flipped: :func:`_orient`'s order."""
     transpose, flip_rows, flip_cols = _ORIENTATIONS[orientation]
-    if orientation == 1:
-        return array, placement
     f, top, left = placement.factor, placement.top, placement.left
     if transpose:
-        array, top, left = cv2.transpose(array), left, top
-    rows, cols = array.shape[0], array.shape[1]
+        rows, cols, top, left = cols, rows, left, top
     if flip_rows:
         top = height - (top + f * rows)
     if flip_cols:
         left = width - (left + f * cols)
+    return Placement(f, top, left)
+
+
+def _orient(array: np.ndarray, placement: Placement, orientation: int, height: int, width: int):
+    """Apply ``orientation`` to a stored-orientation region and its placement; ``height`` × ``width``
+    is the oriented image's size. ``array``: 2-D, or HWC with up to 4 channels."""
+    if orientation == 1:
+        return array, placement
+    transpose, flip_rows, flip_cols = _ORIENTATIONS[orientation]
+    moved = oriented_placement(placement, array.shape[0], array.shape[1], orientation, height, width)
+    if transpose:
+        array = cv2.transpose(array)
     if flip_rows or flip_cols:
         array = cv2.flip(array, -1 if flip_rows and flip_cols else 0 if flip_rows else 1)
-    return array, Placement(f, top, left)
+    return array, moved
 
 
 # --- decoding ---------------------------------------------------------------------------------------
@@ -312,8 +336,7 @@ def decode_encoded(
         raise ValueError(f"max_factor must be one of {', '.join(map(str, FACTORS))}, got {max_factor!r}")
     if box is not None:
         box = _check_box(box, image.height, image.width)
-    transpose = _ORIENTATIONS[image.orientation][0]
-    stored_size = (image.width, image.height) if transpose else (image.height, image.width)
+    stored_size = _stored_size(image)
     stored_box = None if box is None else _stored_box(box, image.orientation, image.height, image.width)
     factor = int(max_factor) if image.kind == "jpeg" else 1
     array = placement = None
@@ -368,6 +391,37 @@ def region_beats_scaling(stored_box, stored_size: tuple[int, int], factor: int) 
     return region < h + (1 - h) / factor**2
 
 
+def goes_to_nvimgcodec(image: EncodedImage) -> bool:
+    """Whether ``image`` is a JPEG that nvImageCodec may decode instead of OpenCV: baseline, extended
+    and progressive Huffman-coded 8-bit grey or color, what both libjpeg-turbo builds (OpenCV's and
+    nvImageCodec's CPU decoder) decode alike, and nvJPEG decodes on a GPU. CMYK/YCCK, 12-bit,
+    lossless and arithmetic-coded files, PNG and BMP go to OpenCV."""
+    if image.kind != "jpeg":
+        return False
+    frame = jpeg_frame(image.raw)
+    return frame.marker in (0xC0, 0xC1, 0xC2) and frame.precision == 8 and frame.components in (1, 3)
+
+
+def _full_scale_rect(stored_box, stored_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(i0, j0, i1, j1)``: the whole pixels of the stored image that cover ``stored_box`` (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = stored_box
+    i0, i1 = _span(y0, y1, 1, stored_size[0])
+    j0, j1 = _span(x0, x1, 1, stored_size[1])
+    return i0, j0, i1, j1
+
+
+def stored_region(image: EncodedImage, box: tuple[float, float, float, float] | None) -> tuple[int, int, int, int]:
+    """``(i0, j0, i1, j1)``: rows [i0, i1) × columns [j0, j1) of the stored (not yet oriented)
+    full-resolution image that cover ``box`` (x0, y0, x1, y1 of the oriented image, clipped to it;
+    None: all of it) — what a region decoder is asked for. ValueError/TypeError for a bad box, as
+    :func:`decode_encoded` raises."""
+    stored_size = _stored_size(image)
+    if box is None:
+        return (0, 0) + stored_size
+    box = _check_box(box, image.height, image.width)
+    return _full_scale_rect(_stored_box(box, image.orientation, image.height, image.width), stored_size)
+
+
 def _decode_jpeg_region(image: EncodedImage, channels: int, stored_box, factor: int, stored_size):
     """The stored box of the JPEG ``image`` decoded by the region decoder, as (RGB or 2-D grey, placement),
     or None to let OpenCV decode it.
@@ -383,15 +437,8 @@ def _decode_jpeg_region(image: EncodedImage, channels: int, stored_box, factor: 
     """
     if factor != 1 and not region_beats_scaling(stored_box, stored_size, factor):
         return None
-    x0, y0, x1, y1 = stored_box
-    i0, i1 = _span(y0, y1, 1, stored_size[0])
-    j0, j1 = _span(x0, x1, 1, stored_size[1])
-    if (i0, j0, i1, j1) == (0, 0) + stored_size:
-        return None
-    frame = jpeg_frame(image.raw)
-    # Baseline, extended and progressive Huffman-coded 8-bit grey or color: what both libjpeg-turbo
-    # builds decode alike. CMYK/YCCK, 12-bit, lossless and arithmetic-coded files go to OpenCV.
-    if frame.marker not in (0xC0, 0xC1, 0xC2) or frame.precision != 8 or frame.components not in (1, 3):
+    i0, j0, i1, j1 = _full_scale_rect(stored_box, stored_size)
+    if (i0, j0, i1, j1) == (0, 0) + stored_size or not goes_to_nvimgcodec(image):
         return None
     decoder = region_decoder()
     array = None if decoder is None else decoder.decode(image.raw, channels, i0, j0, i1, j1)

@@ -5,7 +5,8 @@ wheel, a base dependency on Linux, ~115 MB with its libraries against DALI's ~60
 entropy-decodes the rows down to the region's last, transforms only the region's columns, and stops.
 One decoder per thread, made anew in a forked child (its threads live in the parent), and none where
 nvImageCodec is not installed (no wheel for the platform, or removed): the caller then decodes with
-OpenCV, the same pixels more slowly.
+OpenCV, the same pixels more slowly. :func:`thread_local_codec` keeps any such nvImageCodec object
+(the batched device decoder of :mod:`augserve.sources.device_decoder` too).
 """
 
 from __future__ import annotations
@@ -13,13 +14,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Callable
 
 import numpy as np
 
 log = logging.getLogger("augserve.sources")
 
-_ROI = threading.local()  # per thread, and made anew in a forked child: nvImageCodec's CPU decoder
+_LOCAL = threading.local()  # per thread, and made anew in a forked child: nvImageCodec objects own threads
 _INHERITED: list = []
+
+
+def decode_params(nvimgcodec) -> dict:
+    """nvImageCodec's decode parameters per channel count: 1 → grey (the luma plane, as OpenCV's
+    ``IMREAD_GRAYSCALE`` gives it), 3 → RGB (grey files replicated). EXIF orientation is never applied
+    by the decoder: the caller applies it (``decode._orient``), as for every other decoder."""
+    return {
+        channels: nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=spec, sample_format=layout)
+        for channels, spec, layout in (
+            (1, nvimgcodec.ColorSpec.GRAY, nvimgcodec.SampleFormat.I_Y),
+            (3, nvimgcodec.ColorSpec.SRGB, nvimgcodec.SampleFormat.I_RGB),
+        )
+    }
 
 
 class RegionDecoder:
@@ -33,13 +48,7 @@ class RegionDecoder:
             backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
             max_num_cpu_threads=1,  # a worker process is one core: no thread pool of its own
         )
-        self.params = {
-            channels: nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=spec, sample_format=layout)
-            for channels, spec, layout in (
-                (1, nvimgcodec.ColorSpec.GRAY, nvimgcodec.SampleFormat.I_Y),
-                (3, nvimgcodec.ColorSpec.SRGB, nvimgcodec.SampleFormat.I_RGB),
-            )
-        }
+        self.params = decode_params(nvimgcodec)
 
     def decode(self, raw: bytes, channels: int, i0: int, j0: int, i1: int, j1: int) -> np.ndarray | None:
         """Rows [i0, i1) × columns [j0, j1) of the stored image: RGB or 2-D grey, owned; None on failure."""
@@ -57,20 +66,30 @@ class RegionDecoder:
         return array.reshape(array.shape[0], array.shape[1]) if channels == 1 else array
 
 
-def region_decoder() -> RegionDecoder | None:
-    """This thread's region decoder, or None where nvImageCodec is not installed."""
-    state = getattr(_ROI, "state", None)
+def thread_local_codec(key, make: Callable, unusable: str):
+    """This thread's nvImageCodec object for ``key``, made by ``make(nvimgcodec)`` on first use in this
+    process; None where nvImageCodec is not installed, or when ``make`` fails — then one warning:
+    ``unusable`` with ``{error}`` replaced by the exception, saying what is done instead."""
+    state = getattr(_LOCAL, "state", None)
     if state is None or state[0] != os.getpid():
-        if state is not None:  # inherited through fork: never destroy it here, its threads live in the parent
+        if state is not None:  # inherited through fork: never destroy its objects here, their threads live in the parent
             _INHERITED.append(state)
+        state = (os.getpid(), {})
+        _LOCAL.state = state
+    made = state[1]
+    if key not in made:
         try:
             from nvidia import nvimgcodec
 
-            state = (os.getpid(), RegionDecoder(nvimgcodec))
+            made[key] = make(nvimgcodec)
         except ImportError:
-            state = (os.getpid(), None)
-        except Exception as exc:  # noqa: BLE001 - installed but unusable (a library missing): OpenCV decodes
-            log.warning("nvImageCodec's CPU decoder is unusable (%s: %s); JPEG regions are decoded with OpenCV", type(exc).__name__, exc)
-            state = (os.getpid(), None)
-        _ROI.state = state
-    return state[1]
+            made[key] = None
+        except Exception as exc:  # noqa: BLE001 - installed but unusable (a library missing): the caller's fallback
+            log.warning(unusable.format(error=f"{type(exc).__name__}: {exc}"))
+            made[key] = None
+    return made[key]
+
+
+def region_decoder() -> RegionDecoder | None:
+    """This thread's region decoder, or None where nvImageCodec is not installed."""
+    return thread_local_codec("region", RegionDecoder, "nvImageCodec's CPU decoder is unusable ({error}); JPEG regions are decoded with OpenCV")
