@@ -60,7 +60,7 @@ PER_OP: list[tuple[str, dict]] = [
 ]
 
 # Presets with an albumentations translation (every op they use has one).
-TRANSLATED_PRESETS = ("lenet5", "alexnet", "vgg", "resnet", "inception", "mobilenet")
+TRANSLATED_PRESETS = ("lenet5", "cifar", "alexnet", "vgg", "resnet", "inception", "mobilenet")
 
 ORDINARY = "albumentations"  # implementation label of the ordinary albumentations equivalent (collated)
 UNCOLLATED = "albumentations, uncollated"  # the same, its outputs discarded instead of batched
