@@ -72,7 +72,7 @@ def add_parser(bench_kinds, backends: list[str]) -> None:
     trainer.add_argument("--model", default="lenet5_relu", help="a model of trainer.models (e.g. lenet5_relu, resnet18)")
     trainer.add_argument("--dataset", default="digits", help="built-in name (digits, shapes, photos), a folder of class sub-folders, or a .npz file")
     trainer.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. size=64 for shapes (repeatable)")
-    trainer.add_argument("--pipeline", default="lenet5", help="preset: lenet5, alexnet, vgg, resnet, inception or mobilenet (the DataLoader side needs its albumentations equivalent)")
+    trainer.add_argument("--pipeline", default="lenet5", help="preset: lenet5, cifar, alexnet, vgg, resnet, inception or mobilenet (the DataLoader side needs its albumentations equivalent)")
     trainer.add_argument("--batch-size", type=int, default=128)
     trainer.add_argument("--steps", type=int, default=60, help="timed training steps per run")
     trainer.add_argument("--warmup-steps", type=int, default=5, help="untimed steps before them")
