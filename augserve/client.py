@@ -14,7 +14,9 @@ user's client key, and the data socket admits only the worker keys the daemon vo
 A worker on the trainer's host may hand a batch over through shared memory instead (``transport``,
 :mod:`augserve.handoff`): the data socket then carries a descriptor, and the batch's tensors are views
 of the worker's slot. The slot goes back to the worker when the last of those views is gone — in a
-plain loop, when the loop takes the next batch; :meth:`Batch.clone` keeps a copy for longer.
+plain loop, when the loop takes the next batch; :meth:`Batch.clone` keeps a copy for longer. With
+``transport="cuda-ipc"`` a worker on the trainer's own GPU hands over a slot of its device memory the
+same way: ``batch.images`` is then a view of that slot on the GPU, and nothing crosses the PCIe bus.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ class Batch:
     slot, which returns to the worker when the last reference to these tensors (or a view of them) is
     gone. Keeping a batch is safe — its bytes stay as they are — but holds a slot: the worker then
     sends frames once all of its slots are held. :meth:`clone` copies a batch out of its slot.
+
+    A batch that came through CUDA IPC (``transport="cuda-ipc"``, no ``normalize``) has ``images`` on
+    the stream's GPU, a view of the worker's device slot; it is ready on the default stream (the
+    stream batches are made ready on for every transport). Its slot returns to the worker when the
+    last view is gone *and* the work queued by then on the current stream of the thread that let go
+    has finished: kernels reading it on another stream must be ordered before that (or the batch
+    cloned). ``labels`` and ``sample_ids`` stay on the host, as for frames.
     """
 
     images: torch.Tensor
@@ -218,8 +227,10 @@ class Stream(Closing, torch.utils.data.IterableDataset):
         self.rejected_batches = 0
         self.transport = request.transport
         self._slots = SlotReader(shm_dir) if request.shm_host is not None else None
-        self.batches_by_transport = {"shm": 0, "frames": 0}  # batches received each way (duplicates included)
-        self._fallbacks_said: set[str] = set()
+        self._device_slots = _device_reader(shm_dir, request.cuda, device) if request.cuda is not None else None
+        # Batches received each way (duplicates included); "cuda-ipc" only for a stream that asked for it.
+        self.batches_by_transport = {"shm": 0, "frames": 0, **({"cuda-ipc": 0} if self._device_slots is not None else {})}
+        self._fallbacks_said: set[tuple[str, str]] = set()  # (how, fallback kind) already logged
         self._queue: queue.Queue = queue.Queue()
         self._acks: list[tuple[int, int, int]] = []
         self._acks_lock = threading.Lock()
@@ -347,6 +358,12 @@ class Stream(Closing, torch.utils.data.IterableDataset):
                 # Only the images stay in the slot: the ids are checked against the plan below, and a
                 # copy cannot change after that check (the worker can still write to its slot).
                 tensors["labels"], tensors["sample_ids"] = tensors["labels"].clone(), tensors["sample_ids"].clone()
+                if header.fallback is not None:
+                    self._say_fallback(header, "come through host shared memory, not CUDA IPC")
+            elif message.type == "cuda_batch":
+                if self._device_slots is None:
+                    raise P.ProtocolError("a CUDA IPC batch arrived, but this stream did not ask for one")
+                tensors = self._device_slots.wrap(header, message.buffers)  # labels and ids: frames on the host
             else:
                 tensors = P.frames_to_tensors(header.tensors, message.buffers)
                 if header.fallback is not None:
@@ -363,8 +380,8 @@ class Stream(Closing, torch.utils.data.IterableDataset):
             self.rejected_batches += 1
             log.warning("dropping a malformed batch: %s", exc)
             return None
-        self.batches_by_transport["shm" if message.type == "shm_batch" else "frames"] += 1
-        if self.pin_memory and images.numel() and torch.cuda.is_available():
+        self.batches_by_transport[_VIA[message.type]] += 1
+        if self.pin_memory and images.numel() and not images.is_cuda and torch.cuda.is_available():
             images = images.pin_memory()  # the one copy: frame -> pinned host memory
         if self.device.type == "cuda":
             images = images.to(self.device, non_blocking=True)
@@ -378,16 +395,15 @@ class Stream(Closing, torch.utils.data.IterableDataset):
             images = normalize_images(images, normalize)
         return Batch(images, labels, ids, header.epoch, header.index, version, list(header.skipped))
 
-    def _say_fallback(self, header: P.BatchHeader) -> None:
-        """Log once per reason why batches come as frames though shared memory was allowed: a warning
-        when the trainer asked for ``shm``, or when /dev/shm is too small or unusable."""
+    def _say_fallback(self, header: P.BatchHeader | P.ShmBatch, how: str = "come as frames, not through shared memory") -> None:
+        """Log once per way and reason why batches come a slower way than the stream allows: a warning
+        when the trainer asked for ``shm`` or ``cuda-ipc``, or when /dev/shm is too small or unusable."""
         fallback = header.fallback
-        if self._slots is None or fallback.kind in self._fallbacks_said:
+        if self._slots is None or (how, fallback.kind) in self._fallbacks_said:
             return
-        self._fallbacks_said.add(fallback.kind)
+        self._fallbacks_said.add((how, fallback.kind))
         quiet = self.transport == "auto" and fallback.kind in ("other_host", "busy")
-        log.log(logging.INFO if quiet else logging.WARNING, "stream %s: batches from worker %s come as frames, not through shared memory: %s",
-                self.id, header.worker, fallback.message)  # fmt: skip
+        log.log(logging.INFO if quiet else logging.WARNING, "stream %s: batches from worker %s %s: %s", self.id, header.worker, how, fallback.message)
 
     # --- the consumer side -----------------------------------------------------------------------------
 
@@ -464,7 +480,7 @@ class Stream(Closing, torch.utils.data.IterableDataset):
         epoch, consumed = self._epoch, set(self._consumed)
         if len(consumed) >= self.batches_per_epoch:
             epoch, consumed = epoch + 1, set()
-        request = self._request.model_dump(exclude={"data", "data_key", "resume", "shm_host"})
+        request = self._request.model_dump(exclude={"data", "data_key", "resume", "shm_host", "cuda"})
         return {"epoch": epoch, "delivered": sorted(consumed), "fingerprint": self.fingerprint, "stream": request}
 
     def __len__(self) -> int:
@@ -510,6 +526,19 @@ class Stream(Closing, torch.utils.data.IterableDataset):
         self._link.close(detach_linger_ms=200)  # give the detach a moment to leave
         if self._slots is not None:
             self._slots.close()
+        if self._device_slots is not None:
+            self._device_slots.close()
+
+
+_VIA = {"batch": "frames", "shm_batch": "shm", "cuda_batch": "cuda-ipc"}  # message type -> how the batch came
+
+
+def _device_reader(shm_dir: str, gpu: P.CudaDevice, device: torch.device):
+    """The reader of a ``cuda-ipc`` stream's device slots (torch's CUDA calls, on the stream's device)."""
+    from .handoff.cuda import CudaOpener
+    from .handoff.device_receiver import DeviceSlotReader
+
+    return DeviceSlotReader(shm_dir, gpu.uuid, CudaOpener(device))
 
 
 def _pipeline_payload(pipeline: Any):
@@ -561,7 +590,12 @@ def connect(
     ``transport``: how batches from workers on this host arrive — ``"auto"`` through shared memory where
     a worker can (same host, same ``/dev/shm`` or ``$AUGSERVE_SHM_DIR``, room in it), else as frames;
     ``"frames"`` always over ZeroMQ; ``"shm"`` as ``auto``, with a warning for each reason a batch still
-    came as frames. Workers on other hosts always send frames.
+    came as frames; ``"cuda-ipc"`` (``device`` a GPU) as ``shm``, and workers on the stream's very GPU
+    keep each batch in their device memory and hand it over through CUDA IPC: ``batch.images`` is a
+    view of it on the GPU. Workers on other GPUs of this host use host shared memory and say why in
+    this log; workers on other hosts always send frames (pinned on arrival for a GPU stream).
+    ``cuda-ipc`` is opt-in: ``auto`` never picks it (it has not been measured against the host path
+    on enough machines to be chosen for the user).
     """
     check_address(address, "daemon address")
     if timeout <= 0 or batch_timeout <= 0:
@@ -569,20 +603,24 @@ def connect(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
-    if transport not in ("auto", "frames", "shm"):
-        raise ValueError(f"transport must be 'auto', 'frames' or 'shm', got {transport!r}")
-    shm_dir, shm_host = default_dir(), None
+    if transport not in ("auto", "frames", "shm", "cuda-ipc"):
+        raise ValueError(f"transport must be 'auto', 'frames', 'shm' or 'cuda-ipc', got {transport!r}")
+    shm_dir, shm_host, cuda = default_dir(), None, None
+    if transport == "cuda-ipc":
+        from .handoff.cuda import trainer_gpu
+
+        cuda = trainer_gpu(transport, device)
     if transport != "frames":
         shm_host, why_not = host_identity(shm_dir)
         if shm_host is None:
-            if transport == "shm":
-                raise ValueError(f"transport='shm' needs shared memory: {why_not}")
+            if transport in ("shm", "cuda-ipc"):  # a device slot's state word lives in host shared memory too
+                raise ValueError(f"transport={transport!r} needs shared memory: {why_not}")
             log.info("batches come as frames: %s", why_not)
     fields = {
         "dataset": dataset, "split": split, "dataset_options": dict(dataset_options or {}), "pipeline": _pipeline_payload(pipeline),
         "batch_size": batch_size, "seed": seed, "epochs": epochs, "rank": rank, "world_size": world_size, "prefetch": prefetch,
         "ordered": ordered, "shuffle": shuffle, "drop_last": drop_last, "on_error": on_error, "resume": _resume_state(resume),
-        "client": f"{host_socket.gethostname()}:{os.getpid()}"[:256], "transport": transport, "shm_host": shm_host,
+        "client": f"{host_socket.gethostname()}:{os.getpid()}"[:256], "transport": transport, "shm_host": shm_host, "cuda": cuda,
     }  # fmt: skip
     link = _Link(address, Credentials.load(keys_dir, insecure), data_address, prefetch if isinstance(prefetch, int) else 8)
     try:
@@ -591,6 +629,9 @@ def connect(
         except ValidationError as exc:
             raise ValueError(f"invalid stream request: {P.describe_validation_error(exc)}") from None
         attached = link.attach(request, timeout)
+        if cuda is not None:
+            log.info("stream %s: transport cuda-ipc: batches from workers on this trainer's GPU %s (%s) stay in device memory; "
+                     "the other workers of this host use host shared memory, workers elsewhere frames", attached.stream, cuda.uuid, device)  # fmt: skip
         return Stream(link, request, attached, device, pin_memory or device.type == "cuda", batch_timeout, heartbeat_interval, shm_dir)
     except BaseException:
         link.close()

@@ -16,18 +16,24 @@ receiver wraps each frame as a tensor without copying (:func:`frames_to_tensors`
 trainer's host may instead write a batch into a shared-memory slot and send a ``shm_batch``: the same
 fields, the slot's segment name and generation, and each tensor's byte offset in the slot — no frames
 (:mod:`augserve.handoff`). Version 3 added it, with the trainer's ``transport`` and ``shm_host`` in
-``attach`` and the daemon's ``handoff`` in ``task``.
+``attach`` and the daemon's ``handoff`` in ``task``. A worker on the trainer's own GPU may send a
+``cuda_batch`` instead: the images stay in a slot of the worker's device memory, which the trainer opens
+through CUDA IPC; the descriptor carries the IPC handles (hex on the wire) and the labels and sample ids
+follow as frames. It came later in version 3 as additions only — the ``cuda-ipc`` transport, ``cuda`` in
+``attach`` and ``handoff``, ``fallback`` in ``shm_batch`` —, so every message an earlier version-3 peer
+sends still decodes, and a peer that never asks for ``cuda-ipc`` is never sent one.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Sequence
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
 
 PROTOCOL = "augserve"
 PROTOCOL_VERSION = 3
@@ -76,10 +82,13 @@ class Empty(Body):
 # --- local hand-off (augserve.handoff) ----------------------------------------------------------------
 
 # How batches reach a trainer: "frames" always over ZeroMQ; "shm" through shared memory for every worker
-# that can (each one that cannot is a warning in the trainer's log); "auto" likewise, quietly.
-Transport = Literal["auto", "frames", "shm"]
-Via = Literal["frames", "shm"]  # how one batch went
-FallbackKind = Literal["other_host", "no_space", "busy", "unavailable"]  # why frames where shm was allowed (see Fallback)
+# that can (each one that cannot is a warning in the trainer's log); "auto" likewise, quietly; "cuda-ipc"
+# as "shm", and in the worker's device memory from workers on the trainer's own GPU (opt-in).
+Transport = Literal["auto", "frames", "shm", "cuda-ipc"]
+Via = Literal["frames", "shm", "cuda-ipc"]  # how one batch went
+# Why a batch went a slower way than its stream allows (see Fallback): frames where shared memory was
+# allowed, or host shared memory where device memory was ("other_gpu", and the others for device slots).
+FallbackKind = Literal["other_host", "no_space", "busy", "unavailable", "other_gpu"]
 SEGMENT_PATTERN = r"^augserve-slot-[0-9]{1,20}-[0-9]{1,10}-[0-9a-f]{16}$"  # prefix-pid namespace-pid-random
 SegmentName = Annotated[str, Field(min_length=1, max_length=80, pattern=SEGMENT_PATTERN)]
 
@@ -96,14 +105,61 @@ class ShmHost(Body):
     uid: Annotated[int, Field(ge=0, lt=1 << 32)]
 
 
+GPU_UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+class CudaDevice(Body):
+    """A GPU as every process on its host names it: its UUID (lower-case, without CUDA's ``GPU-``
+    prefix). Device indices are no use here: ``CUDA_VISIBLE_DEVICES`` renumbers them per process."""
+
+    uuid: Annotated[str, Field(pattern=GPU_UUID_PATTERN)]
+
+
 class Handoff(Body):
     """What a task tells its worker about the trainer's shared memory: the mode (``auto``/``shm``),
     where the trainer is, and how many slots the worker's pool for this stream may hold (its credits,
-    plus the batch the training loop holds and one in transition)."""
+    plus the batch the training loop holds and one in transition). ``cuda`` (optional): the trainer's
+    GPU when it asked for ``cuda-ipc`` — a worker on that GPU keeps the batch in device memory."""
 
     mode: Literal["auto", "shm"]
     host: ShmHost
     slots: Annotated[int, Field(ge=1, le=1100)]
+    cuda: CudaDevice | None = None
+
+
+def _from_hex(value: Any) -> Any:
+    """Bytes travel as lower-case hex text (the header is made in pydantic's JSON mode); raw msgpack
+    bytes are taken as they are."""
+    if isinstance(value, str):
+        if len(value) % 2 or not re.fullmatch(r"[0-9a-f]*", value):
+            raise ValueError("not an even number of lower-case hex digits")
+        return bytes.fromhex(value)
+    return value
+
+
+def HexBytes(min_length: int, max_length: int):  # noqa: N802 - a type, spelled as one
+    """Bytes of ``min_length``..``max_length`` (checked after decoding), hex text on the wire."""
+    return Annotated[bytes, BeforeValidator(_from_hex), PlainSerializer(bytes.hex, return_type=str), Field(min_length=min_length, max_length=max_length)]
+
+
+CUDA_IPC_HANDLE_BYTES = 64  # cudaIpcMemHandle_t and cudaIpcEventHandle_t
+MAX_CUDA_MEMORY_HANDLE_BYTES = 1024  # torch's versioned handle: 2 bytes + a cudaIpcMemHandle_t (66), more for expandable segments
+CUDA_REF_COUNTERS = 10_000  # counters in one torch reference-counter file (torch's CUDA_IPC_REF_COUNTER_FILE_SIZE)
+REF_COUNTER_PATTERN = r"^/torch_[0-9]{1,10}_[0-9]{1,20}_[0-9]{1,20}$"  # torch's at::NewProcessWideShmHandle(): /torch_<pid>_<random>_<n>
+
+
+class CudaMemory(Body):
+    """A device slot as torch's CUDA IPC shares it (``UntypedStorage._share_cuda_``): the ``handle`` of
+    the CUDA allocation that holds it, the slot's ``size`` and ``offset`` in bytes within that
+    allocation, and the reference counter torch keeps for the share — a shared-memory file
+    ``ref_counter`` (``/torch_<pid>_<n>_<n>``) and the int64 at ``ref_counter_offset`` in it, which the
+    trainer decrements when it lets go of the slot for good, so the worker may free it."""
+
+    handle: HexBytes(2, MAX_CUDA_MEMORY_HANDLE_BYTES)
+    size: Annotated[int, Field(ge=1, lt=1 << 40)]
+    offset: Annotated[int, Field(ge=0, lt=1 << 40)]
+    ref_counter: Annotated[str, Field(max_length=64, pattern=REF_COUNTER_PATTERN)]
+    ref_counter_offset: Annotated[int, Field(ge=0, lt=CUDA_REF_COUNTERS)]
 
 
 # --- trainer -> daemon ------------------------------------------------------------------------------------
@@ -139,6 +195,7 @@ class Attach(Body):
     client: Name = ""
     transport: Transport = "auto"
     shm_host: ShmHost | None = None  # where the trainer's shared memory is; None: it has none (frames only)
+    cuda: CudaDevice | None = None  # the trainer's GPU, sent with transport "cuda-ipc" only
 
 
 class Wait(Body):
@@ -404,12 +461,32 @@ class ShmBatch(BatchInfo):
     """A batch in a shared-memory slot of the sending worker (no frames follow). ``generation`` counts
     the slot's fills, so the trainer can tell this batch from an earlier one in the same slot;
     ``retired``: segments of this worker's pool for the stream it has closed since its last
-    ``shm_batch`` (the trainer lets go of their mappings)."""
+    ``shm_batch`` (the trainer lets go of their mappings). ``fallback`` (optional): why host memory
+    although the trainer asked for ``cuda-ipc`` (the worker is on another GPU, ...)."""
 
     type: ClassVar[str] = "shm_batch"
     segment: SegmentName
     generation: Annotated[int, Field(ge=1, lt=1 << 63)]
     tensors: Annotated[list[SlotTensor], Field(max_length=MAX_BUFFERS)]
+    retired: Annotated[list[SegmentName], Field(max_length=64)] = Field(default_factory=list)
+    fallback: Fallback | None = None
+
+
+class CudaBatch(BatchInfo):
+    """A batch whose images lie in a device slot of the sending worker, on the trainer's GPU ``gpu``;
+    one frame per entry of ``tensors`` (labels, sample ids) follows. ``segment`` and ``generation``: the
+    slot's state word in host shared memory, as in ``shm_batch``; ``memory``: the slot's device memory;
+    ``event``: the IPC handle of the worker's event recorded after the images were written; ``images``:
+    where they lie in the slot. ``retired`` as in ``shm_batch``."""
+
+    type: ClassVar[str] = "cuda_batch"
+    segment: SegmentName
+    generation: Annotated[int, Field(ge=1, lt=1 << 63)]
+    gpu: CudaDevice
+    memory: CudaMemory
+    event: HexBytes(CUDA_IPC_HANDLE_BYTES, CUDA_IPC_HANDLE_BYTES)
+    images: SlotTensor
+    tensors: Annotated[list[TensorDescriptor], Field(max_length=MAX_BUFFERS)]
     retired: Annotated[list[SegmentName], Field(max_length=64)] = Field(default_factory=list)
 
 
@@ -420,7 +497,7 @@ _BY_DIRECTION: dict[str, tuple[type[Body], ...]] = {
     "daemon_to_client": (Attached, Error, StatusReply, StreamError, Updated),
     "worker_to_daemon": (Ready, Heartbeat, Done, Failed, Bye),
     "daemon_to_worker": (Task, Drop, Stop, Ping, Error),
-    "worker_to_client": (BatchHeader, ShmBatch),
+    "worker_to_client": (BatchHeader, ShmBatch, CudaBatch),
 }
 MESSAGES: dict[str, type[Body]] = {model.type: model for models in _BY_DIRECTION.values() for model in models}
 CLIENT_TO_DAEMON = frozenset(m.type for m in _BY_DIRECTION["client_to_daemon"])
@@ -429,7 +506,7 @@ WORKER_TO_DAEMON = frozenset(m.type for m in _BY_DIRECTION["worker_to_daemon"])
 DAEMON_TO_WORKER = frozenset(m.type for m in _BY_DIRECTION["daemon_to_worker"])
 WORKER_TO_CLIENT = frozenset(m.type for m in _BY_DIRECTION["worker_to_client"])
 MESSAGE_TYPES = frozenset(MESSAGES)
-_CARRIES_BUFFERS = frozenset({"batch"})
+_CARRIES_BUFFERS = frozenset({"batch", "cuda_batch"})
 
 
 @dataclass

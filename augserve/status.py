@@ -13,6 +13,7 @@ FALLBACK_REASONS = {
     "no_space": "/dev/shm too small",
     "busy": "the trainer holds every slot",
     "unavailable": "no shared memory on the worker",
+    "other_gpu": "the worker is on another GPU (or the CPU)",
 }
 
 
@@ -57,6 +58,7 @@ def format_transport(transport: dict) -> str:
         reason = transport.get("frames_reason")
         return f"frames ({FRAMES_REASONS.get(reason, reason)})" if reason else "frames"
     batches, fallbacks = transport["batches"], transport["fallbacks"]
-    text = f"{transport['mode']}: {batches['shm']} batches through shared memory, {batches['frames']} as frames"
+    device = f"{batches['cuda-ipc']} batches in device memory, " if "cuda-ipc" in batches else ""
+    text = f"{transport['mode']}: {device}{batches['shm']} batches through shared memory, {batches['frames']} as frames"
     why = [f"{FALLBACK_REASONS.get(kind, kind)} {count}" for kind, count in fallbacks.items() if count]
     return text + (f" ({', '.join(why)})" if why else "")

@@ -93,7 +93,7 @@ class Worker:
         if options.shm_reserve_mb < 0:
             raise ValueError(f"--shm-reserve-mb must be >= 0, got {options.shm_reserve_mb}")
         # Slot pools for trainers on this host; the task thread alone uses them.
-        self.handoff = Sender(options.shm_dir or default_dir(), options.shm_reserve_mb * 10**6)
+        self.handoff = Sender(options.shm_dir or default_dir(), options.shm_reserve_mb * 10**6, options.device)
         self.parent = os.getppid()
         self.last_sent = 0.0
         self.last_heard = time.monotonic()
@@ -319,10 +319,15 @@ class Worker:
 
 
 def _as_tensor(images_into):
-    """The pipeline's ``out=`` callable over ``images_into(shape) -> numpy array``: the same memory as a tensor."""
+    """The pipeline's ``out=`` callable over ``images_into(shape)``: a numpy array (host memory) as a
+    tensor over the same memory, a tensor (a device slot) as it is."""
     import torch  # loaded already: the pipelines run on it
 
-    return lambda shape: torch.from_numpy(images_into(shape))
+    def destination(shape):
+        images = images_into(shape)
+        return images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
+
+    return destination
 
 
 class TrainerUnreachable(ConnectionError):

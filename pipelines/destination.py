@@ -7,7 +7,10 @@ time. With ``out`` the pipeline writes the batch straight there instead.
 ``out`` is one of:
 
 * a ``torch.uint8`` tensor on the CPU, N×H×W×C (the pipeline's output layout: N images, H×W pixels,
-  C = 1 or 3 channels), C-contiguous; N, H, W and C must be those of the batch's outputs;
+  C = 1 or 3 channels), C-contiguous; N, H, W and C must be those of the batch's outputs. For a
+  pipeline whose backend makes its batch on a GPU (torch, DALI), a tensor on that GPU works too — a
+  worker's device slot —: the batch goes there with one device-to-device copy and never touches the
+  host;
 * a callable ``(N, H, W, C) -> such a tensor``, called once per pipeline call as soon as the sampled
   parameters fix the outputs' size — before any image is decoded or any pixel written. This is how a
   caller that only learns the size from the pipeline (a worker taking a slot of the right size) still
@@ -45,24 +48,37 @@ def output_shape(params: BatchParams) -> OutShape:
     return (len(params), height, width, channels)
 
 
-def resolve(out: Destination, shape: OutShape) -> torch.Tensor:
-    """The tensor ``out`` stands for (calling it with ``shape`` if it is a callable), checked against ``shape``."""
+def resolve(out: Destination, shape: OutShape, device: str | torch.device | None = None) -> torch.Tensor:
+    """The tensor ``out`` stands for (calling it with ``shape`` if it is a callable), checked against
+    ``shape`` and, when given, the pipeline's ``device``."""
     tensor = out if isinstance(out, torch.Tensor) or not callable(out) else out(shape)
-    check(tensor, shape)
+    check(tensor, shape, device)
     return tensor
 
 
-def check(tensor, shape: OutShape) -> None:
-    """One-line TypeError/ValueError unless ``tensor`` is a C-contiguous uint8 CPU tensor of ``shape``."""
+def check(tensor, shape: OutShape, device: str | torch.device | None = None) -> None:
+    """One-line TypeError/ValueError unless ``tensor`` is a C-contiguous uint8 tensor of ``shape`` on the
+    CPU or on a CUDA device — ``device``, the pipeline's, when it is given (a pipeline on the CPU then
+    takes CPU tensors only)."""
     expected = "×".join(map(str, shape))
     if not isinstance(tensor, torch.Tensor):
         hint = " (wrap a numpy array with torch.from_numpy)" if hasattr(tensor, "__array_interface__") else ""
         raise TypeError(f"out= must be a torch.uint8 tensor of shape {expected} (N×H×W×C) or a callable returning one, got {type(tensor).__name__}{hint}")
     if tensor.dtype != torch.uint8:
         raise TypeError(f"out= must have dtype torch.uint8, got {tensor.dtype}")
-    if tensor.device.type != "cpu":
-        raise ValueError(f"out= must be on the CPU, got a tensor on {tensor.device}")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"out= must be on the CPU, got a tensor on {tensor.device} (or on the GPU of a pipeline that makes its batches there)")
+    if tensor.device.type == "cuda" and device is not None and tensor.device != _indexed(device):
+        raise ValueError(f"out= must be on the CPU or on this pipeline's device {device}, got a tensor on {tensor.device}")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"out= has shape {'×'.join(map(str, tensor.shape))}, but this batch's outputs are {expected} (N×H×W×C)")
     if not tensor.is_contiguous():
         raise ValueError(f"out= must be C-contiguous (N×H×W×C in memory order), got strides {tuple(tensor.stride())}")
+
+
+def _indexed(device: str | torch.device) -> torch.device:
+    """``device`` with its index (``cuda`` is the current CUDA device); a CPU device as it is."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -192,7 +192,7 @@ class Pipeline:
         if self.spec.normalize is not None:
             raise ValueError("out= takes uint8 outputs, but this spec ends with normalize (float output): "
                              "build the pipeline from spec.without_normalize() and normalize afterwards, or leave out= out")  # fmt: skip
-        return resolve(out, output_shape(params))
+        return resolve(out, output_shape(params), device=self.device)
 
     def _backend_run(self, images, plans: list[SamplePlan], out: torch.Tensor | None):
         """``backend.run``, into ``out`` when given: in place where the backend writes into a destination

@@ -4,7 +4,8 @@
 # Usage: bash tools/gpu_check.sh [STAGE ...]     (OUT defaults to ./out/gpu)
 # Stages, most wanted first, each under its own timeout (a device session has ~15 minutes in all, at
 # most 10 per call: run them in separate calls when time is short):
-#   tests    the GPU tests but the recipe check (~4 min)
+#   tests    the GPU tests but those of the stages below (~4 min)
+#   ipc      CUDA IPC hand-off: its GPU tests, then bench transport with the cuda-ipc row (~8 min)
 #   bench    bench gpu (torch vs DALI vs kornia, JPEG bytes → batch) and bench sampling on cuda (~3 min)
 #   decode   GPU JPEG decode: the device decoder's tests and bench decoders --device cuda:0 (~6 min)
 #   e2e      bench gpu-e2e: ResNet-50 bf16 fed by augserve vs DataLoader vs DALI vs synthetic (~5 min)
@@ -12,11 +13,11 @@
 #   trainer  ResNet-18 on the GPU fed by 12 CPU workers (the issue 11 baseline, ~2.5 min)
 # No stage named: all of them, in that order.
 set -uo pipefail
-stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(tests bench decode e2e recipes trainer)
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(tests bench ipc decode e2e recipes trainer)
 for stage in "${stages[@]}"; do
   case "$stage" in
-    tests|bench|decode|e2e|recipes|trainer) ;;
-    *) echo "gpu_check.sh: unknown stage '$stage' (tests, bench, decode, e2e, recipes, trainer)" >&2; exit 2 ;;
+    tests|bench|ipc|decode|e2e|recipes|trainer) ;;
+    *) echo "gpu_check.sh: unknown stage '$stage' (tests, bench, ipc, decode, e2e, recipes, trainer)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -34,7 +35,7 @@ table() {  # table MODULE JSONL: the summary line of a bench's --json output as 
 
 stage_tests() {
   echo "== GPU tests"
-  timeout 280 python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_recipes_gpu.py --ignore tests/gpu/test_device_decode_gpu.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
+  timeout 280 python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore tests/gpu/test_recipes_gpu.py --ignore tests/gpu/test_device_decode_gpu.py --ignore tests/gpu/test_cuda_ipc_gpu.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
 }
 
 stage_bench() {
@@ -44,6 +45,13 @@ stage_bench() {
   echo "== bench sampling (host numpy vs device)"
   timeout 60 python3 -m augserve bench sampling --device cpu --device cuda:0 --json > "$OUT/bench_sampling.jsonl" 2> "$OUT/bench_sampling.err"
   table augserve.bench.sampling "$OUT/bench_sampling.jsonl" | tee "$OUT/bench_sampling.md"; tail -3 "$OUT/bench_sampling.err"
+}
+
+stage_ipc() {
+  echo "== CUDA IPC: device-memory hand-off tests, then bench transport with its cuda-ipc row"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_ipc_gpu.py 2>&1 | tail -25 | tee "$OUT/cuda_ipc.txt"
+  timeout 200 python3 -m augserve bench transport --rounds 3 --batches 10 --json > "$OUT/bench_transport.jsonl" 2> "$OUT/bench_transport.err"
+  table augserve.bench.transport "$OUT/bench_transport.jsonl" | tee "$OUT/bench_transport.md"; tail -3 "$OUT/bench_transport.err"
 }
 
 stage_decode() {

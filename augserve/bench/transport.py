@@ -18,6 +18,14 @@ PULL socket in this process (a trainer's side: :func:`protocol.decode`, then
   checks the descriptor and wraps the tensors as views of the slot, which it releases by dropping them.
   The pool holds :data:`SHM_SLOTS` slots; a sender that finds them all held waits, as credits would
   make a worker wait. Slots live in ``$AUGSERVE_SHM_DIR`` or ``/dev/shm``;
+* ``cuda-ipc``   (only where CUDA is available) the device-memory hand-off of a GPU worker to a trainer
+  on the same GPU (:mod:`augserve.handoff.device`): the batch's images are on ``cuda:0`` already, the
+  sender copies them into a device slot of its pool (one device-to-device copy), records and waits for
+  the slot's fill event and sends a ``cuda_batch`` descriptor with the labels and ids as frames, over
+  loopback TCP with CurveZMQ as ``shm``; the receiver opens each slot once, makes its stream wait for
+  the event and views the images on the GPU, and releases the slot by dropping them (the release waits
+  for the GPU work queued before it). The images never cross the PCIe bus: it is the figure to hold
+  against ``shm`` and ``tcp``, whose batches a GPU worker would first have to copy to the host;
 * ``memcpy``     the baseline: the same number of bytes copied into a preallocated numpy buffer.
 
 Those rows time the hand-off of a batch made beforehand. A worker makes each batch first, though, and
@@ -73,6 +81,8 @@ TRANSPORTS = ("tcp", "tcp+curve", "ipc", "shm", "tcp-made", "shm-copied", "shm-i
 PRODUCE = "produce"  # the producing step alone: the baseline of the rows that make their batches
 PRODUCING = (PRODUCE, "tcp-made", "shm-copied", "shm-in-place")  # senders that make every batch before its hand-off
 SENDERS = (*TRANSPORTS[:4], PRODUCE, *TRANSPORTS[4:])  # one process each, in the table's order
+CUDA_IPC = "cuda-ipc"  # one more sender where CUDA is available (see senders())
+DEVICE = "cuda:0"  # where the cuda-ipc sender's batches are, and its receiver
 SOURCE_MARGIN = 32  # source images are this many pixels larger than the crops made of them
 SHM_SLOTS = 8  # as a worker's pool at a trainer's prefetch of 6 (credits + 2)
 BASELINE = "memcpy"
@@ -85,7 +95,7 @@ STOP_TIMEOUT_S = 5.0
 MAX_TIMEOUT_S = 3600.0
 SLICE_S = 0.2  # how often a waiting receiver checks that its sender is still alive
 SLOT_WAIT_S = 0.0002  # how long a shm sender sleeps between looks for a released slot
-CURVE = ("tcp+curve", "shm", "shm-copied", "shm-in-place")  # transports whose socket is CURVE-secured
+CURVE = ("tcp+curve", "shm", "shm-copied", "shm-in-place", CUDA_IPC)  # transports whose socket is CURVE-secured
 SLOTS = ("shm", "shm-copied", "shm-in-place")  # transports that hand over slots
 
 
@@ -115,6 +125,13 @@ class TransportBenchConfig:
             raise ValueError(f"--batch-images lists a size twice: {' '.join(map(str, self.batch_images))}")
         if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
             raise ValueError(f"--timeout must be > 0 seconds and at most {MAX_TIMEOUT_S:g}, got {self.timeout_s}")
+
+
+def senders() -> tuple[str, ...]:
+    """The sender processes of a run: :data:`SENDERS`, and ``cuda-ipc`` where this process sees a GPU."""
+    import torch  # the receiver's business: the bench process wraps tensors anyway
+
+    return (*SENDERS, CUDA_IPC) if torch.cuda.is_available() else SENDERS
 
 
 def payload_bytes(images: int, size: int) -> int:
@@ -180,7 +197,15 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
     context = zmq.Context()
     sock = context.socket(zmq.PUSH)
     pool = SlotPool(partial(Segment.create, shm_dir), SHM_SLOTS) if transport in SLOTS else None
+    device_batches = gpu = None
     try:
+        if transport == CUDA_IPC:
+            import torch
+
+            from ..handoff.cuda import gpu_uuid
+            from ..handoff.device import create_device_slot
+
+            pool, gpu = SlotPool(partial(create_device_slot, shm_dir, DEVICE, 0), SHM_SLOTS), gpu_uuid(DEVICE)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
         if transport in CURVE:
@@ -188,6 +213,8 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
             security.secure_client(sock, keyring.worker, keyring.client.public)
         sock.connect(endpoint)
         batches = {count: _batch(count, size) for count in batch_images}
+        if transport == CUDA_IPC:  # made on the GPU beforehand, as a GPU worker's pipeline leaves them
+            device_batches = {count: torch.from_numpy(batch[0]).to(DEVICE) for count, batch in batches.items()}
         producer = Producer(batch_images, size) if transport in PRODUCING else None
         conn.send(("ready", os.getpid()))
         while True:
@@ -210,7 +237,9 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
                 elif transport == "shm-in-place":
                     slot_for, images = _made_in_slot(producer, pool, slot_for, count, index, size)
                 tensors = [("images", images), ("labels", labels), ("sample_ids", ids)]
-                if pool is not None:
+                if transport == CUDA_IPC:
+                    frames = _into_device_slot(pool, slot_for, info, gpu, device_batches[count], tensors[1:])
+                elif pool is not None:
                     slot, generation, descriptors = write_batch(pool, tensors, slot_for)
                     frames = P.encode(P.ShmBatch(**info, segment=slot.memory.name, generation=generation, tensors=descriptors, retired=pool.take_retired()))
                 else:
@@ -231,6 +260,20 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
         context.term()
         if pool is not None:
             pool.close()  # unlinks the names the receiver has not mapped
+
+
+def _into_device_slot(pool: SlotPool, slot_for, info: dict, gpu: str, images, others: list) -> list:
+    """The cuda-ipc row's hand-off: ``images`` (on the GPU) copied into a device slot, lent, described."""
+    from ..handoff.device import cuda_batch_frames
+
+    slot = slot_for(int(images.nbytes))
+    try:
+        slot.memory.write(0, images)
+        pool.lend(slot)
+        return cuda_batch_frames(info, pool, slot, gpu, images, others)
+    except BaseException:
+        pool.give_back(slot)
+        raise
 
 
 def _made_in_slot(producer: Producer, pool: SlotPool, slot_for, count: int, index: int, size: int):
@@ -259,12 +302,14 @@ class Channel:
     ``timeout_s``, and a sender that died or reported an error becomes a ConnectionError."""
 
     def __init__(self, transport: str, config: TransportBenchConfig, keys_dir: str | os.PathLike | None = None) -> None:
-        if transport not in SENDERS:
-            raise ValueError(f"unknown transport {transport!r}; transports are {', '.join(SENDERS)}")
+        if transport not in (*SENDERS, CUDA_IPC):
+            raise ValueError(f"unknown transport {transport!r}; transports are {', '.join((*SENDERS, CUDA_IPC))}")
         if transport in CURVE and keys_dir is None:
             raise ValueError(f"{transport} needs a keys directory")
         self.shm_dir = self.reader = None
-        if transport in SLOTS:
+        if transport == CUDA_IPC:
+            self.shm_dir, self.reader = default_dir(), _device_reader()
+        elif transport in SLOTS:
             self.shm_dir = default_dir()
             if host_identity(self.shm_dir)[0] is None:
                 raise ValueError(f"shm cannot be measured here: {host_identity(self.shm_dir)[1]}")
@@ -347,6 +392,8 @@ class Channel:
         message = P.decode(frames, P.WORKER_TO_CLIENT)
         if message.type == "shm_batch":
             tensors = self.reader.wrap(message.body)  # released when `tensors` goes, at the end of this call
+        elif message.type == "cuda_batch":
+            tensors = self.reader.wrap(message.body, message.buffers)  # likewise, once the GPU is past it
         else:
             tensors = P.frames_to_tensors(message.body.tensors, message.buffers)
         if message.body.index != index or tuple(tensors["images"].shape) != shape:
@@ -410,6 +457,19 @@ class Channel:
             self.reader.close()
 
 
+def _device_reader():
+    """The cuda-ipc row's receiver: device slots opened on :data:`DEVICE` (ValueError when impossible)."""
+    import torch
+
+    from ..handoff.cuda import CudaOpener, gpu_uuid, unusable
+    from ..handoff.device_receiver import DeviceSlotReader
+
+    why = unusable(DEVICE) or (None if host_identity(default_dir())[0] is not None else host_identity(default_dir())[1])
+    if why is not None:
+        raise ValueError(f"cuda-ipc cannot be measured here: {why}")
+    return DeviceSlotReader(default_dir(), gpu_uuid(DEVICE), CudaOpener(torch.device(DEVICE)))
+
+
 # --- the benchmark --------------------------------------------------------------------------------
 
 
@@ -455,8 +515,9 @@ def run_transport_bench(config: TransportBenchConfig, progress=None) -> dict:
         if not zmq.has("curve"):
             raise ValueError(f"libzmq {zmq.zmq_version()} was built without CURVE, so tcp+curve cannot be measured")
         security.Keyring.load(keys_dir)  # a throwaway keyring: the user's own keys stay untouched
-        say(f"starting {len(SENDERS)} sender processes ({', '.join(SENDERS)})")
-        channels = {name: stack.enter_context(contextlib.closing(Channel(name, config, keys_dir))) for name in SENDERS}
+        names = senders()
+        say(f"starting {len(names)} sender processes ({', '.join(names)})")
+        channels = {name: stack.enter_context(contextlib.closing(Channel(name, config, keys_dir))) for name in names}
         for channel in channels.values():
             channel.wait_ready()
         candidates, buffers = {}, {}
@@ -486,15 +547,16 @@ def run_transport_bench(config: TransportBenchConfig, progress=None) -> dict:
     return _result(config, timed, started)
 
 
-ROWS = (BASELINE, *SENDERS)
+ROWS = (BASELINE, *SENDERS, CUDA_IPC)  # the table's order; cuda-ipc only in a run that measured it
 
 
 def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
     rows, by_batch = [], []
+    measured = [name for name in ROWS if (name, config.batch_images[0]) in timed]
     for images in config.batch_images:
         nbytes = payload_bytes(images, config.size)
-        rate = {name: timed[(name, images)]["images_per_s"] * nbytes / images / 1e9 for name in ROWS}
-        for name in ROWS:
+        rate = {name: timed[(name, images)]["images_per_s"] * nbytes / images / 1e9 for name in measured}
+        for name in measured:
             runs = timed[(name, images)]["runs"]
             rows.append({
                 "benchmark": "transport",
@@ -514,7 +576,7 @@ def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
         by_batch.append({
             "batch_images": images,
             "batch_mb": _sig(nbytes / 1e6),
-            "gb_per_s": {name: _sig(rate[name]) for name in ROWS},
+            "gb_per_s": {name: _sig(rate[name]) for name in measured},
             "curve_vs_tcp": _sig(rate["tcp+curve"] / rate["tcp"]),
             "ipc_vs_tcp": _sig(rate["ipc"] / rate["tcp"]),
             "shm_vs_tcp": _sig(rate["shm"] / rate["tcp"]),
@@ -525,6 +587,8 @@ def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
             "in_place_vs_copied": _sig(rate["shm-in-place"] / rate["shm-copied"]),
             "in_place_vs_tcp_made": _sig(rate["shm-in-place"] / rate["tcp-made"]),
             "copied_vs_produce": _sig(rate["shm-copied"] / rate[PRODUCE]),
+            **({"cuda_ipc_vs_tcp": _sig(rate[CUDA_IPC] / rate["tcp"]), "cuda_ipc_vs_shm": _sig(rate[CUDA_IPC] / rate["shm"]),
+                "cuda_ipc_vs_memcpy": _sig(rate[CUDA_IPC] / rate[BASELINE])} if CUDA_IPC in rate else {}),
         })  # fmt: skip
     return {
         "benchmark": "transport",
@@ -538,12 +602,13 @@ def _result(config: TransportBenchConfig, timed: dict, started: dict) -> dict:
         "ipc_vs_tcp": _sig(statistics.median(b["ipc_vs_tcp"] for b in by_batch)),
         "shm_vs_tcp": _sig(statistics.median(b["shm_vs_tcp"] for b in by_batch)),
         "shm_vs_memcpy": _sig(statistics.median(b["shm_vs_memcpy"] for b in by_batch)),
-        **{key: _sig(statistics.median(b[key] for b in by_batch)) for key in IN_PLACE_RATIOS},
+        **{key: _sig(statistics.median(b[key] for b in by_batch)) for key in (*IN_PLACE_RATIOS, *CUDA_IPC_RATIOS) if key in by_batch[0]},
         "conditions": started,
     }
 
 
 IN_PLACE_RATIOS = ("in_place_vs_tcp", "in_place_vs_memcpy", "in_place_vs_produce", "in_place_vs_copied", "in_place_vs_tcp_made", "copied_vs_produce")
+CUDA_IPC_RATIOS = ("cuda_ipc_vs_tcp", "cuda_ipc_vs_shm", "cuda_ipc_vs_memcpy")  # in a run with a cuda-ipc row only
 
 
 def _fmt(value: float) -> str:
@@ -598,4 +663,11 @@ def format_table(result: dict) -> str:
         f"{_fmt(result['in_place_vs_tcp_made'])}× tcp-made)",
         f"conditions: {c['cores']} cores ({c['cpu']}){load}; Python {c['python']}, pyzmq {c['pyzmq']}, libzmq {c['libzmq']}; CURVE by {c['curve']}",
     ]
+    if "cuda_ipc_vs_tcp" in result:
+        device = ", ".join(
+            f"{_fmt(b['cuda_ipc_vs_tcp'])}× tcp, {_fmt(b['cuda_ipc_vs_shm'])}× shm, {_fmt(b['cuda_ipc_vs_memcpy'])}× memcpy at {_fmt(b['batch_mb'])} MB"
+            for b in result["by_batch"]
+        )  # fmt: skip
+        lines.insert(-1, f"cuda-ipc (images on {DEVICE}, handed over in device memory): {device} (median {_fmt(result['cuda_ipc_vs_tcp'])}× tcp, "
+                         f"{_fmt(result['cuda_ipc_vs_shm'])}× shm)")  # fmt: skip
     return "\n".join(lines)

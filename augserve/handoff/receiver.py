@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +27,20 @@ from .shm import ALIGN, HEADER_BYTES, MappedSegment, open_segment
 from .slots import LENT
 
 MAX_MAPPED = 4096  # segments one stream keeps mapped; more means a worker misbehaves
+
+
+def opened_once(cache: dict, header: P.ShmBatch | P.CudaBatch, limit: int, open_slot: Callable[[], Any]):
+    """The slot ``header`` names, from ``cache`` (slot name -> opened slot) or opened now by
+    ``open_slot()`` and kept; the slots ``header`` retires leave the cache first (each is let go of once
+    no tensor of it is left). Past ``limit`` open slots a worker misbehaves: ProtocolError."""
+    for name in header.retired:
+        cache.pop(name, None)
+    slot = cache.get(header.segment)
+    if slot is None:
+        if len(cache) >= limit:
+            raise P.ProtocolError(f"more than {limit} slots open for one stream; refusing slot {header.segment}")
+        slot = cache[header.segment] = open_slot()
+    return slot
 
 
 class SlotReader:
@@ -40,13 +55,7 @@ class SlotReader:
         """Tensors of the batch in ``header``'s slot (views, not copies). A descriptor that does not fit
         its slot is a one-line :class:`~augserve.protocol.ProtocolError`; nothing outside the slot is read."""
         with self._lock:
-            for name in header.retired:
-                self._segments.pop(name, None)  # unmapped once no tensor of it is left
-            segment = self._segments.get(header.segment)
-            if segment is None:
-                if len(self._segments) >= MAX_MAPPED:
-                    raise P.ProtocolError(f"more than {MAX_MAPPED} slots mapped for one stream; refusing slot {header.segment}")
-                segment = self._segments[header.segment] = open_segment(self.directory, header.segment)
+            segment = opened_once(self._segments, header, MAX_MAPPED, lambda: open_segment(self.directory, header.segment))
         state, generation = segment.header()
         if state != LENT or generation != header.generation:
             raise P.ProtocolError(f"slot {header.segment} holds fill {generation} ({'lent' if state == LENT else 'free'}), the descriptor names fill {header.generation}")

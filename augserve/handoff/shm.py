@@ -5,7 +5,7 @@ A segment is a 0600 file in the shared-memory directory (``/dev/shm`` unless ``A
 process that made it. Layout (little-endian)::
 
     bytes 0–8       magic b"AUGSLOT1"
-          8–12      state, uint32: 0 free, 1 lent (the word both sides write; see augserve.handoff.slots)
+          8–12      state, uint32: 0 free, 1 lent, 2 refused (the word both sides write; see augserve.handoff.slots)
           16–24     generation, uint64: fills published so far
           24–32     capacity, uint64: bytes of data
     4096–4096+cap   data: the batch's tensors, each at a 64-byte aligned offset
@@ -40,7 +40,7 @@ import struct
 import numpy as np
 
 from .. import protocol as P
-from .slots import FREE, LENT, NoSlot
+from .slots import FREE, LENT, REFUSED, NoSlot
 
 MAGIC = b"AUGSLOT1"
 HEADER_BYTES = 4096  # the data starts on a page boundary
@@ -182,6 +182,11 @@ class MappedSegment:
         state, current = self.header()
         if state == LENT and current == generation:
             _STATE.pack_into(self.mapping, 8, FREE)
+
+    def refuse(self) -> None:
+        """The trainer cannot use this slot (see :data:`~augserve.handoff.slots.REFUSED`): its worker's
+        pool stops lending."""
+        _STATE.pack_into(self.mapping, 8, REFUSED)
 
 
 def open_segment(directory: str, name: str) -> MappedSegment:

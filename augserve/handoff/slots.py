@@ -12,13 +12,17 @@ descriptor; from then on only the trainer may set the word back to ``FREE`` (or 
 send failed and the trainer never heard of it). Returning a slot is a write into memory both processes
 map, so no message travels for it, and a trainer that keeps a batch simply keeps its slot.
 
+A trainer that cannot use a slot at all (it cannot open the CUDA IPC handle of a device slot) writes
+``REFUSED`` into its state word instead of ``FREE``: from then on the pool refuses every batch
+(:class:`NoSlot` "unavailable") and the worker sends them another way, without a message back.
+
 A pool never waits: when every slot is lent and the pool is at its size, :meth:`SlotPool.acquire`
 raises :class:`NoSlot` and the batch goes as frames instead. Slots are made on demand, each as large as
 the largest batch the pool has seen, so a pool holds as many slots as the trainer has actually kept.
 
 This module does not know what a slot is made of: :class:`SlotMemory` is the seam. Host shared memory
-(:mod:`augserve.handoff.shm`) implements it; device memory shared through CUDA IPC would implement the
-same operations with its state word in a small host segment.
+(:mod:`augserve.handoff.shm`) implements it, and so does device memory shared through CUDA IPC
+(:mod:`augserve.handoff.device`), with its state word in a small host segment.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Callable, Literal, Protocol
 
 FREE = 0
 LENT = 1
+REFUSED = 2  # written by a trainer that cannot use the slot: the pool stops lending
 MAX_RETIRED = 64  # names reported in one descriptor (the protocol's bound)
 
 NoSlotKind = Literal["no_space", "busy", "unavailable", "other_host"]
@@ -40,14 +45,16 @@ class SlotMemory(Protocol):
     capacity: int  # bytes of data it holds
 
     def state(self) -> int:
-        """FREE or LENT, as the shared state word says now."""
+        """FREE, LENT or REFUSED, as the shared state word says now."""
 
     def write(self, offset: int, source) -> None:
-        """Copy ``source`` (a uint8 host array) to ``offset`` bytes into the slot's data; nothing to do
-        when ``source`` is that very memory (a tensor its producer wrote in place, see :meth:`view`)."""
+        """Copy ``source`` (uint8 bytes: a host array, or a tensor for device memory) to ``offset``
+        bytes into the slot's data; nothing to do when ``source`` is that very memory (a tensor its
+        producer wrote in place, see :meth:`view`)."""
 
     def view(self, offset: int, nbytes: int):
-        """A writable uint8 host array over ``nbytes`` of the slot's data from ``offset``."""
+        """A writable uint8 view over ``nbytes`` of the slot's data from ``offset`` (a host array; a
+        tensor on the device for device memory)."""
 
     def publish(self, generation: int) -> None:
         """Write ``generation``, then the LENT state: the filled slot is the trainer's from here."""
@@ -93,8 +100,12 @@ class SlotPool:
         bigger one made in its place; with every slot lent and the pool full, :class:`NoSlot` ("busy")."""
         if self.closed:
             raise NoSlot("unavailable", "the pool is closed")
+        states = {id(slot): slot.memory.state() for slot in self.slots}
+        refused = next((slot for slot in self.slots if states[id(slot)] == REFUSED), None)
+        if refused is not None:
+            raise NoSlot("unavailable", f"the trainer could not use slot {refused.memory.name} (its log says why)")
         self.slot_bytes = max(self.slot_bytes, nbytes)
-        free = [slot for slot in self.slots if not slot.filling and slot.memory.state() == FREE]
+        free = [slot for slot in self.slots if not slot.filling and states[id(slot)] == FREE]
         for slot in free:
             if slot.memory.capacity >= nbytes:
                 slot.filling = True

@@ -18,6 +18,8 @@ LABELS = np.array([3, 7], dtype=np.int64)
 HELLO = dict(worker="w-1", pid=4242, host="node7", backend="torch", device="cuda:0", capacity=3)
 SHM_HOST = P.ShmHost(boot="09dde2b3-449f-4477-99bd-e65768717057", dev=27, ino=1, uid=1000)
 SEGMENT = "augserve-slot-4026531836-4242-0123456789abcdef"
+GPU = P.CudaDevice(uuid="5e8f0b1c-2d3a-4b5c-8d9e-0f1a2b3c4d5e")
+CUDA_MEMORY = P.CudaMemory(handle=b"\x02c" + bytes(range(64)), size=1 << 20, offset=4096, ref_counter="/torch_4242_1234567_0", ref_counter_offset=3)
 
 # One valid instance per message type, every optional field set to something other than its default so the
 # round trip covers it (encode leaves defaults out). A type added to P.MESSAGES without a sample here fails
@@ -28,7 +30,7 @@ SAMPLES = {
         seed=7, epochs=3, rank=1, world_size=2, prefetch=4, ordered=True, shuffle=False, drop_last=True,
         on_error="raise", data="tcp://127.0.0.1:5555", data_key=KEY,
         resume=P.ResumeState(epoch=1, delivered=[0, 2, 5], fingerprint={"dataset": "digits", "n": 1797}), client="me",
-        transport="shm", shm_host=SHM_HOST,
+        transport="cuda-ipc", shm_host=SHM_HOST, cuda=GPU,
     ),
     "credit": P.Credit(stream="s1", acks=[(0, 1, 16), (0, 2, 16)], received=[(0, 3)], final=True),
     "detach": P.Detach(stream="s1"),
@@ -54,7 +56,7 @@ SAMPLES = {
     "task": P.Task(
         task="s1:0:3", stream="s1", epoch=0, index=3, ids=[5, 9, 1], seed=11, dataset=DATASET,
         pipeline=P.PipelineRef(stream="s1", version=2, spec=SPEC), data="tcp://127.0.0.1:5555", data_key=KEY, on_error="raise",
-        handoff=P.Handoff(mode="shm", host=SHM_HOST, slots=10),
+        handoff=P.Handoff(mode="shm", host=SHM_HOST, slots=10, cuda=GPU),
     ),
     "drop": P.Drop(data="tcp://127.0.0.1:5555"),
     "stop": P.Stop(),
@@ -67,7 +69,12 @@ SAMPLES = {
     "shm_batch": P.ShmBatch(
         stream="s1", task="s1:0:3", epoch=0, index=3, pipeline_version=2, skipped=["a.png"], worker="w-1", segment=SEGMENT, generation=7,
         tensors=[P.SlotTensor(name="images", dtype="uint8", shape=[2, 4, 5, 3], offset=0), P.SlotTensor(name="labels", dtype="int64", shape=[2], offset=128)],
-        retired=["augserve-slot-4026531836-4242-fedcba9876543210"],
+        retired=["augserve-slot-4026531836-4242-fedcba9876543210"], fallback=P.Fallback(kind="other_gpu", message="the worker's cuda:1 is another GPU"),
+    ),
+    "cuda_batch": P.CudaBatch(
+        stream="s1", task="s1:0:3", epoch=0, index=3, pipeline_version=2, skipped=["a.png"], worker="w-1", segment=SEGMENT, generation=7,
+        gpu=GPU, memory=CUDA_MEMORY, event=bytes(range(64, 128)), images=P.SlotTensor(name="images", dtype="uint8", shape=[2, 4, 5, 3], offset=0),
+        tensors=[P.describe("labels", LABELS)], retired=["augserve-slot-4026531836-4242-fedcba9876543210"],
     ),
 }
 
@@ -98,7 +105,7 @@ def test_every_message_type_has_a_sample():
 @pytest.mark.parametrize("name", sorted(P.MESSAGES))
 def test_round_trip_of_every_message_type(name):
     body = SAMPLES[name]
-    buffers = [P.tensor_buffer(IMAGES), P.tensor_buffer(LABELS)] if name == "batch" else []
+    buffers = [P.tensor_buffer(IMAGES), P.tensor_buffer(LABELS)] if name == "batch" else [P.tensor_buffer(LABELS)] if name == "cuda_batch" else []
     frames = [bytes(f) for f in P.encode(body, buffers)]
     assert len(frames) == 1 + len(buffers)
     message = P.decode(frames, {name})
@@ -115,7 +122,7 @@ def test_round_trip_of_every_message_type(name):
         (P.DAEMON_TO_CLIENT, {"attached", "error", "status_reply", "stream_error", "updated"}),
         (P.WORKER_TO_DAEMON, {"ready", "heartbeat", "done", "failed", "bye"}),
         (P.DAEMON_TO_WORKER, {"task", "drop", "stop", "ping", "error"}),
-        (P.WORKER_TO_CLIENT, {"batch", "shm_batch"}),
+        (P.WORKER_TO_CLIENT, {"batch", "shm_batch", "cuda_batch"}),
     ],
 )
 def test_each_direction_is_a_closed_set(direction, types):
