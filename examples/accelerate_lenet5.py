@@ -66,6 +66,9 @@ def main() -> None:
             with open(f"{args.record}.rank{accelerator.process_index}", "w") as handle:
                 json.dump({"rank": loader.rank, "world_size": loader.world_size, "ids": seen, "positions": positions}, handle)
         accelerator.print(json.dumps({"epochs": args.epochs, "processes": accelerator.num_processes, "loss": mean_loss.item()}))
+    # Destroys the process group: left to interpreter exit, gloo's threads can abort a rank
+    # ("terminate called without an active exception") after training went fine.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
