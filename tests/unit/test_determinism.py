@@ -1,6 +1,5 @@
 """Same seed ⇒ same bytes, whatever the batch a sample travels in; params depend on (seed, epoch, id)."""
 
-import numpy as np
 import pytest
 
 import pipelines
