@@ -15,9 +15,7 @@ import gc
 import logging
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 
 import msgpack
 import numpy as np
@@ -43,13 +41,6 @@ IMAGES = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
 LABELS = np.array([1, 0], dtype=np.int64)
 IDS = np.array([5, 9], dtype=np.int64)
 INFO = dict(stream="s1", task="s1:0:0", epoch=0, index=0, pipeline_version=1, worker="w")
-
-
-@pytest.fixture
-def shm_dir():
-    directory = tempfile.mkdtemp(prefix="augserve-test-", dir="/dev/shm")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def names(directory: str) -> list[str]:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import uuid
 
 import msgpack
@@ -31,13 +29,6 @@ from augserve.handoff.slots import FREE, LENT, NoSlot, SlotPool
 from augserve.status import format_transport
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm") or not sys.platform.startswith("linux"), reason="needs Linux and /dev/shm")
-
-
-@pytest.fixture
-def shm_dir():
-    directory = tempfile.mkdtemp(prefix="augserve-test-", dir="/dev/shm")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def names(directory: str) -> list[str]:

@@ -5,9 +5,7 @@ frame path, also when a sample fails only when decoded and the batch is planned 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -27,13 +25,6 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm") or not sys.platfor
 
 SPEC = {"ops": [{"op": "random_resized_crop", "size": 32}, {"op": "mirror"}, {"op": "rotate", "degrees": 10}, {"op": "color_shift", "limit": 20}]}
 INFO = dict(stream="s1", task="s1:0:0", epoch=0, index=0, pipeline_version=1, worker="w")
-
-
-@pytest.fixture
-def shm_dir():
-    directory = tempfile.mkdtemp(prefix="augserve-test-", dir="/dev/shm")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
