@@ -36,6 +36,7 @@ import torch
 import zmq
 from pydantic import ValidationError
 
+from pipelines.backends.base import check_device
 from pipelines.normalize import normalize_images
 
 from . import protocol as P
@@ -601,8 +602,7 @@ def connect(
     if timeout <= 0 or batch_timeout <= 0:
         raise ValueError("timeout and batch_timeout must be > 0 seconds")
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
+    check_device(str(device))
     if transport not in ("auto", "frames", "shm", "cuda-ipc"):
         raise ValueError(f"transport must be 'auto', 'frames', 'shm' or 'cuda-ipc', got {transport!r}")
     shm_dir, shm_host, cuda = default_dir(), None, None
