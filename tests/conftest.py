@@ -37,3 +37,11 @@ def tiny_tmpfs(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
     yield str(target)
     subprocess.run(["umount", str(target)], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def shm_dir():
+    """A private directory in /dev/shm for one test's slots (unit tests of the hand-off), removed afterwards."""
+    directory = tempfile.mkdtemp(prefix="augserve-test-", dir="/dev/shm")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
