@@ -23,10 +23,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/augserve preview --pipeline lenet5 --dataset digits --out out/preview-lenet5.png
 	$(PY) -m trainer train --model lenet5 --dataset digits --workers 2 --out out/demo-lenet5
 
-# Two test processes (the machines this runs on have two cores; most integration tests wait on real
-# processes and sockets): a test file's tests stay together in one of them, with its module fixtures.
+# One process: two (pytest-xdist, -n 2 --dist loadfile) took 11 instead of 17-19 min but flaked in CI
+# this session (see the note on issue 10); pytest-xdist stays installed for trying it locally.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q tests/gpu
