@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .security import PAIRS, ROLES, Keyring, default_keys_dir
+from .security import PAIRS, ROLES, Keyring, default_keys_dir, z85_key
 
 EXAMPLES = """examples:
   augserve keys create                                    # once per user; workers and trainers of this user need nothing else
@@ -114,6 +114,28 @@ def cmd_allow(args) -> int:
     return 0
 
 
+class _ActionParser(argparse.ArgumentParser):
+    """The parser of one ``keys`` action. A Z85 public key can start with '-' (one in 85 does), which
+    argparse would take for an option: such a token, when it is a valid key and no option of ours, is
+    moved behind a ``--`` so that ``keys allow ... PUBLIC_KEY`` works whatever the key looks like."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and "--" not in args:
+            keys = [token for token in args if self._is_dashed_key(token)]
+            if keys:
+                args = [token for token in args if token not in keys] + ["--", *keys]
+        return super().parse_known_args(args, namespace)
+
+    def _is_dashed_key(self, token: str) -> bool:
+        if not token.startswith("-") or token.split("=", 1)[0] in self._option_string_actions:
+            return False
+        try:
+            z85_key(token)
+        except ValueError:
+            return False
+        return True
+
+
 def add_parser(subcommands) -> argparse.ArgumentParser:
     """Register ``keys`` on ``subcommands`` (an ``add_subparsers()`` result); returns its parser."""
     def common(parser, default):
@@ -130,7 +152,7 @@ def add_parser(subcommands) -> argparse.ArgumentParser:
     )
     common(keys, None)
     keys.set_defaults(func=cmd_show)
-    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_ActionParser)
     # On the actions the flags default to SUPPRESS, so that `keys --keys-dir D show` keeps D.
     suppress = argparse.SUPPRESS
 

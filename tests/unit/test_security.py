@@ -623,3 +623,15 @@ def test_cli_export_import_allow(tmp_path, capsys, monkeypatch):
     ]:
         code, out, err = _run(capsys, *argv, "--keys-dir", daemon_keys)
         assert code == 2 and err.count("\n") == 1 and err.startswith("augserve: error:") and message in err, (argv, err)
+
+
+def test_cli_allow_takes_a_key_that_starts_with_a_dash(tmp_path, capsys):
+    """One Z85 key in 85 starts with '-', which argparse would read as an option; it is taken as the key,
+    before or after the other flags, and after an explicit '--'."""
+    keys = str(tmp_path / "keys")
+    Keyring.load(keys)
+    dashed = "-" + KeyPair.generate().public.decode()[1:]
+    for name, argv in (("first", [dashed, "--keys-dir", keys]), ("second", ["--keys-dir", keys, "--", dashed]), ("third", ["--json", dashed, "--keys-dir", keys])):
+        code, out, err = _run(capsys, "keys", "allow", "--role", "worker", "--name", name, *argv)
+        assert code == 0, err
+        assert Keyring.load(keys).allowed_named("worker")[name] == dashed.encode()
