@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary = run.fit()
         finally:
-            run.world.close()
+            run.close()
     except ValidationError as exc:
         print(f"trainer: error: {format_validation_error(exc)}", file=sys.stderr)
         return 2

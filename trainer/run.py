@@ -6,6 +6,7 @@ Called by ``python -m trainer train``; every step a user can get wrong raises Va
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -230,6 +231,17 @@ class Run:
             yield address
 
     # --- training --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the model and optimiser, then leave the process group (a no-op for one process).
+
+        The order matters for DDP on gloo: the DDP wrapper's reducer keeps the process group and its
+        last work objects alive; released at interpreter exit instead, they can abort the process
+        ("terminate called without an active exception") after the job has finished."""
+        for name in ("model", "optimizer"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        self.world.close()
 
     def fit(self) -> dict:
         config = self.config

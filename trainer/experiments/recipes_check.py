@@ -32,7 +32,7 @@ def check(model: str, dataset: str, address: str, seed: int = 0) -> dict:
     try:
         summary = run.fit()
     finally:
-        run.world.close()
+        run.close()
     chance = 1.0 / CLASSES.get(dataset, len(getattr(run, "classes", [])) or 10)
     return {
         "model": model, "dataset": dataset, "family": recipe_for(model).family, "pipeline": summary["pipeline"],

@@ -45,7 +45,7 @@ def train_once(config, stop: threading.Event | None = None, epoch_callbacks: Ite
     except StopRequested:
         raise KeyboardInterrupt from None
     finally:
-        run.world.close()
+        run.close()
 
 
 def held_out_accuracies(template, runs, *, jobs: int, stop: threading.Event | None = None, progress: Callable[[str], None] | None = None, label: str = "") -> dict:
