@@ -8,13 +8,20 @@ import tempfile
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # One keyring for the whole session (daemons, workers and trainers of the tests share it, as one user's
 # processes do), never the developer's own ~/.config/augserve/keys.
-os.environ["AUGSERVE_KEYS_DIR"] = os.path.join(tempfile.mkdtemp(prefix="augserve-test-keys-"), "keys")
+_SESSION_KEYS = tempfile.mkdtemp(prefix="augserve-test-keys-")
+os.environ["AUGSERVE_KEYS_DIR"] = os.path.join(_SESSION_KEYS, "keys")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 cv2.setNumThreads(1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's keyring holds secret keys: it does not outlive the session (each xdist worker
+    process has its own)."""
+    shutil.rmtree(_SESSION_KEYS, ignore_errors=True)
 
 
 @pytest.fixture
