@@ -53,6 +53,7 @@ class TrainConfig:
     step_epochs: int = 30
     gamma: float = 0.1
     label_smoothing: float | None = None
+    dropout: float | None = None  # the classifier's dropout; None: the recipe's, else the model's own
     amp: str = "none"
     channels_last: bool = False
     device: str = "auto"
@@ -86,6 +87,7 @@ class TrainConfig:
             (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.warmup_epochs is None or self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.optimizer in (None, "sgd", "adamw"), f"--optimizer must be sgd or adamw, got {self.optimizer!r}"),
             (self.schedule in (None, "step", "cosine", "constant"), f"--schedule must be step, cosine or constant, got {self.schedule!r}"),
             (self.eval_split in ("test", "val"), f"eval_split must be test or val, got {self.eval_split!r}"),
@@ -172,7 +174,13 @@ class Run:
         self._in_channels = channels
         with _INIT_LOCK:
             torch.manual_seed(self.config.seed)
-            model = models.create(self.config.model, num_classes=num_classes, in_channels=channels)
+            options = {} if self.config.dropout is None else {"dropout": self.config.dropout}
+            try:
+                model = models.create(self.config.model, num_classes=num_classes, in_channels=channels, **options)
+            except TypeError as exc:
+                if "dropout" not in str(exc):
+                    raise
+                raise ValueError(f"--dropout: model {self.config.model!r} has no dropout to set") from None
         if self.config.pretrained:
             transfer.load_pretrained(model, self.config.pretrained)
         transfer.freeze(model, self.config.freeze)
@@ -452,7 +460,7 @@ class Run:
         pipeline = self.config.pipeline
         name = pipeline if isinstance(pipeline, str) else getattr(pipeline, "name", None) or "custom"
         summary = {"model": self.config.model, "dataset": self.config.dataset, "pipeline": name}
-        summary.update({key: getattr(self.config, key) for key in ("batch_size", "lr", "optimizer") if getattr(self.config, key) is not None})
+        summary.update({key: getattr(self.config, key) for key in ("batch_size", "lr", "optimizer", "dropout") if getattr(self.config, key) is not None})
         last = self.history[-1] if self.history else {}
         summary["accuracy"] = last.get("val_accuracy")
         summary["best_accuracy"] = max((r["val_accuracy"] for r in self.history if r.get("val_accuracy") is not None), default=None)

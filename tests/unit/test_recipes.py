@@ -109,3 +109,30 @@ def test_a_model_without_a_recipe_needs_the_essentials(monkeypatch):
 def test_both_epochs_and_steps_is_a_mistake():
     with pytest.raises(ValueError, match="give --epochs or --steps, not both"):
         TrainConfig(epochs=2, steps=10).validate()
+
+
+def test_dropout_comes_from_the_recipe_unless_given():
+    """VGG's recipe trains without the paper's dropout; a given --dropout wins; families whose recipe
+    says nothing keep their model's own (None: the builder's default)."""
+    vgg = recipe_for("vgg11")
+    assert vgg.dropout == 0.0
+    everything = dict(pipeline="vgg", epochs=2, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0, schedule="step", warmup_epochs=0.0, label_smoothing=0.0)
+    assert settle(TrainConfig(model="vgg11", **everything)).dropout == 0.0
+    assert settle(TrainConfig(model="vgg11", dropout=0.5, **everything)).dropout == 0.5
+    assert settle(TrainConfig(model="resnet18", **everything)).dropout is None
+    with pytest.raises(ValueError, match=r"--dropout must be in \[0, 1\), got 1.0"):
+        TrainConfig(dropout=1.0).validate()
+
+
+def test_dropout_reaches_the_model_and_a_model_without_one_says_so():
+    from trainer.run import Run
+
+    class Stream:
+        dataset_info = {"channels": 3}
+        classes = ["a", "b"]
+
+    run = Run(TrainConfig(model="vgg11", dataset="shapes", dropout=0.25))
+    model = run._make_model(Stream())
+    assert [m.p for m in model.modules() if m.__class__.__name__ == "Dropout"] == [0.25, 0.25]
+    with pytest.raises(ValueError, match="--dropout: model 'resnet18' has no dropout to set"):
+        Run(TrainConfig(model="resnet18", dataset="shapes", dropout=0.25))._make_model(Stream())
