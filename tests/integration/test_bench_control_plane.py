@@ -23,7 +23,9 @@ PARTS = {"daemon", "daemon_loop", "workers", "trainers", "machine", "others"}
 
 def run_json(capsys, *flags: str) -> tuple[int, list[dict], dict]:
     code = main(["bench", "control-plane", *flags, *SMALL, "--json"])
-    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert lines, f"no result (exit status {code}): {err[-2000:]}"
     return code, lines[:-1], lines[-1]
 
 
