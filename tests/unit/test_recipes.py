@@ -136,3 +136,12 @@ def test_dropout_reaches_the_model_and_a_model_without_one_says_so():
     assert [m.p for m in model.modules() if m.__class__.__name__ == "Dropout"] == [0.25, 0.25]
     with pytest.raises(ValueError, match="--dropout: model 'resnet18' has no dropout to set"):
         Run(TrainConfig(model="resnet18", dataset="shapes", dropout=0.25))._make_model(Stream())
+
+
+def test_recipes_table_shows_a_recipes_dropout_only_where_it_sets_one():
+    from trainer.experiments.recipes_check import markdown
+
+    row = dict(model="vgg11", dataset="shapes", family="vgg", pipeline="vgg-64", optimizer="adamw", lr=1e-4, batch_size=64, dropout=0.0, steps=480, epochs=15, accuracy=0.404, chance=1 / 6, learns=True, time_s=2367)
+    lines = markdown([row, {**row, "model": "resnet18", "dropout": None}], "cmd").splitlines()
+    assert lines[-2] == "| vgg11 | shapes | vgg | vgg-64 | adamw 0.0001, 64, dropout 0 | 480 (15) | 40.4% | 16.7% | yes | 2367 s |"
+    assert "| adamw 0.0001, 64 | 480 (15) |" in lines[-1]

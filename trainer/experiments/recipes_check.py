@@ -36,10 +36,15 @@ def check(model: str, dataset: str, address: str, seed: int = 0) -> dict:
     chance = 1.0 / CLASSES.get(dataset, len(getattr(run, "classes", [])) or 10)
     return {
         "model": model, "dataset": dataset, "family": recipe_for(model).family, "pipeline": summary["pipeline"],
-        "optimizer": summary.get("optimizer"), "lr": summary.get("lr"), "batch_size": summary.get("batch_size"),
+        "optimizer": summary.get("optimizer"), "lr": summary.get("lr"), "batch_size": summary.get("batch_size"), "dropout": summary.get("dropout"),
         "steps": summary["steps"], "epochs": summary["epochs"], "accuracy": summary["accuracy"], "chance": chance,
         "learns": summary["accuracy"] is not None and summary["accuracy"] >= 2 * chance, "time_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
+
+
+def _dropout(row: dict) -> str:
+    """The recipe's dropout where it sets one (else the model's own is used and not shown)."""
+    return "" if row.get("dropout") is None else f", dropout {row['dropout']:g}"
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -57,7 +62,7 @@ def markdown(rows: list[dict], command: str) -> str:
     for r in rows:
         accuracy = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
         lines.append(
-            f"| {r['model']} | {r['dataset']} | {r['family']} | {r['pipeline']} | {r['optimizer']} {r['lr']:g}, {r['batch_size']} | "
+            f"| {r['model']} | {r['dataset']} | {r['family']} | {r['pipeline']} | {r['optimizer']} {r['lr']:g}, {r['batch_size']}{_dropout(r)} | "
             f"{r['steps']} ({r['epochs']}) | {accuracy} | {100 * r['chance']:.1f}% | {'yes' if r['learns'] else '**no**'} | {r['time_s']:.0f} s |"
         )
     return "\n".join(lines) + "\n"
