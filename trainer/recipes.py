@@ -167,10 +167,9 @@ def default_pipeline(recipe: Recipe, channels: int, image_size: tuple[int, int] 
     return fit_pipeline(pipelines.load_preset(preset), channels, image_size)
 
 
-# What a run takes from its recipe when the user leaves it unset (None in TrainConfig).
-RECIPE_FIELDS = ("batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "label_smoothing")
-# Fields a recipe may leave to the model (None in the recipe: the model's own default).
-OPTIONAL_RECIPE_FIELDS = ("dropout",)
+# What a run takes from its recipe when the user leaves it unset (None in TrainConfig). A recipe's
+# ``dropout`` may itself be None: the model's own default.
+RECIPE_FIELDS = ("batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout")
 
 
 def needs_dataset(config) -> bool:
@@ -196,8 +195,7 @@ def settle(config, *, channels: int | None = None, image_size: tuple[int, int] |
     from dataclasses import replace
 
     unset = [name for name in RECIPE_FIELDS if getattr(config, name) is None]
-    optional_unset = [name for name in OPTIONAL_RECIPE_FIELDS if getattr(config, name) is None]
-    if not unset and not optional_unset and not needs_dataset(config):
+    if not unset and not needs_dataset(config):
         return config
     try:
         recipe = recipe_for(config.model)
@@ -207,7 +205,6 @@ def settle(config, *, channels: int | None = None, image_size: tuple[int, int] |
             raise
         recipe = GENERIC
     changes = {name: getattr(recipe, name) for name in unset}
-    changes.update({name: getattr(recipe, name) for name in optional_unset})
     if config.pipeline is None:
         if channels is None:
             raise ValueError("settling the pipeline needs the dataset's channels")
