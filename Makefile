@@ -9,10 +9,11 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: demo test test-gpu bench bench-pipelines bench-e2e bench-photos bench-decoders bench-trainer degradation recipes augmentation-effect tune-pruners bench-control-plane bench-ddp clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py augserve/sources/_libjpeg_region.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	bash tools/native_deps.sh
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

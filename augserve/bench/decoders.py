@@ -15,6 +15,8 @@ above 224 pixels on both sides, and every candidate decodes "at least the box" w
   DCT scaling), without and with ``fastdct`` + ``fastupsample``; only when simplejpeg is installed;
 - ``nvimgcodec ROI`` — nvImageCodec's CPU (libjpeg-turbo) decoder with a region: only the box's
   columns are transformed and decoding stops after its last row, but there is no scaling (f = 1);
+- ``libjpeg scaled ROI`` — augserve's libjpeg-turbo region decoder (``augserve/sources/_libjpeg_region.c``):
+  DCT scaling, crop and skip-scanlines at once; only where it was built;
 - ``Pillow draft`` — ``Image.draft`` (DCT scaling), for reference;
 - ``decode_encoded`` — what ``augserve.sources.decode.decode_encoded`` does with ``max_factor=f``.
 
@@ -178,6 +180,24 @@ def _nvimgcodec_roi() -> Decode | None:
     return decode
 
 
+def _libjpeg_scaled_roi() -> Decode | None:
+    from augserve.sources.region_decoder import decode_scaled_region, scaled_region_decoder
+
+    if scaled_region_decoder() is None:
+        return None
+
+    def decode(file: EncodedImage, box: Box, factor: int) -> tuple[np.ndarray, Placement]:
+        x0, y0, x1, y1 = box
+        i0, j0, i1, j1 = y0 // factor, x0 // factor, -(-y1 // factor), -(-x1 // factor)
+        found = decode_scaled_region(file.raw, 3, factor, i0, j0, i1, j1)
+        if found is None:
+            raise RuntimeError(f"libjpeg refused {file.path}")
+        region, col0 = found
+        return region, Placement(factor, i0 * factor, col0 * factor)
+
+    return decode
+
+
 def _pillow_draft(file: EncodedImage, box: Box, factor: int) -> tuple[np.ndarray, Placement]:
     from PIL import Image
 
@@ -199,6 +219,7 @@ def candidates() -> dict[str, Decode]:
         "simplejpeg": _simplejpeg(fast=False),
         "simplejpeg fast": _simplejpeg(fast=True),
         "nvimgcodec ROI": _nvimgcodec_roi(),
+        "libjpeg scaled ROI": _libjpeg_scaled_roi(),
         "Pillow draft": _pillow_draft,
         "decode_encoded": _ours,
     }

@@ -10,10 +10,11 @@ Reading is split in two so that a worker can plan an augmentation before it deco
   module does not check. The EXIF orientation is read too, so the size it reports is the size of
   the image as delivered.
 - ``decode_encoded(image, channels, box, max_factor)`` decodes it: all of it, or at least ``box``
-  at a reduced scale (JPEG DCT scaling, 1/2, 1/4 or 1/8) and, for a JPEG decoded at full scale,
-  only the rows and columns of the box (nvImageCodec's CPU decoder, libjpeg-turbo's crop and
-  skip-scanlines; OpenCV where nvImageCodec is not installed). ``augserve.bench.decoders`` measured the candidates; see
-  ``_decode_jpeg_region`` for the rule this follows. Every path gives the same bytes on every call.
+  at a reduced scale (JPEG DCT scaling, 1/2, 1/4 or 1/8), a JPEG's only in the rows and columns of
+  the box (libjpeg-turbo's crop and skip-scanlines: augserve's own decoder, which also scales, else
+  nvImageCodec's CPU decoder at full scale, else OpenCV). ``augserve.bench.decoders`` measured the
+  candidates; see ``_decode_jpeg_region`` for the rule this follows. Every path gives the same bytes
+  on every call, and the same pixels as OpenCV's decode at the same scale.
 
 ``read_image(path, channels, max_pixels)`` is the two in a row with no box: exactly OpenCV's decode
 of the whole file. PIL is not used, so its decompression-bomb warning and error never occur here.
@@ -33,7 +34,7 @@ from pipelines.decode_plan import REDUCTIONS
 
 from .base import check_max_pixels
 from .errors import CorruptImageError
-from .region_decoder import region_decoder
+from .region_decoder import decode_scaled_region, region_decoder, scaled_region_decoder
 from .headers import JPEG_MAGIC, PNG_MAGIC, image_size, jpeg_frame, jpeg_orientation, png_orientation
 
 __all__ = [
@@ -423,22 +424,38 @@ def stored_region(image: EncodedImage, box: tuple[float, float, float, float] | 
 
 
 def _decode_jpeg_region(image: EncodedImage, channels: int, stored_box, factor: int, stored_size):
-    """The stored box of the JPEG ``image`` decoded by the region decoder, as (RGB or 2-D grey, placement),
+    """The stored box of the JPEG ``image`` decoded by a region decoder, as (RGB or 2-D grey, placement),
     or None to let OpenCV decode it.
 
-    The rule, from ``augserve bench decoders`` (random-resized-crop boxes on 1600×1200 and 500×375
-    photos, q90): at full scale the region decoder skips the rows below the box and transforms only
-    the box's columns, 2.3× (1600×1200) and 1.2× (500×375) faster than OpenCV's whole decode, with
-    the same pixels. When the caller allows a reduction, OpenCV's DCT-scaled decode reads every row
-    and transforms 1/f² of the pixels; the region decoder is still the faster one when the box ends
-    high in the image and is small (:func:`region_beats_scaling`) — then it is used at full scale:
-    the caller gets more pixels than it needed, exactly the exact decode's. A box that is the whole
-    image goes to OpenCV too (it decodes whole images faster).
+    First choice, where it was built: augserve's libjpeg-turbo decoder, which decodes just the box at
+    1/``factor`` — rows above it entropy-decoded only, rows below it not at all, only its columns
+    transformed — with the pixels of OpenCV's decode at that scale. 1.3-1.6× faster than OpenCV's
+    scaled whole decode for random-resized-crop boxes (``augserve bench decoders``).
+
+    Else nvImageCodec's region decoder, which cannot scale. The rule, from ``augserve bench decoders``
+    (random-resized-crop boxes on 1600×1200 and 500×375 photos, q90): at full scale it skips the rows
+    below the box and transforms only the box's columns, 2.3× (1600×1200) and 1.2× (500×375) faster
+    than OpenCV's whole decode, with the same pixels. When the caller allows a reduction, OpenCV's
+    DCT-scaled decode reads every row and transforms 1/f² of the pixels; the region decoder is still
+    the faster one when the box ends high in the image and is small (:func:`region_beats_scaling`) —
+    then it is used at full scale: the caller gets more pixels than it needed, exactly the exact
+    decode's. A box that is the whole image goes to OpenCV too (it decodes whole images faster).
     """
+    if not goes_to_nvimgcodec(image):
+        return None
+    x0, y0, x1, y1 = stored_box
+    i0, i1 = _span(y0, y1, factor, stored_size[0])
+    j0, j1 = _span(x0, x1, factor, stored_size[1])
+    if scaled_region_decoder() is not None:
+        scaled = decode_scaled_region(image.raw, channels, factor, i0, j0, i1, j1)
+        if scaled is None:  # libjpeg refused the file or warned: OpenCV gives its pixels or its reason
+            return None
+        array, col0 = scaled
+        return array, Placement(factor, i0 * factor, col0 * factor)
     if factor != 1 and not region_beats_scaling(stored_box, stored_size, factor):
         return None
     i0, j0, i1, j1 = _full_scale_rect(stored_box, stored_size)
-    if (i0, j0, i1, j1) == (0, 0) + stored_size or not goes_to_nvimgcodec(image):
+    if (i0, j0, i1, j1) == (0, 0) + stored_size:
         return None
     decoder = region_decoder()
     array = None if decoder is None else decoder.decode(image.raw, channels, i0, j0, i1, j1)

@@ -1,5 +1,13 @@
-"""nvImageCodec's CPU-only JPEG decoder, for decoding just a region of a JPEG at full scale.
+"""Decoders of just a region of a JPEG: augserve's own libjpeg-turbo one, and nvImageCodec's CPU decoder.
 
+:func:`scaled_region_decoder` is the first choice: ``augserve/sources/_libjpeg_region.c``, built with the
+package where libjpeg's headers and a C compiler exist (``setup.py``), decodes a region at a DCT-scaled
+size (1/1, 1/2, 1/4, 1/8): libjpeg-turbo's scaling, crop and skip-scanlines together, which no Python
+binding offers. Its pixels are exactly those of OpenCV's decode at the same scale (``IMREAD_REDUCED_*``)
+over the same rows and columns.
+
+:func:`region_decoder`, where the former was not built: nvImageCodec's CPU-only JPEG decoder, for a
+region at full scale only.
 libjpeg-turbo's crop and skip-scanlines behind nvImageCodec's Python API (the ``nvidia-nvimgcodec-cu13``
 wheel, a base dependency on Linux, ~115 MB with its libraries against DALI's ~600 MB; no GPU needed): it
 entropy-decodes the rows down to the region's last, transforms only the region's columns, and stops.
@@ -88,6 +96,33 @@ def thread_local_codec(key, make: Callable, unusable: str):
             log.warning(unusable.format(error=f"{type(exc).__name__}: {exc}"))
             made[key] = None
     return made[key]
+
+
+def scaled_region_decoder():
+    """The compiled libjpeg-turbo region decoder (module ``augserve.sources._libjpeg_region``), or None
+    where the package was installed without it (no C compiler or no libjpeg headers at build time)."""
+    try:
+        from . import _libjpeg_region
+    except ImportError:
+        return None
+    return _libjpeg_region
+
+
+def decode_scaled_region(raw: bytes, channels: int, factor: int, i0: int, j0: int, i1: int, j1: int) -> tuple[np.ndarray, int] | None:
+    """Rows [i0, i1) and at least columns [j0, j1) of the JPEG ``raw`` decoded at 1/``factor`` (indices
+    of that scaled image, whose size is the stored size divided by ``factor``, rounded up), as
+    ``(array, first column)``: uint8 RGB (H, W, 3) or 2-D grey, C-contiguous, writable, owned. None
+    where the decoder is not built, or libjpeg refused the file or warned about it (corrupt data):
+    the caller's OpenCV decode then gives the file's pixels or its error."""
+    decoder = scaled_region_decoder()
+    if decoder is None:
+        return None
+    try:
+        data, col0, cols = decoder.decode(raw, channels, factor, i0, j0, i1, j1)
+    except ValueError:
+        return None
+    shape = (i1 - i0, cols, 3) if channels == 3 else (i1 - i0, cols)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape), col0
 
 
 def region_decoder() -> RegionDecoder | None:

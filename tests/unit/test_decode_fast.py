@@ -231,7 +231,7 @@ def test_fast_decode_matches_the_exact_one(files, name, channels):
             mad = _compare(array, placement, exact, box)
             if placement.factor == 1:
                 assert mad == 0, (name, box, placement, mad)  # full scale: the exact decode's pixels
-            if placement.factor > 1:
+            if placement.factor > 1 and name in GOOD_NAMES:  # a corrupt file's garbage scales as it may
                 bound = (MAD_BOUND_422 if "4:2:2" in name else MAD_BOUND)[placement.factor]
                 assert mad <= bound, (name, box, placement, mad)
     # Deterministic: the same call gives the same bytes.
@@ -239,6 +239,50 @@ def test_fast_decode_matches_the_exact_one(files, name, channels):
     first, p1 = decode_encoded(encoded, channels, box, max_factor=2)
     second, p2 = decode_encoded(encoded, channels, box, max_factor=2)
     assert p1 == p2 and first.tobytes() == second.tobytes()
+
+
+def _opencv_only(monkeypatch) -> None:
+    monkeypatch.setattr(decode, "scaled_region_decoder", lambda: None)
+    monkeypatch.setattr(decode, "region_decoder", lambda: None)
+
+
+def _overlap(wide: tuple[np.ndarray, Placement], narrow: tuple[np.ndarray, Placement]) -> np.ndarray:
+    """The part of ``wide``'s array that lies where ``narrow``'s does (both on the same 1/f grid)."""
+    (array, outer), (inner_array, inner) = wide, narrow
+    f = outer.factor
+    assert inner.factor == f and (inner.top - outer.top) % f == 0 and (inner.left - outer.left) % f == 0
+    i, j = (inner.top - outer.top) // f, (inner.left - outer.left) // f
+    assert i >= 0 and j >= 0 and i + inner_array.shape[0] <= array.shape[0] and j + inner_array.shape[1] <= array.shape[1]
+    return array[i : i + inner_array.shape[0], j : j + inner_array.shape[1]]
+
+
+@pytest.mark.skipif(decode.scaled_region_decoder() is None, reason="augserve was installed without its libjpeg region decoder")
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("name", GOOD_NAMES + BAD_NAMES)
+def test_scaled_region_decoder_gives_opencvs_pixels_at_each_scale(files, name, channels, monkeypatch):
+    """augserve's libjpeg region decoder against OpenCV's decode at the same DCT scale: the same pixels
+    over the box (its region may be a few columns wider), the same refusals, every orientation."""
+    try:
+        encoded = read_encoded(files[name])
+    except CorruptImageError:
+        return  # refused before decoding: no decoder is involved
+    for max_factor in (1, 2, 4, 8):
+        for box in _boxes(encoded.height, encoded.width, seed=20 + max_factor)[1:]:
+            try:
+                ours = decode_encoded(encoded, channels, box, max_factor=max_factor)
+            except CorruptImageError as exc:
+                ours = str(exc)
+            with monkeypatch.context() as patch:
+                _opencv_only(patch)
+                try:
+                    theirs = decode_encoded(encoded, channels, box, max_factor=max_factor)
+                except CorruptImageError as exc:
+                    theirs = str(exc)
+            if isinstance(theirs, str) or isinstance(ours, str):
+                assert ours == theirs, (name, box, max_factor)
+                continue
+            assert ours[1].factor == theirs[1].factor, (name, box, max_factor)
+            np.testing.assert_array_equal(_overlap(ours, theirs), theirs[0], err_msg=f"{name} {box} 1/{max_factor}")
 
 
 def test_header_size_is_the_oriented_size(files):
@@ -260,12 +304,18 @@ def test_read_image_is_opencvs_decode(files):
         assert read_image(files[name], 1).tobytes() == grey.tobytes(), name
 
 
-def test_box_outside_and_argument_errors(files):
+def test_box_outside_and_argument_errors(files, monkeypatch):
     encoded = read_encoded(files["jpeg exif 6"])
     assert (encoded.height, encoded.width) == (WIDTH, HEIGHT)
     array, placement = decode_encoded(encoded, 3, (-50, -50, 10, 20))
     assert placement == Placement(1, 0, 0) and array.shape == (20, 10, 3)  # clipped to the image
-    array, placement = decode_encoded(encoded, 3, (HEIGHT - 3, WIDTH - 2, HEIGHT + 100, WIDTH + 100), max_factor=1)
+    corner = (HEIGHT - 3, WIDTH - 2, HEIGHT + 100, WIDTH + 100)
+    array, placement = decode_encoded(encoded, 3, corner, max_factor=1)
+    # Clipped to the image's corner; a region decoder may hand out a few more stored columns (rows here).
+    assert placement.top <= WIDTH - 2 and placement.left == HEIGHT - 3 and array.shape[1:] == (3, 3)
+    assert placement.top + array.shape[0] == WIDTH
+    _opencv_only(monkeypatch)
+    array, placement = decode_encoded(encoded, 3, corner, max_factor=1)
     assert array.shape == (2, 3, 3) and (placement.top, placement.left) == (WIDTH - 2, HEIGHT - 3)
     for factor in (0, 3, 16, True, 2.0, "2"):
         with pytest.raises(ValueError, match="max_factor"):
@@ -294,14 +344,16 @@ def test_pixel_cap_and_file_checks_come_from_read_encoded(tmp_path, files, monke
     assert read_encoded(files["png"]).kind == "png"  # no decoder runs in read_encoded
 
 
-def test_region_decoder_falls_back_to_opencv(files, monkeypatch):
-    """Without nvImageCodec (or when it fails) the same pixels come from OpenCV."""
+def test_region_decoders_fall_back_to_opencv(files, monkeypatch):
+    """Without augserve's libjpeg decoder, nvImageCodec decodes the box at full scale; without either
+    (or when they fail), the same pixels come from OpenCV."""
     encoded = read_encoded(files["jpeg exif 8"])
     box = (10.5, 20.25, 90.0, 61.0)
-    fast = decode_encoded(encoded, 3, box)
+    monkeypatch.setattr(decode, "scaled_region_decoder", lambda: None)
+    nvimgcodec = decode_encoded(encoded, 3, box)
     monkeypatch.setattr(decode, "region_decoder", lambda: None)
-    slow = decode_encoded(encoded, 3, box)
-    assert fast[1] == slow[1] and fast[0].tobytes() == slow[0].tobytes()
+    opencv = decode_encoded(encoded, 3, box)
+    assert nvimgcodec[1] == opencv[1] and nvimgcodec[0].tobytes() == opencv[0].tobytes()
 
 
 def _exif_blob(rng: np.random.Generator) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -170,12 +171,16 @@ BOX = (100.5, 20.25, 260.0, 120.0)
 _DECODE = """
 import hashlib, json
 from augserve.sources.decode import decode_encoded, read_encoded
-from augserve.sources.region_decoder import region_decoder
+from augserve.sources.region_decoder import region_decoder, scaled_region_decoder
 
 array, placement = decode_encoded(read_encoded({path!r}), 3, {box!r})
+# The box's own pixels (rows 20-119, columns 100-259): a region decoder may hand out a few columns more.
+box_pixels = array[20 - placement.top : 120 - placement.top, 100 - placement.left : 260 - placement.left]
 print(json.dumps({{"shape": list(array.shape), "placement": [placement.factor, placement.top, placement.left],
-                  "sha256": hashlib.sha256(array.tobytes()).hexdigest(), "region_decoder": region_decoder() is not None}}))
+                  "sha256": hashlib.sha256(box_pixels.tobytes()).hexdigest(), "region_decoder": region_decoder() is not None,
+                  "scaled_region_decoder": scaled_region_decoder() is not None}}))
 """
+_LIBJPEG_REGION = "augserve.sources._libjpeg_region"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nvidia-nvimgcodec-cu13 is a base dependency on Linux only")
@@ -184,6 +189,7 @@ def test_nvimgcodec_is_a_base_dependency_and_decodes_regions(jpeg, monkeypatch):
     from augserve.sources.region_decoder import region_decoder
 
     assert region_decoder() is not None, "nvidia-nvimgcodec-cu13 (a base dependency on Linux) is not importable"
+    monkeypatch.setattr(decode, "scaled_region_decoder", lambda: None)  # nvImageCodec is the second choice
     calls = []
     real = decode._decode_opencv
     monkeypatch.setattr(decode, "_decode_opencv", lambda *a: calls.append(a) or real(*a))
@@ -193,13 +199,37 @@ def test_nvimgcodec_is_a_base_dependency_and_decodes_regions(jpeg, monkeypatch):
     assert array.shape == (100, 160, 3)
 
 
-def test_without_nvimgcodec_opencv_decodes_the_same_pixels(jpeg):
-    here = _last_json(_python([], _DECODE.format(path=str(jpeg), box=BOX)))
-    absent = _last_json(_python(["nvidia.nvimgcodec"], _DECODE.format(path=str(jpeg), box=BOX)))
-    assert absent["region_decoder"] is False
-    assert here["region_decoder"] is sys.platform.startswith("linux")
-    assert {k: absent[k] for k in ("shape", "placement", "sha256")} == {k: here[k] for k in ("shape", "placement", "sha256")}
-    assert absent["placement"] == [1, 20, 100] and absent["shape"] == [100, 160, 3]
+def _can_compile_against_libjpeg() -> bool:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return False
+    probe = subprocess.run([compiler, "-E", "-x", "c", "-"], input="#include <stdio.h>\n#include <jpeglib.h>\n", capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_compile_against_libjpeg(), reason="no C compiler with libjpeg's headers: the region decoder cannot be built here")
+def test_the_libjpeg_region_decoder_is_built_here():
+    """make's install builds it (setup.py; tools/native_deps.sh gets the headers) where libjpeg's headers
+    and a compiler exist; a build that silently lost it would lose the fast decode path."""
+    from augserve.sources.region_decoder import scaled_region_decoder
+
+    assert scaled_region_decoder() is not None, "augserve.sources._libjpeg_region was not built: is libjpeg-dev (jpeglib.h) installed?"
+    assert scaled_region_decoder().LIBJPEG_TURBO_VERSION_NUMBER >= 1_005_000  # crop and skip-scanlines: libjpeg-turbo 1.5+
+
+
+@pytest.mark.skipif(not _can_compile_against_libjpeg(), reason="no C compiler with libjpeg's headers: the region decoder cannot be built here")
+def test_each_region_decoder_missing_gives_the_same_pixels(jpeg):
+    """libjpeg decoder (its iMCU-aligned columns), nvImageCodec (the box at full scale), OpenCV: the same box pixels."""
+    code = _DECODE.format(path=str(jpeg), box=BOX)
+    here = _last_json(_python([], code))
+    no_libjpeg = _last_json(_python([_LIBJPEG_REGION], code))
+    opencv = _last_json(_python(["nvidia.nvimgcodec", _LIBJPEG_REGION], code))
+    assert here["scaled_region_decoder"] is True and no_libjpeg["scaled_region_decoder"] is False
+    assert opencv["region_decoder"] is False and no_libjpeg["region_decoder"] is sys.platform.startswith("linux")
+    assert here["sha256"] == no_libjpeg["sha256"] == opencv["sha256"]
+    assert here["placement"][:2] == [1, 20] and here["placement"][2] <= 100 and here["shape"][0] == 100
+    for result in (no_libjpeg, opencv):
+        assert result["placement"] == [1, 20, 100] and result["shape"] == [100, 160, 3]
 
 
 # nvImageCodec importable but unable to make a decoder (a library of its wheel missing, say): a stand-in
@@ -220,9 +250,9 @@ sys.modules["nvidia.nvimgcodec"] = nvidia.nvimgcodec = broken
 def test_an_unusable_nvimgcodec_falls_back_to_opencv_with_one_warning(jpeg):
     """One warning per process, then OpenCV: the same pixels, and a second region warns no more."""
     decode = _DECODE.format(path=str(jpeg), box=BOX)
-    result = _python([], _BROKEN_NVIMGCODEC + decode + decode)
+    result = _python([_LIBJPEG_REGION], _BROKEN_NVIMGCODEC + decode + decode)
     broken = _last_json(result)
-    here = _last_json(_python([], decode))
+    here = _last_json(_python([_LIBJPEG_REGION], decode))
     assert broken["region_decoder"] is False
     assert {k: broken[k] for k in ("shape", "placement", "sha256")} == {k: here[k] for k in ("shape", "placement", "sha256")}
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
