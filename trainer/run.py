@@ -54,6 +54,7 @@ class TrainConfig:
     gamma: float = 0.1
     label_smoothing: float | None = None
     dropout: float | None = None  # the classifier's dropout; None: the recipe's, else the model's own
+    zero_init_residual: bool | None = None  # ResNets: zero γ of each block's last BN; None: the recipe's
     amp: str = "none"
     channels_last: bool = False
     device: str = "auto"
@@ -175,12 +176,16 @@ class Run:
         with _INIT_LOCK:
             torch.manual_seed(self.config.seed)
             options = {} if self.config.dropout is None else {"dropout": self.config.dropout}
+            if self.config.zero_init_residual:  # False is every builder's default: not passed
+                options["zero_init_residual"] = True
             try:
                 model = models.create(self.config.model, num_classes=num_classes, in_channels=channels, **options)
             except TypeError as exc:
-                if "dropout" not in str(exc):
+                option = next((name for name in options if name in str(exc)), None)
+                if option is None:
                     raise
-                raise ValueError(f"--dropout: model {self.config.model!r} has no dropout to set") from None
+                missing = {"dropout": "no dropout to set", "zero_init_residual": "no residual blocks to start at zero"}[option]
+                raise ValueError(f"--{option.replace('_', '-')}: model {self.config.model!r} has {missing}") from None
         if self.config.pretrained:
             transfer.load_pretrained(model, self.config.pretrained)
         transfer.freeze(model, self.config.freeze)
@@ -461,6 +466,8 @@ class Run:
         name = pipeline if isinstance(pipeline, str) else getattr(pipeline, "name", None) or "custom"
         summary = {"model": self.config.model, "dataset": self.config.dataset, "pipeline": name}
         summary.update({key: getattr(self.config, key) for key in ("batch_size", "lr", "optimizer", "dropout") if getattr(self.config, key) is not None})
+        if self.config.zero_init_residual:
+            summary["zero_init_residual"] = True
         last = self.history[-1] if self.history else {}
         summary["accuracy"] = last.get("val_accuracy")
         summary["best_accuracy"] = max((r["val_accuracy"] for r in self.history if r.get("val_accuracy") is not None), default=None)

@@ -24,9 +24,9 @@ Every call is timed on its own; the candidates take turns on each box (the order
 noise of a shared machine falls on all of them alike. Reported per image size: the median and mean
 milliseconds per image of each candidate, and its mean absolute difference (uint8 levels) from the
 exact decode reduced by ``cv2.INTER_AREA`` to the same grid. ``rule`` rows are per-sample choices
-computed from the same timings: ROI for f = 1 and a DCT-scaled decode otherwise, the cost model
-of ``decode.region_beats_scaling`` that also takes ROI at f ≥ 2 when the box is small and ends high
-in the image (what ``decode_encoded`` does), and the per-sample best (a bound no rule reaches).
+computed from the same timings: nvImageCodec's ROI for f = 1 and OpenCV's DCT-scaled decode otherwise
+(what ``decode_encoded`` does where augserve's libjpeg decoder was not built), and the per-sample best
+(a bound no rule reaches).
 
 The summary also gives, per size, how far a whole pipeline lands from exact decoding: random-resized-
 crop 224 + mirror run with ``decode: fast`` (region and reduction as planned) and ``decode: exact``
@@ -46,7 +46,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from augserve.sources.decode import FACTORS, EncodedImage, Placement, decode_encoded, region_beats_scaling
+from augserve.sources.decode import FACTORS, EncodedImage, Placement, decode_encoded
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 SIZES = ((1600, 1200), (500, 375))  # (width, height)
@@ -311,10 +311,6 @@ def run_decoders(photos: int = 6, rounds: int = 3, progress=None, boxes_per_phot
         roi, scaled = per_sample["nvimgcodec ROI"], per_sample["cv2 reduced"]
         rules["rule: ROI if f=1 else cv2 reduced"] = [
             roi[s] if factor == 1 else scaled[s] for s, (_file, _box, factor) in enumerate(samples)
-        ]
-        rules["rule: cost model (ROI or cv2 reduced)"] = [
-            roi[s] if factor == 1 or region_beats_scaling(box, (file.height, file.width), factor) else scaled[s]
-            for s, (file, box, factor) in enumerate(samples)
         ]
     rules["rule: per-sample best (bound)"] = [min(per_sample[n][s] for n in names) for s in range(len(samples))]
 

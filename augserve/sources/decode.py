@@ -318,9 +318,9 @@ def decode_encoded(
     ``box`` = (x0, y0, x1, y1): the region of the oriented full-resolution image, in continuous
     pixel coordinates, that must be covered; it is clipped to the image (None: the whole image).
     ``max_factor`` (1, 2, 4 or 8) is the largest reduction allowed; a JPEG is decoded at that
-    reduction (libjpeg DCT scaling) unless decoding just the box at full scale is cheaper
-    (:func:`region_beats_scaling`: a small box high in the image) or libjpeg cannot scale it
-    (lossless JPEG); PNG and BMP always at full scale: ``placement.factor`` says which.
+    reduction (libjpeg DCT scaling) unless libjpeg cannot scale it (lossless JPEG); PNG and BMP
+    always at full scale: ``placement.factor`` says which. Which decoder runs (see
+    ``_decode_jpeg_region``) never changes the pixels: each gives OpenCV's at that scale.
 
     Returns ``(array, placement)``: uint8 HWC, C-contiguous and owned by the caller, RGB (H, W, 3)
     for ``channels=3`` (grey files replicated) or grey (H, W, 1) for ``channels=1``, covering at
@@ -371,27 +371,6 @@ def read_image(path: str | os.PathLike, channels: int = 3, max_pixels: int | Non
     return decode_encoded(read_encoded(path, max_pixels), channels)[0]
 
 
-# Entropy (Huffman) decoding's share of a whole JPEG decode: it cannot be skipped for the rows above a
-# region, whatever the decoder. A round figure; with it the rule below decodes the bench's 1600×1200
-# boxes 1.74× faster than whole decodes, against 1.55× for "region only at full scale" (augserve
-# bench decoders, 2026-11-29).
-HUFFMAN_SHARE = 0.5
-
-
-def region_beats_scaling(stored_box, stored_size: tuple[int, int], factor: int) -> bool:
-    """Whether decoding ``stored_box`` (x0, y0, x1, y1 of the stored image) at full scale with the
-    region decoder costs less than a DCT-scaled decode of the whole image at 1/``factor``.
-
-    A cost model in units of one whole decode: the region decoder entropy-decodes every row down to
-    the box's last (``h · y1 / H``) and transforms the box (``(1 − h) · area / (H · W)``); the scaled
-    decode entropy-decodes everything and transforms 1/f² of it (``h + (1 − h) / f²``)."""
-    x0, y0, x1, y1 = stored_box
-    height, width = stored_size
-    h = HUFFMAN_SHARE
-    region = h * y1 / height + (1 - h) * (x1 - x0) * (y1 - y0) / (height * width)
-    return region < h + (1 - h) / factor**2
-
-
 def goes_to_nvimgcodec(image: EncodedImage) -> bool:
     """Whether ``image`` is a JPEG that nvImageCodec may decode instead of OpenCV: baseline, extended
     and progressive Huffman-coded 8-bit grey or color, what both libjpeg-turbo builds (OpenCV's and
@@ -432,14 +411,12 @@ def _decode_jpeg_region(image: EncodedImage, channels: int, stored_box, factor: 
     transformed — with the pixels of OpenCV's decode at that scale. 1.3-1.6× faster than OpenCV's
     scaled whole decode for random-resized-crop boxes (``augserve bench decoders``).
 
-    Else nvImageCodec's region decoder, which cannot scale. The rule, from ``augserve bench decoders``
-    (random-resized-crop boxes on 1600×1200 and 500×375 photos, q90): at full scale it skips the rows
-    below the box and transforms only the box's columns, 2.3× (1600×1200) and 1.2× (500×375) faster
-    than OpenCV's whole decode, with the same pixels. When the caller allows a reduction, OpenCV's
-    DCT-scaled decode reads every row and transforms 1/f² of the pixels; the region decoder is still
-    the faster one when the box ends high in the image and is small (:func:`region_beats_scaling`) —
-    then it is used at full scale: the caller gets more pixels than it needed, exactly the exact
-    decode's. A box that is the whole image goes to OpenCV too (it decodes whole images faster).
+    Where it was not built: at full scale nvImageCodec's region decoder (crop and skip-scanlines, no
+    scaling), the same pixels as OpenCV's whole decode, 2.3× (1600×1200) and 1.2× (500×375) faster; at a
+    reduced scale OpenCV's DCT-scaled whole decode (None here). nvImageCodec at full scale would be faster
+    than OpenCV's scaled decode for some small boxes high in the image, but its pixels would differ
+    from the scaled ones: a ``decode: fast`` run must give the same bytes whichever decoders are
+    installed, so the scale is the caller's, never the decoder's choice.
     """
     if not goes_to_nvimgcodec(image):
         return None
@@ -452,10 +429,9 @@ def _decode_jpeg_region(image: EncodedImage, channels: int, stored_box, factor: 
             return None
         array, col0 = scaled
         return array, Placement(factor, i0 * factor, col0 * factor)
-    if factor != 1 and not region_beats_scaling(stored_box, stored_size, factor):
+    if factor != 1:
         return None
-    i0, j0, i1, j1 = _full_scale_rect(stored_box, stored_size)
-    if (i0, j0, i1, j1) == (0, 0) + stored_size:
+    if (i0, j0, i1, j1) == (0, 0) + stored_size:  # the whole image: OpenCV decodes it faster
         return None
     decoder = region_decoder()
     array = None if decoder is None else decoder.decode(image.raw, channels, i0, j0, i1, j1)

@@ -482,19 +482,6 @@ def test_decoder_bench_runs_and_formats():
     assert table.count("\n| 1600×1200 |") == table.count("\n| 500×375 |") > 0
 
 
-@pytest.mark.parametrize("box, factor, region", [
-    ((0, 0, 200, 100), 2, True),       # small and at the top: decoding stops early
-    ((0, 300, 1600, 1200), 2, False),   # most of the image, down to its last row
-    ((0, 0, 1600, 1200), 2, False),     # everything: the scaled decode transforms a quarter of it
-    ((0, 600, 1600, 1200), 8, False),   # half the image at full scale vs 1/64 of the transforms
-    ((0, 0, 400, 300), 8, True),        # even at 1/8, every row is entropy-decoded by the scaled decode
-])
-def test_region_beats_scaling(box, factor, region):
-    from augserve.sources.decode import region_beats_scaling
-
-    assert region_beats_scaling(box, (1200, 1600), factor) is region
-
-
 def _decode_in_child(path):
     encoded = read_encoded(path)
     return decode_encoded(encoded, 3, (10.0, 20.0, 90.0, 61.0))[0].tobytes()
@@ -510,3 +497,32 @@ def test_a_forked_child_decodes_regions_with_its_own_decoder(files):
     with multiprocessing.get_context("fork").Pool(1) as pool:
         there = pool.apply(_decode_in_child, (path,))
     assert there == here
+
+
+@pytest.mark.parametrize("decoders", ["nvimgcodec and OpenCV", "OpenCV only"])
+def test_fast_pipeline_gives_the_same_bytes_whichever_decoders_are_installed(decoders, monkeypatch):
+    """``decode: fast`` chooses the scale from the plan, never from the decoder: a worker with augserve's
+    libjpeg decoder, one with only nvImageCodec and one with only OpenCV deliver the same batch."""
+    import pipelines
+    from augserve.bench.decoders import make_photos
+
+    files = make_photos(2, seed=3)  # 1600×1200 and 500×375 JPEGs
+    spec = {"ops": [{"op": "random_resized_crop", "size": 224, "scale": [0.08, 1.0]}, {"op": "mirror"}]}
+    pipeline = pipelines.build(spec)
+    shapes = [(f.height, f.width, 3) for f in files]
+    factors = []
+
+    def decode_file(index, box, max_factor):
+        array, placement = decode_encoded(files[index], 3, box, max_factor)
+        factors.append(placement.factor)
+        return array, (placement.factor, placement.top, placement.left)
+
+    ours = pipeline.run_decoding(shapes, decode_file, seed=5).numpy()
+    with monkeypatch.context() as patch:
+        patch.setattr(decode, "scaled_region_decoder", lambda: None)
+        if decoders == "OpenCV only":
+            patch.setattr(decode, "region_decoder", lambda: None)
+        theirs = pipeline.run_decoding(shapes, decode_file, seed=5).numpy()
+    assert any(f > 1 for f in factors[: len(files)]), "no box was reduced: the test would not compare scaled decodes"
+    assert factors[: len(files)] == factors[len(files) :]
+    np.testing.assert_array_equal(ours, theirs)

@@ -16,7 +16,8 @@ def test_every_registered_model_has_a_recipe():
     families = {name: recipe_for(name).family for name in models.list_models()}
     assert families["lenet5"] == families["lenet5_relu"] == "lenet"
     assert {families[f"resnet{d}"] for d in (20, 32, 44, 56, 110)} == {"cifar-resnet"}
-    assert {families[f"resnet{d}"] for d in (18, 34, 50, 101, 152)} == {"resnet"}  # 34 and 50 are not CIFAR depths
+    assert {families[f"resnet{d}"] for d in (18, 34)} == {"resnet"}  # 34 and 50 are not CIFAR depths
+    assert {families[f"resnet{d}"] for d in (50, 101, 152)} == {"resnet-bottleneck"}
     assert families["googlenet"] == "inception" and families["vgg16"] == "vgg" and families["mobilenet_v2"] == "mobilenet"
     assert all(name.startswith("plain") for name, family in families.items() if family == "plain")
     for _patterns, recipe in RECIPES:
@@ -145,3 +146,48 @@ def test_recipes_table_shows_a_recipes_dropout_only_where_it_sets_one():
     lines = markdown([row, {**row, "model": "resnet18", "dropout": None}], "cmd").splitlines()
     assert lines[-2] == "| vgg11 | shapes | vgg | vgg-64 | adamw 0.0001, 64, dropout 0 | 480 (15) | 40.4% | 16.7% | yes | 2367 s |"
     assert "| adamw 0.0001, 64 | 480 (15) |" in lines[-1]
+
+
+def test_bottleneck_resnets_start_each_block_as_the_identity_unless_told_otherwise():
+    """ResNet-50/101/152 take their own recipe (zero-γ: each block's last BN scale starts at 0); ResNet-18
+    and the CIFAR ResNets keep the paper's init; --no-zero-init-residual and --zero-init-residual win."""
+    from trainer.cli import build_parser, config_from
+    from trainer.run import Run
+
+    everything = dict(pipeline="resnet", epochs=2, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0, schedule="step", warmup_epochs=0.0, label_smoothing=0.0)
+    for model in ("resnet50", "resnet101", "resnet152"):
+        assert recipe_for(model).family == "resnet-bottleneck" and recipe_for(model).zero_init_residual is True
+        assert settle(TrainConfig(model=model, **everything)).zero_init_residual is True
+    for model in ("resnet18", "resnet34", "resnet56", "vgg11"):
+        assert settle(TrainConfig(model=model, **everything)).zero_init_residual is False
+    assert settle(TrainConfig(model="resnet50", zero_init_residual=False, **everything)).zero_init_residual is False
+    assert settle(TrainConfig(model="resnet18", zero_init_residual=True, **everything)).zero_init_residual is True
+
+    parser = build_parser()
+    base = ["train", "--model", "resnet50", "--dataset", "shapes"]
+    assert config_from(parser.parse_args(base)).zero_init_residual is None  # the recipe decides
+    assert config_from(parser.parse_args(base + ["--no-zero-init-residual"])).zero_init_residual is False
+    assert config_from(parser.parse_args(base + ["--zero-init-residual"])).zero_init_residual is True
+
+    class Stream:
+        dataset_info = {"channels": 3}
+        classes = ["a", "b"]
+
+    def last_bn_scales(model):
+        return [float(block.bn3.weight.detach().abs().sum()) for block in model.modules() if block.__class__.__name__ == "Bottleneck"]
+
+    zeroed = Run(TrainConfig(model="resnet50", dataset="shapes", zero_init_residual=True))._make_model(Stream())
+    paper = Run(TrainConfig(model="resnet50", dataset="shapes", zero_init_residual=False))._make_model(Stream())
+    assert len(last_bn_scales(zeroed)) == 16 and set(last_bn_scales(zeroed)) == {0.0}
+    assert all(scale > 0 for scale in last_bn_scales(paper))
+    with pytest.raises(ValueError, match="--zero-init-residual: model 'vgg11' has no residual blocks to start at zero"):
+        Run(TrainConfig(model="vgg11", dataset="shapes", zero_init_residual=True))._make_model(Stream())
+
+
+def test_recipes_table_shows_zero_gamma_where_a_recipe_sets_it():
+    from trainer.experiments.recipes_check import markdown
+
+    row = dict(model="resnet50", dataset="shapes", family="resnet-bottleneck", pipeline="resnet-64", optimizer="adamw", lr=1e-3, batch_size=64, dropout=None, zero_init_residual=True, steps=480, epochs=15, accuracy=0.5, chance=1 / 6, learns=True, time_s=1200)
+    lines = markdown([row, {**row, "model": "resnet18", "zero_init_residual": False}], "cmd").splitlines()
+    assert "| adamw 0.001, 64, zero-γ | 480 (15) |" in lines[-2]
+    assert "| adamw 0.001, 64 | 480 (15) |" in lines[-1]

@@ -37,14 +37,16 @@ def check(model: str, dataset: str, address: str, seed: int = 0) -> dict:
     return {
         "model": model, "dataset": dataset, "family": recipe_for(model).family, "pipeline": summary["pipeline"],
         "optimizer": summary.get("optimizer"), "lr": summary.get("lr"), "batch_size": summary.get("batch_size"), "dropout": summary.get("dropout"),
+        "zero_init_residual": summary.get("zero_init_residual", False),
         "steps": summary["steps"], "epochs": summary["epochs"], "accuracy": summary["accuracy"], "chance": chance,
         "learns": summary["accuracy"] is not None and summary["accuracy"] >= 2 * chance, "time_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
 
 
-def _dropout(row: dict) -> str:
-    """The recipe's dropout where it sets one (else the model's own is used and not shown)."""
-    return "" if row.get("dropout") is None else f", dropout {row['dropout']:g}"
+def _model_options(row: dict) -> str:
+    """The recipe's model options where it sets them (else the model's own are used and not shown)."""
+    dropout = "" if row.get("dropout") is None else f", dropout {row['dropout']:g}"
+    return dropout + (", zero-γ" if row.get("zero_init_residual") else "")
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -62,7 +64,7 @@ def markdown(rows: list[dict], command: str) -> str:
     for r in rows:
         accuracy = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
         lines.append(
-            f"| {r['model']} | {r['dataset']} | {r['family']} | {r['pipeline']} | {r['optimizer']} {r['lr']:g}, {r['batch_size']}{_dropout(r)} | "
+            f"| {r['model']} | {r['dataset']} | {r['family']} | {r['pipeline']} | {r['optimizer']} {r['lr']:g}, {r['batch_size']}{_model_options(r)} | "
             f"{r['steps']} ({r['epochs']}) | {accuracy} | {100 * r['chance']:.1f}% | {'yes' if r['learns'] else '**no**'} | {r['time_s']:.0f} s |"
         )
     return "\n".join(lines) + "\n"
