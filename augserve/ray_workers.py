@@ -122,20 +122,23 @@ class WorkerActor:
         from .security import Keyring
         from .worker import WorkerOptions, run_worker
 
-        keys_dir = None
-        try:
-            if options.bundle is not None:
-                keys_dir = tempfile.mkdtemp(prefix="augserve-keys-")  # mode 0700: private to this user
+        keyring = None
+        if options.bundle is not None:
+            # The bundle's keys go through a private directory (the keyring's one reader and format) and are
+            # kept in memory: the directory, with the worker's secret key, is gone before the worker starts,
+            # so an actor killed with its node leaves no secret behind.
+            keys_dir = tempfile.mkdtemp(prefix="augserve-keys-")  # mode 0700: private to this user
+            try:
                 Keyring.import_bundle(options.bundle, keys_dir)
-            worker = WorkerOptions(
-                connect=options.connect, backend=options.backend, device=options.device, threads=options.threads,
-                heartbeat_interval=options.heartbeat_interval, heartbeat_liveness=options.heartbeat_liveness, capacity=options.capacity,
-                name=name, keys_dir=keys_dir, insecure=options.bundle is None, shm_reserve_mb=options.shm_reserve_mb,
-            )  # fmt: skip
-            return run_worker(worker)
-        finally:
-            if keys_dir is not None:
+                keyring = Keyring.load(keys_dir, create=False)
+            finally:
                 shutil.rmtree(keys_dir, ignore_errors=True)
+        worker = WorkerOptions(
+            connect=options.connect, backend=options.backend, device=options.device, threads=options.threads,
+            heartbeat_interval=options.heartbeat_interval, heartbeat_liveness=options.heartbeat_liveness, capacity=options.capacity,
+            name=name, keyring=keyring, insecure=options.bundle is None, shm_reserve_mb=options.shm_reserve_mb,
+        )  # fmt: skip
+        return run_worker(worker)
 
     def node(self) -> str:
         import ray

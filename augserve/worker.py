@@ -57,6 +57,7 @@ class WorkerOptions:
     name: str | None = None
     exit_with_parent: bool = False  # local workers stop when their daemon process is gone
     keys_dir: str | None = None
+    keyring: object = None  # a security.Keyring already loaded (Ray actors: no secret left on disk); wins over keys_dir
     insecure: bool = False  # no CurveZMQ: only for a daemon started with --insecure
     shm_dir: str | None = None  # where slots for trainers on this host live (None: $AUGSERVE_SHM_DIR or /dev/shm)
     shm_reserve_mb: int = 64  # megabytes (10^6 bytes) of the shm directory a worker never takes
@@ -83,7 +84,10 @@ class Worker:
         require_backend(options.backend)
         self.options = options
         self.id = options.name or f"{host_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.keyring = None if options.insecure else security.Keyring.load(options.keys_dir, create=False)
+        if options.insecure:
+            self.keyring = None
+        else:
+            self.keyring = options.keyring or security.Keyring.load(options.keys_dir, create=False)
         self.context = zmq.Context.instance()
         self.control: zmq.Socket | None = None
         # Sockets to trainers, keyed by (address, server key); the task thread alone uses them.

@@ -9,10 +9,12 @@ cluster costs ~15 s once, each daemon ~10 s until its actors have joined.
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 
@@ -63,7 +65,12 @@ def serve_on_ray(start_daemon, cluster, tmp_path, *flags: str, workers: str = "2
 
 @pytest.mark.slow
 def test_an_epoch_across_actors_on_several_nodes_arrives_exactly_once(start_daemon, cluster, tmp_path):
+    private_dirs = os.path.join(tempfile.gettempdir(), "augserve-keys-*")
+    before = set(glob.glob(private_dirs))
     daemon = serve_on_ray(start_daemon, cluster, tmp_path)
+    # The actors keep their keys in memory: no directory with a worker's secret key outlives their start
+    # (one killed with its node could not remove it).
+    assert set(glob.glob(private_dirs)) <= before
     workers = daemon.status()["workers"]
     assert all(w["worker"].startswith("ray-") for w in workers)
     nodes = {id(node_of(cluster, w["pid"])) for w in workers}
