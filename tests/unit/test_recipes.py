@@ -144,7 +144,7 @@ def test_recipes_table_shows_a_recipes_dropout_only_where_it_sets_one():
 
     row = dict(model="vgg11", dataset="shapes", family="vgg", pipeline="vgg-64", optimizer="adamw", lr=1e-4, batch_size=64, dropout=0.0, steps=480, epochs=15, accuracy=0.404, chance=1 / 6, learns=True, time_s=2367)
     lines = markdown([row, {**row, "model": "resnet18", "dropout": None}], "cmd").splitlines()
-    assert lines[-2] == "| vgg11 | shapes | vgg | vgg-64 | adamw 0.0001, 64, dropout 0 | 480 (15) | 40.4% | 16.7% | yes | 2367 s |"
+    assert lines[-2] == "| vgg11 | shapes | vgg | vgg-64 | adamw 0.0001, 64, dropout 0 | 480 (15) | 40.4% | 16.7% | yes | 2367 s | – |"
     assert "| adamw 0.0001, 64 | 480 (15) |" in lines[-1]
 
 
@@ -191,3 +191,15 @@ def test_recipes_table_shows_zero_gamma_where_a_recipe_sets_it():
     lines = markdown([row, {**row, "model": "resnet18", "zero_init_residual": False}], "cmd").splitlines()
     assert "| adamw 0.001, 64, zero-γ | 480 (15) |" in lines[-2]
     assert "| adamw 0.001, 64 | 480 (15) |" in lines[-1]
+
+
+def test_make_recipes_rewrites_the_table_and_keeps_the_story_below_it():
+    from trainer.experiments.recipes_check import markdown, page
+
+    row = dict(model="resnet18", dataset="shapes", family="resnet", pipeline="resnet-64", optimizer="adamw", lr=1e-3, batch_size=64, dropout=None, steps=320, epochs=10, accuracy=0.416, chance=1 / 6, learns=True, time_s=837, measured="2026-12-07")
+    generated = markdown([row], "cmd")
+    assert generated.splitlines()[-1].endswith("| 837 s | 2026-12-07 |")
+    old = markdown([{**row, "accuracy": 0.2, "learns": False, "measured": "2026-12-01"}], "old") + "\nHow the recipes were found:\n\n- by hand.\n"
+    assert page(generated, old) == generated + "\nHow the recipes were found:\n\n- by hand.\n"
+    assert page(generated, None) == page(generated, "") == generated
+    assert page(generated, markdown([row], "old")) == generated  # nothing below the table: nothing kept

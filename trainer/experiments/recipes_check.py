@@ -5,7 +5,10 @@ report held-out accuracy against chance: ``make recipes`` (writes docs/recipes.m
 
 Every run is ``trainer.run.Run(TrainConfig(model=M, dataset=D))`` — the recipe settles the rest — on one
 embedded daemon shared by all runs. A model "learns" when its test accuracy is at least twice chance
-(1 / classes); the table says how far above it each run lands, with its steps and wall time.
+(1 / classes); the table says how far above it each run lands, with its steps, wall time and date.
+
+The page is rewritten from its start to the end of its table; whatever follows the table (the story of
+how the recipes were found, written by hand) is kept.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import logging
 import os
 import sys
 import time
+from datetime import date
 
-DEFAULT_MODELS = ["lenet5", "lenet5_relu", "resnet20", "plain20", "resnet18", "googlenet", "mobilenet_v1", "mobilenet_v2", "alexnet", "vgg11"]
+DEFAULT_MODELS = ["lenet5", "lenet5_relu", "resnet20", "plain20", "resnet18", "resnet50", "googlenet", "mobilenet_v1", "mobilenet_v2", "alexnet", "vgg11"]
 DEFAULT_DATASETS = ["digits", "shapes"]
 CLASSES = {"digits": 10, "shapes": 6}
 
@@ -40,6 +44,7 @@ def check(model: str, dataset: str, address: str, seed: int = 0) -> dict:
         "zero_init_residual": summary.get("zero_init_residual", False),
         "steps": summary["steps"], "epochs": summary["epochs"], "accuracy": summary["accuracy"], "chance": chance,
         "learns": summary["accuracy"] is not None and summary["accuracy"] >= 2 * chance, "time_s": round(time.perf_counter() - started, 1),
+        "measured": date.today().isoformat(),
     }  # fmt: skip
 
 
@@ -58,16 +63,29 @@ def markdown(rows: list[dict], command: str) -> str:
         "and the augmentation preset fitted to the dataset. Held-out = the dataset's test split.",
         f"Measured on a 2-core CPU machine with `{command}`.",
         "",
-        "| model | dataset | family | pipeline | optimiser, lr, batch | steps (epochs) | test accuracy | chance | learns | time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dataset | family | pipeline | optimiser, lr, batch | steps (epochs) | test accuracy | chance | learns | time | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         accuracy = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
         lines.append(
             f"| {r['model']} | {r['dataset']} | {r['family']} | {r['pipeline']} | {r['optimizer']} {r['lr']:g}, {r['batch_size']}{_model_options(r)} | "
-            f"{r['steps']} ({r['epochs']}) | {accuracy} | {100 * r['chance']:.1f}% | {'yes' if r['learns'] else '**no**'} | {r['time_s']:.0f} s |"
+            f"{r['steps']} ({r['epochs']}) | {accuracy} | {100 * r['chance']:.1f}% | {'yes' if r['learns'] else '**no**'} | {r['time_s']:.0f} s | {r.get('measured', '–')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def page(generated: str, existing: str | None) -> str:
+    """The page to write: ``generated`` (heading, text, table) followed by whatever came after the
+    table of the ``existing`` page (None: there was none)."""
+    if not existing:
+        return generated
+    lines = existing.splitlines(keepends=True)
+    table = [i for i, line in enumerate(lines) if line.startswith("|")]
+    if not table:
+        return generated
+    rest = "".join(lines[table[-1] + 1 :]).lstrip("\n")
+    return generated + ("\n" + rest if rest else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
                 handle.flush()
                 print(f"{model} on {dataset}: {row['accuracy']} in {row['steps']} steps, {row['time_s']} s", file=sys.stderr, flush=True)
     command = "python -m trainer.experiments.recipes_check " + " ".join(argv if argv is not None else sys.argv[1:])
+    existing = None
+    if os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as handle:
+            existing = handle.read()
     with open(args.out, "w", encoding="utf-8") as handle:
-        handle.write(markdown(rows, command.strip()))
+        handle.write(page(markdown(rows, command.strip()), existing))
     return 0 if all(r["learns"] for r in rows) else 1
 
 
