@@ -17,8 +17,15 @@ except ImportError:  # pragma: no cover
     torch = None
 
 
+def _is_uint8(dtype) -> bool:
+    # Compared as objects, not as strings: str(dtype) costs microseconds per image on the CPU fast path.
+    if isinstance(dtype, np.dtype):
+        return dtype == np.uint8
+    return torch is not None and dtype == torch.uint8
+
+
 def _check_one(shape: tuple[int, ...], dtype, where: str) -> tuple[int, int, int]:
-    if str(dtype) not in ("uint8", "torch.uint8"):
+    if not _is_uint8(dtype):
         raise TypeError(f"{where}: images must be uint8 (0–255), got dtype {dtype}")
     if len(shape) == 2:
         shape = (*shape, 1)
