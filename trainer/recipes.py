@@ -9,10 +9,10 @@ updates: a run lasts ``max(epochs, ceil(steps / batches_per_epoch))`` epochs. ``
 the built-in datasets (digits: 23 batches of 64 per epoch, shapes: 32), ``epochs`` for a user's own
 folder, where it dominates. ``trial_steps`` is one tuning trial's budget (:mod:`trainer.tuning`).
 
-The numbers were fitted on the built-in datasets on a 2-core CPU, where only LeNet-5 (digits, shapes)
-and ResNet-18 (shapes at 64²) could be trained to the end this far (see RECIPES below);
-``make recipes`` measures one model of each family and writes docs/recipes.md, and
-tests/gpu/test_recipes_gpu.py checks the big families on a GPU.
+The numbers were fitted on the built-in datasets on a 2-core CPU, one model of each family trained to
+the end on shapes at 64² (digits for LeNet-5): how each was found is in the comments of RECIPES below
+and in docs/recipes.md, which ``make recipes`` measures again; tests/gpu/test_recipes_gpu.py checks
+the big families on a GPU.
 
 Pipelines follow the model's paper (:mod:`pipelines.presets`), fitted to the dataset by
 :func:`fit_pipeline`: sizes scaled to the dataset's image side when it is smaller than the preset's
