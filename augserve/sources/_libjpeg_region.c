@@ -20,9 +20,10 @@
  * Returns the pixels of rows [top, bottom) and columns [col0, col0 + cols), uint8, row-major,
  * interleaved (channels per pixel), where [col0, col0 + cols) contains [left, right) (a few columns
  * more on either side: whatever the iMCU alignment gives).
- * Raises ValueError with libjpeg's message for a file it cannot decode, and also for one it decodes
- * only with warnings (corrupt entropy data, premature end): the caller's exact decoder decides what
- * such a file gives, so that every path treats it alike.
+ * Raises ValueError with libjpeg's message for a file it cannot decode, and also when it warned while
+ * decoding down to the region's last row (corrupt data it would skip or resynchronise over): the
+ * caller's exact decoder decides what such a file gives, so that every path treats it alike. Damage
+ * below the region is never read, so it is never seen.
  *
  * The GIL is released while libjpeg transforms rows; the input buffer stays held meanwhile.
  */
