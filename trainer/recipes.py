@@ -93,6 +93,8 @@ RECIPES: tuple[tuple[tuple[str, ...], Recipe], ...] = (
     # init; with the paper's dropout 0.5 it was still 1.785 after 150 steps at 1e-4, without dropout
     # 1.56 (test 28.8%). The paper's dropout regularises 1.3M images; on a built-in dataset it only keeps
     # the 25088-4096-4096 head from learning. A user's large folder may want it back: --dropout 0.5.
+    # Not enough for the deeper VGGs: with this recipe VGG-16's training loss stayed at ln 6 for 150 steps
+    # (VGG-11's fell to 1.56); their own recipe is still to be found (docs/recipes.md).
     (("vgg*",), Recipe("vgg", "vgg", batch_size=64, lr=1e-4, dropout=0.0, epochs=10, steps=480, trial_steps=200, **_ADAMW)),
 )
 
