@@ -124,11 +124,15 @@ def crop_factor(box: Box, output: int = OUTPUT) -> int:
     return max(f for f in FACTORS if side >= output * f or f == 1)
 
 
+def _grid_rect(box: Box, factor: int) -> tuple[int, int, int, int]:
+    """``(i0, j0, i1, j1)``: rows and columns of the 1/``factor`` grid that cover ``box``."""
+    x0, y0, x1, y1 = box
+    return y0 // factor, x0 // factor, -(-y1 // factor), -(-x1 // factor)
+
+
 def _slice(image: np.ndarray, box: Box, factor: int) -> tuple[np.ndarray, Placement]:
     """The part of a decode at 1/``factor`` that covers ``box``, copied, and where it sits."""
-    x0, y0, x1, y1 = box
-    i0, j0 = y0 // factor, x0 // factor
-    i1, j1 = -(-y1 // factor), -(-x1 // factor)
+    i0, j0, i1, j1 = _grid_rect(box, factor)
     return np.array(image[i0:i1, j0:j1]), Placement(factor, i0 * factor, j0 * factor)
 
 
@@ -187,8 +191,7 @@ def _libjpeg_scaled_roi() -> Decode | None:
         return None
 
     def decode(file: EncodedImage, box: Box, factor: int) -> tuple[np.ndarray, Placement]:
-        x0, y0, x1, y1 = box
-        i0, j0, i1, j1 = y0 // factor, x0 // factor, -(-y1 // factor), -(-x1 // factor)
+        i0, j0, i1, j1 = _grid_rect(box, factor)
         found = decode_scaled_region(file.raw, 3, factor, i0, j0, i1, j1)
         if found is None:
             raise RuntimeError(f"libjpeg refused {file.path}")

@@ -7,8 +7,7 @@ binding offers. Its pixels are exactly those of OpenCV's decode at the same scal
 over the same rows and columns.
 
 :func:`region_decoder`, where the former was not built: nvImageCodec's CPU-only JPEG decoder, for a
-region at full scale only.
-libjpeg-turbo's crop and skip-scanlines behind nvImageCodec's Python API (the ``nvidia-nvimgcodec-cu13``
+region at full scale only — libjpeg-turbo's crop and skip-scanlines behind nvImageCodec's Python API (the ``nvidia-nvimgcodec-cu13``
 wheel, a base dependency on Linux, ~115 MB with its libraries against DALI's ~600 MB; no GPU needed): it
 entropy-decodes the rows down to the region's last, transforms only the region's columns, and stops.
 One decoder per thread, made anew in a forked child (its threads live in the parent), and none where
@@ -19,6 +18,7 @@ OpenCV, the same pixels more slowly. :func:`thread_local_codec` keeps any such n
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -98,6 +98,7 @@ def thread_local_codec(key, make: Callable, unusable: str):
     return made[key]
 
 
+@functools.cache  # looked up once per process: it is asked for every JPEG region decoded
 def scaled_region_decoder():
     """The compiled libjpeg-turbo region decoder (module ``augserve.sources._libjpeg_region``), or None
     where the package was installed without it (no C compiler or no libjpeg headers at build time)."""
