@@ -66,8 +66,11 @@ def main() -> None:
             with open(f"{args.record}.rank{accelerator.process_index}", "w") as handle:
                 json.dump({"rank": loader.rank, "world_size": loader.world_size, "ids": seen, "positions": positions}, handle)
         accelerator.print(json.dumps({"epochs": args.epochs, "processes": accelerator.num_processes, "loss": mean_loss.item()}))
-    # Destroys the process group: left to interpreter exit, gloo's threads can abort a rank
-    # ("terminate called without an active exception") after training went fine.
+    # Then the process group goes, and the DDP-wrapped model and optimiser first (ours and the
+    # accelerator's references): DDP's reducer keeps gloo's group and its last works alive, and released
+    # at interpreter exit they can abort a rank ("terminate called without an active exception") after
+    # training went fine. The same order as trainer.run.Run.close().
+    model, optimizer = accelerator.free_memory(model, optimizer)  # both None now; collected
     accelerator.end_training()
 
 
