@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--label-smoothing", type=float, help="(default: the model's recipe)")
     optim.add_argument("--dropout", type=float, help="dropout of the classifier, for models that have one (default: the model's recipe, else the paper's)")
     optim.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, help="ResNets: start each residual block's last BatchNorm scale at zero, so every block starts as the identity (default: the model's recipe)")
+    optim.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="VGG: the BatchNorm variant, a BN layer after each conv (default: the model's recipe; with --pretrained, what the weights have)")
     optim.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision")
     optim.add_argument("--channels-last", action="store_true")
     optim.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
@@ -77,7 +78,7 @@ def config_from(args):
         model=args.model, dataset=args.dataset, dataset_options=parse_options(args.dataset_option), pipeline=args.pipeline,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         optimizer=args.optimizer, schedule=args.schedule, warmup_epochs=args.warmup_epochs, step_epochs=args.step_epochs, gamma=args.gamma,
-        label_smoothing=args.label_smoothing, dropout=args.dropout, zero_init_residual=args.zero_init_residual, amp=args.amp, channels_last=args.channels_last, device=args.device, connect=args.connect,
+        label_smoothing=args.label_smoothing, dropout=args.dropout, zero_init_residual=args.zero_init_residual, batch_norm=args.batch_norm, amp=args.amp, channels_last=args.channels_last, device=args.device, connect=args.connect,
         workers=args.workers, backend=args.backend, worker_device=args.worker_device, serve_datasets=parse_dataset_pairs(args.serve_dataset or []),
         seed=args.seed, prefetch=args.prefetch, out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
         stop_after=args.stop_after, record_ids=args.record_ids, multi_crop=args.multi_crop, ensemble=list(args.ensemble),

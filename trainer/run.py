@@ -55,6 +55,7 @@ class TrainConfig:
     label_smoothing: float | None = None
     dropout: float | None = None  # the classifier's dropout; None: the recipe's, else the model's own
     zero_init_residual: bool | None = None  # ResNets: zero γ of each block's last BN; None: the recipe's
+    batch_norm: bool | None = None  # VGG: the BatchNorm variant; None: the recipe's (with --pretrained: the weights')
     amp: str = "none"
     channels_last: bool = False
     device: str = "auto"
@@ -122,6 +123,18 @@ def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
+def ensemble_member(payload: dict, model: str, num_classes: int, in_channels: int) -> torch.nn.Module:
+    """The model of a trainer checkpoint ``payload`` (or a plain state dict of ``model``), with its
+    weights: the architecture its config recorded (name, and VGG's BatchNorm variant)."""
+    from . import models
+
+    config = payload["config"] if isinstance(payload.get("config"), dict) else {}
+    options = {"batch_norm": True} if config.get("batch_norm") else {}
+    member = models.create(config.get("model", model), num_classes=num_classes, in_channels=in_channels, **options)
+    member.load_state_dict(ckpt.model_state(payload))
+    return member
+
+
 class StopRequested(RuntimeError):
     """Raised at the next batch once :meth:`Run.request_stop` was called."""
 
@@ -176,15 +189,16 @@ class Run:
         with _INIT_LOCK:
             torch.manual_seed(self.config.seed)
             options = {} if self.config.dropout is None else {"dropout": self.config.dropout}
-            if self.config.zero_init_residual:  # False is every builder's default: not passed
-                options["zero_init_residual"] = True
+            for option in ("zero_init_residual", "batch_norm"):  # False is every builder's default: not passed
+                if getattr(self.config, option):
+                    options[option] = True
             try:
                 model = models.create(self.config.model, num_classes=num_classes, in_channels=channels, **options)
             except TypeError as exc:
                 option = next((name for name in options if name in str(exc)), None)
                 if option is None:
                     raise
-                missing = {"dropout": "no dropout to set", "zero_init_residual": "no residual blocks to start at zero"}[option]
+                missing = {"dropout": "no dropout to set", "zero_init_residual": "no residual blocks to start at zero", "batch_norm": "no BatchNorm variant"}[option]
                 raise ValueError(f"--{option.replace('_', '-')}: model {self.config.model!r} has {missing}") from None
         if self.config.pretrained:
             transfer.load_pretrained(model, self.config.pretrained)
@@ -418,8 +432,6 @@ class Run:
 
     def _extra_evaluations(self) -> dict:
         """Ten-crop and ensemble accuracies, reported beside the single-crop, single-model figure."""
-        from . import models
-
         extra: dict = {}
         if self.has_test is False:
             return extra
@@ -429,9 +441,7 @@ class Run:
             probabilities, labels = self.predict()
             members = 1
             for path in self.config.ensemble:
-                payload = ckpt.load(path)
-                member = models.create(payload["config"]["model"] if "config" in payload else self.config.model, num_classes=probabilities.shape[1], in_channels=self._in_channels)
-                member.load_state_dict(ckpt.model_state(payload))
+                member = ensemble_member(ckpt.load(path), self.config.model, probabilities.shape[1], self._in_channels)
                 member.to(self.device)
                 other, other_labels = self.predict(model=member)
                 if not torch.equal(other_labels, labels):
@@ -466,8 +476,7 @@ class Run:
         name = pipeline if isinstance(pipeline, str) else getattr(pipeline, "name", None) or "custom"
         summary = {"model": self.config.model, "dataset": self.config.dataset, "pipeline": name}
         summary.update({key: getattr(self.config, key) for key in ("batch_size", "lr", "optimizer", "dropout") if getattr(self.config, key) is not None})
-        if self.config.zero_init_residual:
-            summary["zero_init_residual"] = True
+        summary.update({option: True for option in ("zero_init_residual", "batch_norm") if getattr(self.config, option)})
         last = self.history[-1] if self.history else {}
         summary["accuracy"] = last.get("val_accuracy")
         summary["best_accuracy"] = max((r["val_accuracy"] for r in self.history if r.get("val_accuracy") is not None), default=None)

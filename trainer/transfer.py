@@ -59,6 +59,11 @@ def load_pretrained(model: nn.Module, path: str) -> dict:
     return {"loaded": len(loaded), "replaced": replaced, "unused": unused}
 
 
+def has_batch_norm(path: str) -> bool:
+    """Whether the weights in ``path`` (as :func:`load_pretrained` reads them) hold BatchNorm layers."""
+    return any(key.endswith("running_mean") for key in ckpt.model_state(ckpt.load(path)))
+
+
 def _by_position(state: dict, own: dict, path: str) -> dict:
     """Rename another library's tensors to ours when the architectures match layer for layer.
 

@@ -38,7 +38,7 @@ from .region_decoder import decode_scaled_region, region_decoder, scaled_region_
 from .headers import JPEG_MAGIC, PNG_MAGIC, image_size, jpeg_frame, jpeg_orientation, png_orientation
 
 __all__ = [
-    "EncodedImage", "Placement", "decode_encoded", "image_size", "goes_to_nvimgcodec", "orientation_steps", "oriented_placement",
+    "EncodedImage", "Placement", "decode_encoded", "image_size", "orientation_steps", "oriented_placement", "region_decodable",
     "read_encoded", "read_image", "stored_region",
 ]  # fmt: skip
 
@@ -371,11 +371,11 @@ def read_image(path: str | os.PathLike, channels: int = 3, max_pixels: int | Non
     return decode_encoded(read_encoded(path, max_pixels), channels)[0]
 
 
-def goes_to_nvimgcodec(image: EncodedImage) -> bool:
-    """Whether ``image`` is a JPEG that nvImageCodec may decode instead of OpenCV: baseline, extended
-    and progressive Huffman-coded 8-bit grey or color, what both libjpeg-turbo builds (OpenCV's and
-    nvImageCodec's CPU decoder) decode alike, and nvJPEG decodes on a GPU. CMYK/YCCK, 12-bit,
-    lossless and arithmetic-coded files, PNG and BMP go to OpenCV."""
+def region_decodable(image: EncodedImage) -> bool:
+    """Whether ``image`` is a JPEG that a region decoder (augserve's libjpeg-turbo one, nvImageCodec) may
+    decode instead of OpenCV: baseline, extended and progressive Huffman-coded 8-bit grey or color, what
+    every libjpeg-turbo build (OpenCV's, ours, nvImageCodec's CPU decoder) decodes alike, and nvJPEG
+    decodes on a GPU. CMYK/YCCK, 12-bit, lossless and arithmetic-coded files, PNG and BMP go to OpenCV."""
     if image.kind != "jpeg":
         return False
     frame = jpeg_frame(image.raw)
@@ -418,7 +418,7 @@ def _decode_jpeg_region(image: EncodedImage, channels: int, stored_box, factor: 
     from the scaled ones: a ``decode: fast`` run must give the same bytes whichever decoders are
     installed, so the scale is the caller's, never the decoder's choice.
     """
-    if not goes_to_nvimgcodec(image):
+    if not region_decodable(image):
         return None
     x0, y0, x1, y1 = stored_box
     i0, i1 = _span(y0, y1, factor, stored_size[0])

@@ -10,7 +10,7 @@ nvJPEG has no DCT scaling, so ``max_factor`` does not apply here, and the region
 box (whole pixels, see :func:`~augserve.sources.decode.stored_region`).
 
 The rules are :mod:`augserve.sources.decode`'s: only the JPEG kinds of
-:func:`~augserve.sources.decode.goes_to_nvimgcodec` go to nvImageCodec (8-bit baseline, extended or
+:func:`~augserve.sources.decode.region_decodable` go to nvImageCodec (8-bit baseline, extended or
 progressive Huffman-coded grey or color); the decoder never applies EXIF orientation, this module
 applies it to the region as ``decode`` does, with the same placement arithmetic
 (:func:`~augserve.sources.decode.oriented_placement`); ``channels`` 1 is the luma plane, 3 is RGB with
@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .decode import EncodedImage, Placement, goes_to_nvimgcodec, orientation_steps, oriented_placement, stored_region
+from .decode import EncodedImage, Placement, orientation_steps, oriented_placement, region_decodable, stored_region
 from .region_decoder import decode_params, thread_local_codec
 
 # nvImageCodec backends on a GPU, in order of preference: the hardware JPEG engine (A100, H100, H200…;
@@ -96,7 +96,7 @@ class DeviceDecoder:
         streams, wanted = [], []  # what goes to nvImageCodec, and (position, stored rectangle) of each
         for position, (image, box) in enumerate(zip(images, boxes)):
             rect = stored_region(image, box)
-            if not goes_to_nvimgcodec(image):
+            if not region_decodable(image):
                 continue
             try:
                 stream = nvimgcodec.CodeStream(image.raw)

@@ -12,7 +12,7 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-BIG = ["resnet18", "resnet50", "googlenet", "mobilenet_v2", "alexnet", "vgg11", "resnet56"]
+BIG = ["resnet18", "resnet50", "googlenet", "mobilenet_v2", "alexnet", "vgg11", "vgg16", "resnet56"]
 
 
 @pytest.mark.parametrize("model", BIG)

@@ -18,7 +18,8 @@ def test_every_registered_model_has_a_recipe():
     assert {families[f"resnet{d}"] for d in (20, 32, 44, 56, 110)} == {"cifar-resnet"}
     assert {families[f"resnet{d}"] for d in (18, 34)} == {"resnet"}  # 34 and 50 are not CIFAR depths
     assert {families[f"resnet{d}"] for d in (50, 101, 152)} == {"resnet-bottleneck"}
-    assert families["googlenet"] == "inception" and families["vgg16"] == "vgg" and families["mobilenet_v2"] == "mobilenet"
+    assert families["googlenet"] == "inception" and families["vgg11"] == "vgg" and families["mobilenet_v2"] == "mobilenet"
+    assert {families[f"vgg{d}"] for d in (13, 16, 19)} == {"vgg-bn"}  # VGG-11's recipe leaves VGG-16 at chance
     assert all(name.startswith("plain") for name, family in families.items() if family == "plain")
     for _patterns, recipe in RECIPES:
         assert recipe.pipeline in pipelines.list_presets()
@@ -184,6 +185,59 @@ def test_bottleneck_resnets_start_each_block_as_the_identity_unless_told_otherwi
         Run(TrainConfig(model="vgg11", dataset="shapes", zero_init_residual=True))._make_model(Stream())
 
 
+def test_deeper_vggs_take_the_batchnorm_variant_unless_told_or_their_weights_say_otherwise(tmp_path):
+    """VGG-13/16/19 train the BatchNorm variant by default (VGG-11 keeps the paper's net); --no-batch-norm
+    and --batch-norm win; with --pretrained the weights decide, so a plain VGG's load whole."""
+    import torch
+
+    from trainer.cli import build_parser, config_from
+    from trainer.run import Run
+
+    everything = dict(pipeline="vgg", epochs=2, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0, schedule="step", warmup_epochs=0.0, label_smoothing=0.0)
+    for model in ("vgg13", "vgg16", "vgg19"):
+        assert recipe_for(model).batch_norm is True and recipe_for(model).dropout == 0.0
+        assert settle(TrainConfig(model=model, **everything)).batch_norm is True
+    for model in ("vgg11", "resnet18", "alexnet"):
+        assert settle(TrainConfig(model=model, **everything)).batch_norm is False
+    assert settle(TrainConfig(model="vgg16", batch_norm=False, **everything)).batch_norm is False
+    assert settle(TrainConfig(model="vgg11", batch_norm=True, **everything)).batch_norm is True
+
+    parser = build_parser()
+    base = ["train", "--model", "vgg16", "--dataset", "shapes"]
+    assert config_from(parser.parse_args(base)).batch_norm is None  # the recipe decides
+    assert config_from(parser.parse_args(base + ["--no-batch-norm"])).batch_norm is False
+    assert config_from(parser.parse_args(base + ["--batch-norm"])).batch_norm is True
+
+    class Stream:
+        dataset_info = {"channels": 3}
+        classes = ["a", "b"]
+
+    def batch_norms(model):
+        return sum(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+
+    assert batch_norms(Run(TrainConfig(model="vgg13", dataset="shapes", batch_norm=True))._make_model(Stream())) == 10  # one per conv
+    plain = Run(TrainConfig(model="vgg13", dataset="shapes", batch_norm=False))._make_model(Stream())
+    assert batch_norms(plain) == 0
+    with pytest.raises(ValueError, match="--batch-norm: model 'resnet18' has no BatchNorm variant"):
+        Run(TrainConfig(model="resnet18", dataset="shapes", batch_norm=True))._make_model(Stream())
+
+    plain_weights, bn_weights = tmp_path / "vgg13.pt", tmp_path / "vgg13_bn.pt"
+    torch.save(plain.state_dict(), plain_weights)
+    torch.save(models.create("vgg13", num_classes=2, batch_norm=True).state_dict(), bn_weights)
+    assert settle(TrainConfig(model="vgg13", pretrained=str(plain_weights), **everything)).batch_norm is False
+    assert settle(TrainConfig(model="vgg13", pretrained=str(bn_weights), **everything)).batch_norm is True
+    assert settle(TrainConfig(model="vgg13", pretrained=str(plain_weights), batch_norm=True, **everything)).batch_norm is True  # told
+
+    # An ensemble member is rebuilt as its checkpoint's config says, BatchNorm included.
+    from trainer import checkpoint
+    from trainer.run import ensemble_member
+
+    trained = models.create("vgg13", num_classes=2, batch_norm=True)
+    checkpoint.save(str(tmp_path / "member.pt"), model=trained, optimizer=None, scaler=None, step=0, epoch=1, stream_state=None, config={"model": "vgg13", "batch_norm": True})
+    member = ensemble_member(checkpoint.load(str(tmp_path / "member.pt")), "vgg16", 2, 3)
+    assert batch_norms(member) == 10 and all(torch.equal(a, b) for a, b in zip(member.state_dict().values(), trained.state_dict().values()))
+
+
 def test_recipes_table_shows_zero_gamma_where_a_recipe_sets_it():
     from trainer.experiments.recipes_check import markdown
 
@@ -191,6 +245,8 @@ def test_recipes_table_shows_zero_gamma_where_a_recipe_sets_it():
     lines = markdown([row, {**row, "model": "resnet18", "zero_init_residual": False}], "cmd").splitlines()
     assert "| adamw 0.001, 64, zero-γ | 480 (15) |" in lines[-2]
     assert "| adamw 0.001, 64 | 480 (15) |" in lines[-1]
+    vgg = dict(row, model="vgg16", family="vgg-bn", pipeline="vgg-64", lr=5e-4, dropout=0.0, zero_init_residual=False, batch_norm=True)
+    assert "| adamw 0.0005, 64, dropout 0, BatchNorm | 480 (15) |" in markdown([vgg], "cmd").splitlines()[-1]
 
 
 def test_make_recipes_rewrites_the_table_and_keeps_the_story_below_it():

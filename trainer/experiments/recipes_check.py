@@ -21,7 +21,7 @@ import sys
 import time
 from datetime import date
 
-DEFAULT_MODELS = ["lenet5", "lenet5_relu", "resnet20", "plain20", "resnet18", "resnet50", "googlenet", "mobilenet_v1", "mobilenet_v2", "alexnet", "vgg11"]
+DEFAULT_MODELS = ["lenet5", "lenet5_relu", "resnet20", "plain20", "resnet18", "resnet50", "googlenet", "mobilenet_v1", "mobilenet_v2", "alexnet", "vgg11", "vgg16"]
 DEFAULT_DATASETS = ["digits", "shapes"]
 CLASSES = {"digits": 10, "shapes": 6}
 
@@ -41,7 +41,7 @@ def check(model: str, dataset: str, address: str, seed: int = 0) -> dict:
     return {
         "model": model, "dataset": dataset, "family": recipe_for(model).family, "pipeline": summary["pipeline"],
         "optimizer": summary.get("optimizer"), "lr": summary.get("lr"), "batch_size": summary.get("batch_size"), "dropout": summary.get("dropout"),
-        "zero_init_residual": summary.get("zero_init_residual", False),
+        "zero_init_residual": summary.get("zero_init_residual", False), "batch_norm": summary.get("batch_norm", False),
         "steps": summary["steps"], "epochs": summary["epochs"], "accuracy": summary["accuracy"], "chance": chance,
         "learns": summary["accuracy"] is not None and summary["accuracy"] >= 2 * chance, "time_s": round(time.perf_counter() - started, 1),
         "measured": date.today().isoformat(),
@@ -51,7 +51,7 @@ def check(model: str, dataset: str, address: str, seed: int = 0) -> dict:
 def _model_options(row: dict) -> str:
     """The recipe's model options where it sets them (else the model's own are used and not shown)."""
     dropout = "" if row.get("dropout") is None else f", dropout {row['dropout']:g}"
-    return dropout + (", zero-γ" if row.get("zero_init_residual") else "")
+    return dropout + (", zero-γ" if row.get("zero_init_residual") else "") + (", BatchNorm" if row.get("batch_norm") else "")
 
 
 def markdown(rows: list[dict], command: str) -> str:
