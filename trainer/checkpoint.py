@@ -4,6 +4,8 @@ resumes exactly — same weights, same optimizer state, same next batch."""
 from __future__ import annotations
 
 import os
+import zipfile
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,16 +32,19 @@ def save(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
-def load(path: str) -> dict:
+def load(path: str, *, mapped: bool = False) -> dict:
     """A checkpoint written by :func:`save`; when ``path`` is truncated or corrupt, the previous one
-    (``<path>.prev``) with a warning. ValueError naming the file(s) when none is readable."""
+    (``<path>.prev``) with a warning. ValueError naming the file(s) when none is readable.
+
+    ``mapped``: the tensors are memory-mapped from the file instead of read (torch's zip format, what
+    ``torch.save`` writes; an older file is read whole): for a caller that looks at the names only."""
     if not os.path.isfile(path) and not os.path.isfile(previous_path(path)):
         raise ValueError(f"checkpoint not found: {path}")
-    return load_with_fallback(path, _read)
+    return load_with_fallback(path, partial(_read, mapped=mapped))
 
 
-def _read(path: str) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def _read(path: str, mapped: bool = False) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped and zipfile.is_zipfile(path))
     if not isinstance(payload, dict):
         raise ValueError("not a checkpoint (no state dict inside)")
     return payload

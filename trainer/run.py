@@ -135,6 +135,11 @@ def ensemble_member(payload: dict, model: str, num_classes: int, in_channels: in
     return member
 
 
+# Model options that a builder takes only when set (False is every builder's default): passed only then,
+# and named in the summary only then.
+SWITCHED_OPTIONS = ("zero_init_residual", "batch_norm")
+
+
 class StopRequested(RuntimeError):
     """Raised at the next batch once :meth:`Run.request_stop` was called."""
 
@@ -189,9 +194,7 @@ class Run:
         with _INIT_LOCK:
             torch.manual_seed(self.config.seed)
             options = {} if self.config.dropout is None else {"dropout": self.config.dropout}
-            for option in ("zero_init_residual", "batch_norm"):  # False is every builder's default: not passed
-                if getattr(self.config, option):
-                    options[option] = True
+            options.update({option: True for option in SWITCHED_OPTIONS if getattr(self.config, option)})
             try:
                 model = models.create(self.config.model, num_classes=num_classes, in_channels=channels, **options)
             except TypeError as exc:
@@ -476,7 +479,7 @@ class Run:
         name = pipeline if isinstance(pipeline, str) else getattr(pipeline, "name", None) or "custom"
         summary = {"model": self.config.model, "dataset": self.config.dataset, "pipeline": name}
         summary.update({key: getattr(self.config, key) for key in ("batch_size", "lr", "optimizer", "dropout") if getattr(self.config, key) is not None})
-        summary.update({option: True for option in ("zero_init_residual", "batch_norm") if getattr(self.config, option)})
+        summary.update({option: True for option in SWITCHED_OPTIONS if getattr(self.config, option)})
         last = self.history[-1] if self.history else {}
         summary["accuracy"] = last.get("val_accuracy")
         summary["best_accuracy"] = max((r["val_accuracy"] for r in self.history if r.get("val_accuracy") is not None), default=None)

@@ -12,6 +12,28 @@ from trainer.recipes import GENERIC, RECIPES, default_pipeline, fit_pipeline, re
 from trainer.run import TrainConfig
 
 
+# Every optimiser field given, so that settle() only fills what a test leaves out (the model options).
+GIVEN = dict(epochs=2, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0, schedule="step", warmup_epochs=0.0, label_smoothing=0.0)
+
+
+class RGBStream:
+    """What Run._make_model reads of a stream: three-channel images of two classes."""
+
+    dataset_info = {"channels": 3}
+    classes = ["a", "b"]
+
+
+def assert_flag_parses(model: str, flag: str, field: str) -> None:
+    """``--flag`` and ``--no-flag`` set ``field`` True and False; neither leaves it None (the recipe decides)."""
+    from trainer.cli import build_parser, config_from
+
+    parser = build_parser()
+    base = ["train", "--model", model, "--dataset", "shapes"]
+    assert getattr(config_from(parser.parse_args(base)), field) is None
+    assert getattr(config_from(parser.parse_args(base + [f"--no-{flag}"])), field) is False
+    assert getattr(config_from(parser.parse_args(base + [f"--{flag}"])), field) is True
+
+
 def test_every_registered_model_has_a_recipe():
     families = {name: recipe_for(name).family for name in models.list_models()}
     assert families["lenet5"] == families["lenet5_relu"] == "lenet"
@@ -118,7 +140,7 @@ def test_dropout_comes_from_the_recipe_unless_given():
     says nothing keep their model's own (None: the builder's default)."""
     vgg = recipe_for("vgg11")
     assert vgg.dropout == 0.0
-    everything = dict(pipeline="vgg", epochs=2, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0, schedule="step", warmup_epochs=0.0, label_smoothing=0.0)
+    everything = dict(pipeline="vgg", **GIVEN)
     assert settle(TrainConfig(model="vgg11", **everything)).dropout == 0.0
     assert settle(TrainConfig(model="vgg11", dropout=0.5, **everything)).dropout == 0.5
     assert settle(TrainConfig(model="resnet18", **everything)).dropout is None
@@ -129,15 +151,11 @@ def test_dropout_comes_from_the_recipe_unless_given():
 def test_dropout_reaches_the_model_and_a_model_without_one_says_so():
     from trainer.run import Run
 
-    class Stream:
-        dataset_info = {"channels": 3}
-        classes = ["a", "b"]
-
     run = Run(TrainConfig(model="vgg11", dataset="shapes", dropout=0.25))
-    model = run._make_model(Stream())
+    model = run._make_model(RGBStream())
     assert [m.p for m in model.modules() if m.__class__.__name__ == "Dropout"] == [0.25, 0.25]
     with pytest.raises(ValueError, match="--dropout: model 'resnet18' has no dropout to set"):
-        Run(TrainConfig(model="resnet18", dataset="shapes", dropout=0.25))._make_model(Stream())
+        Run(TrainConfig(model="resnet18", dataset="shapes", dropout=0.25))._make_model(RGBStream())
 
 
 def test_recipes_table_shows_a_recipes_dropout_only_where_it_sets_one():
@@ -152,10 +170,9 @@ def test_recipes_table_shows_a_recipes_dropout_only_where_it_sets_one():
 def test_bottleneck_resnets_start_each_block_as_the_identity_unless_told_otherwise():
     """ResNet-50/101/152 take their own recipe (zero-γ: each block's last BN scale starts at 0); ResNet-18
     and the CIFAR ResNets keep the paper's init; --no-zero-init-residual and --zero-init-residual win."""
-    from trainer.cli import build_parser, config_from
     from trainer.run import Run
 
-    everything = dict(pipeline="resnet", epochs=2, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0, schedule="step", warmup_epochs=0.0, label_smoothing=0.0)
+    everything = dict(pipeline="resnet", **GIVEN)
     for model in ("resnet50", "resnet101", "resnet152"):
         assert recipe_for(model).family == "resnet-bottleneck" and recipe_for(model).zero_init_residual is True
         assert settle(TrainConfig(model=model, **everything)).zero_init_residual is True
@@ -164,25 +181,17 @@ def test_bottleneck_resnets_start_each_block_as_the_identity_unless_told_otherwi
     assert settle(TrainConfig(model="resnet50", zero_init_residual=False, **everything)).zero_init_residual is False
     assert settle(TrainConfig(model="resnet18", zero_init_residual=True, **everything)).zero_init_residual is True
 
-    parser = build_parser()
-    base = ["train", "--model", "resnet50", "--dataset", "shapes"]
-    assert config_from(parser.parse_args(base)).zero_init_residual is None  # the recipe decides
-    assert config_from(parser.parse_args(base + ["--no-zero-init-residual"])).zero_init_residual is False
-    assert config_from(parser.parse_args(base + ["--zero-init-residual"])).zero_init_residual is True
-
-    class Stream:
-        dataset_info = {"channels": 3}
-        classes = ["a", "b"]
+    assert_flag_parses("resnet50", "zero-init-residual", "zero_init_residual")
 
     def last_bn_scales(model):
         return [float(block.bn3.weight.detach().abs().sum()) for block in model.modules() if block.__class__.__name__ == "Bottleneck"]
 
-    zeroed = Run(TrainConfig(model="resnet50", dataset="shapes", zero_init_residual=True))._make_model(Stream())
-    paper = Run(TrainConfig(model="resnet50", dataset="shapes", zero_init_residual=False))._make_model(Stream())
+    zeroed = Run(TrainConfig(model="resnet50", dataset="shapes", zero_init_residual=True))._make_model(RGBStream())
+    paper = Run(TrainConfig(model="resnet50", dataset="shapes", zero_init_residual=False))._make_model(RGBStream())
     assert len(last_bn_scales(zeroed)) == 16 and set(last_bn_scales(zeroed)) == {0.0}
     assert all(scale > 0 for scale in last_bn_scales(paper))
     with pytest.raises(ValueError, match="--zero-init-residual: model 'vgg11' has no residual blocks to start at zero"):
-        Run(TrainConfig(model="vgg11", dataset="shapes", zero_init_residual=True))._make_model(Stream())
+        Run(TrainConfig(model="vgg11", dataset="shapes", zero_init_residual=True))._make_model(RGBStream())
 
 
 def test_deeper_vggs_take_the_batchnorm_variant_unless_told_or_their_weights_say_otherwise(tmp_path):
@@ -190,10 +199,9 @@ def test_deeper_vggs_take_the_batchnorm_variant_unless_told_or_their_weights_say
     and --batch-norm win; with --pretrained the weights decide, so a plain VGG's load whole."""
     import torch
 
-    from trainer.cli import build_parser, config_from
     from trainer.run import Run
 
-    everything = dict(pipeline="vgg", epochs=2, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0, schedule="step", warmup_epochs=0.0, label_smoothing=0.0)
+    everything = dict(pipeline="vgg", **GIVEN)
     for model in ("vgg13", "vgg16", "vgg19"):
         assert recipe_for(model).batch_norm is True and recipe_for(model).dropout == 0.0
         assert settle(TrainConfig(model=model, **everything)).batch_norm is True
@@ -202,24 +210,16 @@ def test_deeper_vggs_take_the_batchnorm_variant_unless_told_or_their_weights_say
     assert settle(TrainConfig(model="vgg16", batch_norm=False, **everything)).batch_norm is False
     assert settle(TrainConfig(model="vgg11", batch_norm=True, **everything)).batch_norm is True
 
-    parser = build_parser()
-    base = ["train", "--model", "vgg16", "--dataset", "shapes"]
-    assert config_from(parser.parse_args(base)).batch_norm is None  # the recipe decides
-    assert config_from(parser.parse_args(base + ["--no-batch-norm"])).batch_norm is False
-    assert config_from(parser.parse_args(base + ["--batch-norm"])).batch_norm is True
-
-    class Stream:
-        dataset_info = {"channels": 3}
-        classes = ["a", "b"]
+    assert_flag_parses("vgg16", "batch-norm", "batch_norm")
 
     def batch_norms(model):
         return sum(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
 
-    assert batch_norms(Run(TrainConfig(model="vgg13", dataset="shapes", batch_norm=True))._make_model(Stream())) == 10  # one per conv
-    plain = Run(TrainConfig(model="vgg13", dataset="shapes", batch_norm=False))._make_model(Stream())
+    assert batch_norms(Run(TrainConfig(model="vgg13", dataset="shapes", batch_norm=True))._make_model(RGBStream())) == 10  # one per conv
+    plain = Run(TrainConfig(model="vgg13", dataset="shapes", batch_norm=False))._make_model(RGBStream())
     assert batch_norms(plain) == 0
     with pytest.raises(ValueError, match="--batch-norm: model 'resnet18' has no BatchNorm variant"):
-        Run(TrainConfig(model="resnet18", dataset="shapes", batch_norm=True))._make_model(Stream())
+        Run(TrainConfig(model="resnet18", dataset="shapes", batch_norm=True))._make_model(RGBStream())
 
     # The weights decide by their tensors' names (tiny stand-ins here: a VGG-13's weights are 0.5 GB).
     plain_weights, bn_weights = tmp_path / "vgg13.pt", tmp_path / "vgg13_bn.pt"
@@ -228,6 +228,9 @@ def test_deeper_vggs_take_the_batchnorm_variant_unless_told_or_their_weights_say
     assert settle(TrainConfig(model="vgg13", pretrained=str(plain_weights), **everything)).batch_norm is False
     assert settle(TrainConfig(model="vgg13", pretrained=str(bn_weights), **everything)).batch_norm is True
     assert settle(TrainConfig(model="vgg13", pretrained=str(plain_weights), batch_norm=True, **everything)).batch_norm is True  # told
+    legacy = tmp_path / "legacy_bn.pt"  # torch's pre-zip format cannot be memory-mapped: read whole
+    torch.save({"features.1.running_mean": torch.zeros(1)}, legacy, _use_new_zipfile_serialization=False)
+    assert settle(TrainConfig(model="vgg13", pretrained=str(legacy), **everything)).batch_norm is True
 
     # An ensemble member is rebuilt as its checkpoint's config says, BatchNorm included.
     from trainer import checkpoint
