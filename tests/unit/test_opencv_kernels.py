@@ -1,12 +1,15 @@
 """The OpenCV kernels of the CPU backends: the window path of axis-aligned plans against the warp it replaces."""
 
+import cv2
 import numpy as np
 import pytest
 
 import pipelines
+from pipelines import geometry as G
 from pipelines.backends import opencv_kernels as K
 from pipelines.backends.opencv_kernels import _tap_span
 from pipelines.plan import SamplePlan, axis_aligned
+from pipelines.source_map import opencv_maps, source_map
 
 
 def noise(count=6, shape=(64, 80, 3), seed=7):
@@ -70,8 +73,6 @@ def test_window_path_writes_into_the_batch_slot():
 def test_window_path_reads_only_near_the_taps():
     """Pixels more than one pixel away from every tap do not reach the output: the window is the taps'
     span plus a margin of one."""
-    from pipelines import geometry as G
-
     image = noise(count=1, shape=(40, 40, 3))[0]
     # Enlarge the 10×10 box at (5, 7) to 40×40, mirrored: the taps span columns 6-17 and rows 4-15.
     inverse = np.array([[0.25, 0.0, 7.0], [0.0, 0.25, 5.0], [0.0, 0.0, 1.0]]) @ G.mirror_matrix(True, False, 40, 40)
@@ -97,8 +98,6 @@ def test_tap_span_is_clipped_to_the_image():
 
 def test_no_window_when_the_taps_all_leave_the_image():
     """A box wholly outside the image: None, and the plain warp fills the output by the border mode."""
-    from pipelines import geometry as G
-
     image = noise(count=1, shape=(20, 20, 3))[0]
     inverse = np.array([[0.5, 0.0, 40.0], [0.0, 0.5, 2.0], [0.0, 0.0, 1.0]]) @ G.mirror_matrix(True, False, 16, 16)
     facts = axis_aligned([SamplePlan((20, 20, 3), (16, 16), inverse=inverse)])
@@ -123,3 +122,45 @@ def test_no_fast_path_for_plans_that_are_not_axis_aligned():
     plans = plans_for({"ops": [{"op": "rotate", "degrees": 20}]}, images)
     facts = axis_aligned(plans)
     assert not facts.aligned.any() and not facts.copies.any()
+
+
+def test_tap_box_bounds_the_taps_of_a_rotation():
+    """The box warp_affine reads into the cache first holds every pixel its bilinear taps read (the
+    dense float64 source map of rotated and sheared plans, taps floor(x) and floor(x) + 1)."""
+
+    images = noise(count=6, shape=(64, 80, 3))
+    plans = plans_for({"ops": [{"op": "rotate", "degrees": 30}, {"op": "shear", "degrees": 10}, {"op": "random_crop", "size": 48}]}, images)
+    for plan in plans:
+        y0, y1, x0, x1 = K.affine_tap_box(G.to_pixel_center_inverse(plan.inverse)[:2], plan.out_hw, 64, 80)
+        map_x, map_y = source_map(plan, dtype=np.float64)
+        tap_x, tap_y = np.floor(map_x - 0.5), np.floor(map_y - 0.5)
+        inside_x = (tap_x >= 0) & (tap_x + 1 < 80)
+        inside_y = (tap_y >= 0) & (tap_y + 1 < 64)
+        assert x0 <= tap_x[inside_x].min() and tap_x[inside_x].max() + 1 < x1
+        assert y0 <= tap_y[inside_y].min() and tap_y[inside_y].max() + 1 < y1
+
+
+def test_tap_box_is_clipped_and_none_when_empty_or_not_finite():
+    assert K.tap_box((10.2, 30.7), (-5.0, 70.0), 64, 80) == (0, 64, 9, 33)
+    assert K.tap_box((100.0, 120.0), (0.0, 10.0), 64, 80) is None  # right of the image
+    assert K.tap_box((float("nan"), 3.0), (0.0, 10.0), 64, 80) is None
+    assert K.tap_box((0.0, 3.0), (0.0, float("inf")), 64, 80) is None
+    K.read_into_cache(noise(count=1)[0], None)  # nothing to read: no error
+
+
+@pytest.mark.parametrize("ops", [[{"op": "rotate", "degrees": 20}], [{"op": "warp", "kind": "grid"}]], ids=["affine", "local warp"])
+def test_the_read_pass_leaves_the_image_and_the_output_alone(ops):
+    """warp_affine and remap read their source box first; the pixels are those of the plain kernels."""
+    images = noise(count=3)
+    plans = plans_for({"ops": ops}, images)
+    before = images.copy()
+    for image, plan in zip(images, plans):
+        if plan.inverse is not None:
+            result = K.warp_affine(image, plan.inverse, plan.out_hw, "constant", 0)
+            expected = cv2.warpAffine(image, G.to_pixel_center_inverse(plan.inverse)[:2], plan.out_hw[::-1], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        else:
+            result = K.remap(image, plan, "constant", 0)
+            map_x, map_y = opencv_maps(plan)
+            expected = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        np.testing.assert_array_equal(result, expected)
+    np.testing.assert_array_equal(images, before)
