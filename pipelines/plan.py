@@ -74,8 +74,13 @@ def color_runs_first(spec: PipelineSpec) -> bool:
 # --- the vectorised path: a whole batch of arrays at once --------------------------------------------
 
 
+_EYE = np.eye(3)
+
+
 def _eyes(n: int) -> np.ndarray:
-    return np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+    """(n, 3, 3) identity matrices, writable (one C call: numpy's Python-level helpers such as
+    ``broadcast_to`` and ``stack`` cost several microseconds each, and a batch is planned with dozens)."""
+    return np.repeat(_EYE[None], n, axis=0)
 
 
 def _about_centers(linear: np.ndarray, hw: np.ndarray) -> np.ndarray:
@@ -256,7 +261,7 @@ def axis_aligned(plans: list[SamplePlan]) -> AxisAligned:
     in_hw = np.array([plan.in_shape[:2] for plan in plans], dtype=np.int64).reshape(n, 2)
     affine = [i for i, plan in enumerate(plans) if plan.inverse is not None]
     if affine:
-        matrices[affine], is_affine[affine] = np.stack([plans[i].inverse for i in affine]), True
+        matrices[affine], is_affine[affine] = np.array([plans[i].inverse for i in affine]), True
     a, d = matrices[:, 0, 0], matrices[:, 1, 1]
     aligned = is_affine & (np.abs(matrices[:, 0, 1]) <= PIXEL_ATOL) & (np.abs(matrices[:, 1, 0]) <= PIXEL_ATOL) & (np.abs(a) > PIXEL_ATOL) & (np.abs(d) > PIXEL_ATOL)
     flip_x, flip_y = a < 0, d < 0

@@ -163,7 +163,7 @@ def _random_crop(op: S.RandomCrop, keys, start, hw):
     top = np.floor(u[:, 0] * (room_h + 1)).astype(np.int64) - pad
     left = np.floor(u[:, 1] * (room_w + 1)).astype(np.int64) - pad
     n = len(keys)
-    return {"top": top, "left": left, "height": np.full(n, out_h), "width": np.full(n, out_w)}, np.tile([out_h, out_w], (n, 1))
+    return {"top": top, "left": left, "height": np.full(n, out_h), "width": np.full(n, out_w)}, np.full((n, 2), (out_h, out_w), dtype=np.int64)
 
 
 _RRC_TRIES = 10
@@ -199,7 +199,7 @@ def _random_resized_crop(op: S.RandomResizedCrop, keys, start, hw):
     out_h, out_w = op.size
     n = len(keys)
     arrays = {"top": top.astype(np.int64), "left": left.astype(np.int64), "height": box_h.astype(np.int64), "width": box_w.astype(np.int64)}
-    return {**arrays, "size": [out_h, out_w]}, np.tile([out_h, out_w], (n, 1))
+    return {**arrays, "size": [out_h, out_w]}, np.full((n, 2), (out_h, out_w), dtype=np.int64)
 
 
 @register("rotate", lambda op: 2)
@@ -249,7 +249,7 @@ def _center_crop(op: S.CenterCrop, keys, start, hw):
     # Integer offsets keep a centre crop an exact copy of pixels (no interpolation).
     top = np.round((hw[:, 0] - out_h) / 2.0).astype(np.int64)
     left = np.round((hw[:, 1] - out_w) / 2.0).astype(np.int64)
-    return {"top": top, "left": left, "height": np.full(n, out_h), "width": np.full(n, out_w)}, np.tile([out_h, out_w], (n, 1))
+    return {"top": top, "left": left, "height": np.full(n, out_h), "width": np.full(n, out_w)}, np.full((n, 2), (out_h, out_w), dtype=np.int64)
 
 
 # --- color ------------------------------------------------------------------------------------------
