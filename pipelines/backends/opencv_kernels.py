@@ -189,8 +189,8 @@ def warp_window(image: np.ndarray, windows: TapWindows, i: int, out_hw: tuple[in
     y0, y1, x0, x1 = windows.bounds[i]
     if x1 <= x0 or y1 <= y0:
         return None
+    read_into_cache(image, windows.bounds[i])
     window = image[y0:y1, x0:x1]
-    read_into_cache(window, (0, y1 - y0, 0, x1 - x0))
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     if windows.inside[i]:
         return _hwc(cv2.warpAffine(window, windows.matrices[i], (out_hw[1], out_hw[0]), dst=as_2d(out), flags=flags, borderMode=cv2.BORDER_REPLICATE))
