@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .batched_plan import FusedBatch, facts_table
-from .device_sampling import DeviceParams, constant, device_inputs, divide, fixed_size, sample_on_device
+from .device_sampling import DeviceParams, constant, device_inputs, divide, fixed_size, keeping_constants, sample_on_device
 from .plan import fuse_batch
 from .sampling import sample_batch
 from .spec import PipelineSpec, Warp
@@ -132,7 +132,7 @@ class _Replay:
     overwrites the captured ones)."""
 
     def __init__(self, function: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], example: torch.Tensor) -> None:
-        with torch.cuda.device(example.device):
+        with torch.cuda.device(example.device), keeping_constants() as self.constants:  # the graph reads them: held as long as it
             self.inputs = example.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

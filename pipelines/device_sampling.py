@@ -16,10 +16,12 @@ of what it needs on the host (see :mod:`pipelines.device_fusion`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -93,10 +95,37 @@ def sample_on_device(spec: S.PipelineSpec, inputs: torch.Tensor) -> DeviceParams
 
 
 @functools.lru_cache(maxsize=256)
+def _uploaded(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+_KEEPERS = threading.local()  # .active: the dicts of the keeping_constants blocks open on this thread
+
+
 def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A spec's constant (a size, eigen-pairs, limits) on ``device``, uploaded once: an upload costs a
-    synchronous transfer each time, and cannot happen inside a CUDA graph capture. Never written to."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    synchronous transfer each time, and cannot happen inside a CUDA graph capture. Never written to.
+    The cache is bounded (specs come from peers); whoever captures a graph reading constants holds them
+    itself (:func:`keeping_constants`)."""
+    tensor = _uploaded(values, dtype, device)
+    for keep in getattr(_KEEPERS, "active", ()):
+        keep[id(tensor)] = tensor
+    return tensor
+
+
+@contextlib.contextmanager
+def keeping_constants() -> Iterator[dict[int, torch.Tensor]]:
+    """Collect every :func:`constant` handed out on this thread within the block. A CUDA graph reads its
+    constants at the addresses they had when it was captured: if the bounded cache dropped one, its
+    memory would be reused and the replays would read whatever came there, silently. The graph's
+    owner keeps the collected tensors as long as the graph."""
+    keep: dict[int, torch.Tensor] = {}
+    outer = getattr(_KEEPERS, "active", ())
+    _KEEPERS.active = (*outer, keep)
+    try:
+        yield keep
+    finally:
+        _KEEPERS.active = outer
 
 
 def divide(a, b) -> torch.Tensor:

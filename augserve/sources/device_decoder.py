@@ -153,10 +153,11 @@ class DeviceDecoder:
 
 def device_decoder(device: str, channels: int, threads: int = 1) -> DeviceDecoder | None:
     """This thread's :class:`DeviceDecoder` for ``device`` and ``channels``, made on first use; None where
-    nvImageCodec is not installed or cannot decode there (one warning: JPEG files are then decoded on
-    the CPU, one at a time)."""
+    nvImageCodec is not installed or cannot decode there (one warning either way: JPEG files are then
+    decoded on the CPU, one at a time — a GPU worker's throughput would otherwise drop unexplained)."""
     key = ("device", str(device), int(channels), int(threads))
     return thread_local_codec(
         key, lambda nvimgcodec: DeviceDecoder(nvimgcodec, device, channels, threads),
         f"nvImageCodec cannot decode on {device} ({{error}}); JPEG files are decoded on the CPU, one at a time",
+        f"nvImageCodec is not installed (pip install 'nvidia-nvimgcodec-cu13[all]'), so JPEG files are decoded on the CPU, one at a time, not on {device}",
     )  # fmt: skip

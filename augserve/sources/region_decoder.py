@@ -74,10 +74,11 @@ class RegionDecoder:
         return array.reshape(array.shape[0], array.shape[1]) if channels == 1 else array
 
 
-def thread_local_codec(key, make: Callable, unusable: str):
+def thread_local_codec(key, make: Callable, unusable: str, missing: str | None = None):
     """This thread's nvImageCodec object for ``key``, made by ``make(nvimgcodec)`` on first use in this
-    process; None where nvImageCodec is not installed, or when ``make`` fails — then one warning:
-    ``unusable`` with ``{error}`` replaced by the exception, saying what is done instead."""
+    process; None where nvImageCodec is not installed (one warning, ``missing``, when given: silent
+    where its absence is an expected set-up) or when ``make`` fails — then one warning: ``unusable``
+    with ``{error}`` replaced by the exception, saying what is done instead."""
     state = getattr(_LOCAL, "state", None)
     if state is None or state[0] != os.getpid():
         if state is not None:  # inherited through fork: never destroy its objects here, their threads live in the parent
@@ -91,6 +92,8 @@ def thread_local_codec(key, make: Callable, unusable: str):
 
             made[key] = make(nvimgcodec)
         except ImportError:
+            if missing is not None:
+                log.warning(missing)
             made[key] = None
         except Exception as exc:  # noqa: BLE001 - installed but unusable (a library missing): the caller's fallback
             log.warning(unusable.format(error=f"{type(exc).__name__}: {exc}"))

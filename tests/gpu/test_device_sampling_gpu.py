@@ -89,6 +89,27 @@ def test_graph_replays_equal_eager_runs_for_every_batch():
     assert graphed.graphs and len(graphed._replays) == 1  # captured once, not fallen back to eager
 
 
+def test_graph_replays_survive_the_constant_cache_letting_go():
+    """A captured graph reads the spec's constants at their capture-time addresses. The cache of
+    constants is bounded; once it drops them (cleared here) and their memory is reused (filled with
+    other tensors), replays must still equal eager runs: the graph's owner holds them."""
+    from pipelines import device_sampling
+
+    spec = pipelines.PipelineSpec.model_validate(EXACT)
+    graphed, eager = DevicePlanner(spec, "cuda"), DevicePlanner(spec, "cuda", graphs=False)
+    shapes, ids = batch_inputs(64, 0)
+    graphed(shapes, 1, 0, ids)
+    device_sampling._uploaded.cache_clear()
+    torch.cuda.synchronize()
+    clutter = [torch.full((k + 1,), 123456.0, dtype=torch.float64, device="cuda") for k in range(64)]  # reuses freed blocks
+    for k, (seed, epoch) in enumerate([(3, 1), (4, 2)]):
+        shapes, ids = batch_inputs(64, k + 1)
+        a, b = graphed(shapes, seed, epoch, ids), eager(shapes, seed, epoch, ids)
+        for name in ("inverse", "out_hw", "offsets", "colored", "invalid", "facts"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (k, name)
+    assert graphed.graphs and len(graphed._replays) == 1 and clutter
+
+
 def noise(shape, count, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(count, *shape), dtype=np.uint8)
 

@@ -16,7 +16,8 @@ import pipelines
 from pipelines import device_rng, rng
 from pipelines.batched_plan import FACT_COLUMNS, FusedBatch, copy_windows, facts_table
 from pipelines.device_fusion import DevicePlanner, fuse_on_device, plan_on_device
-from pipelines.device_sampling import DEVICE_SAMPLERS, device_inputs, sample_on_device
+from pipelines import device_sampling
+from pipelines.device_sampling import DEVICE_SAMPLERS, constant, device_inputs, keeping_constants, sample_on_device
 from pipelines.pipeline import Pipeline
 from pipelines.plan import axis_aligned, fuse_batch
 from pipelines.presets import list_presets, resolve
@@ -423,3 +424,20 @@ def test_mistakes_end_in_the_numpy_paths_messages():
         with pytest.raises(ValueError) as got:
             device(batch, **kwargs)
         assert str(got.value) == str(expected.value)
+
+
+def test_a_graph_owner_keeps_the_constants_the_bounded_cache_drops():
+    """keeping_constants collects every constant handed out in its block (nested blocks both), so a CUDA
+    graph's owner holds the tensors the graph reads even after the cache evicted them; outside a block
+    nothing is collected."""
+    cpu = torch.device("cpu")
+    with keeping_constants() as outer:
+        first = constant((1.5, 2.5), torch.float64, cpu)
+        with keeping_constants() as inner:
+            second = constant((7.0,), torch.float32, cpu)
+            assert constant((7.0,), torch.float32, cpu) is second  # cached: one upload
+    constant((9.0,), torch.float64, cpu)  # after the blocks: kept by neither
+    assert list(outer.values()) == [first, second] and list(inner.values()) == [second]
+    device_sampling._uploaded.cache_clear()  # the cache lets go of them (as eviction would) ...
+    assert constant((1.5, 2.5), torch.float64, cpu) is not first  # ... a new upload now
+    assert outer[id(first)] is first and torch.equal(first, torch.tensor([1.5, 2.5], dtype=torch.float64))  # ... still held
