@@ -89,6 +89,11 @@ def affine_tap_box(matrix: np.ndarray, out_hw: tuple[int, int], height: int, wid
     return tap_box((min(xs), max(xs)), (min(ys), max(ys)), height, width)
 
 
+# Below this many source pixels a read pass costs more than the stalls it saves (a 32² crop of a
+# rotation: +3 µs per image with the pass; from 48², a gain).
+MIN_READ_PIXELS = 2048
+
+
 def read_into_cache(image: np.ndarray, box: tuple[int, int, int, int] | None) -> None:
     """One sequential read of ``image[y0:y1, x0:x1]`` (``box``; None: nothing), whose result is not
     needed. OpenCV 5's ``warpAffine`` and ``remap`` work through their output in tiles, so they read
@@ -103,10 +108,11 @@ def read_into_cache(image: np.ndarray, box: tuple[int, int, int, int] | None) ->
     two in five: still a gain), 543 → 489 µs for random-resized-crop + flip and 1054 → 741 µs
     for resize + rotate ±15° + centre crop. Other passes measured the same (a single-channel sum,
     ``countNonZero``, ``NORM_INF``) or slower (one byte per cache line: +7%; software prefetches:
-    +80%)."""
+    +80%). Skipped for boxes under :data:`MIN_READ_PIXELS`."""
     if box is not None:
         y0, y1, x0, x1 = box
-        cv2.sumElems(image[y0:y1, x0:x1])
+        if (y1 - y0) * (x1 - x0) >= MIN_READ_PIXELS:
+            cv2.sumElems(image[y0:y1, x0:x1])
 
 
 def warp_affine(image: np.ndarray, inverse: np.ndarray, out_hw: tuple[int, int], border: str, fill: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -116,7 +122,8 @@ def warp_affine(image: np.ndarray, inverse: np.ndarray, out_hw: tuple[int, int],
     output's corner pixels bound it)."""
     out_h, out_w = out_hw
     matrix = G.to_pixel_center_inverse(inverse)[:2]
-    read_into_cache(image, affine_tap_box(matrix, out_hw, *image.shape[:2]))
+    if abs(inverse[0, 0] * inverse[1, 1] - inverse[0, 1] * inverse[1, 0]) * out_h * out_w >= MIN_READ_PIXELS:  # the source area: worth a pass
+        read_into_cache(image, affine_tap_box(matrix, out_hw, *image.shape[:2]))
     fills = (float(fill),) * image.shape[2]
     return _hwc(cv2.warpAffine(image, matrix, (out_w, out_h), dst=as_2d(out), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=BORDERS[border].opencv, borderValue=fills))
 

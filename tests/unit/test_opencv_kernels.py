@@ -196,3 +196,21 @@ def test_opencv_resamples_in_exact_float_bilinear():
     for result in (warped, remapped):  # away from the border, where both treat half-outside taps alike
         difference = np.abs(result[2:-2, 2:-2] - expected[2:-2, 2:-2])
         assert difference.max() <= 1 and difference.mean() < 0.01, (difference.max(), difference.mean())  # ties round either way
+
+
+def test_small_boxes_are_not_read_first(monkeypatch):
+    """Under MIN_READ_PIXELS source pixels the pass costs more than it saves (a 32² rotated crop), so
+    it is skipped; from there on one cv2.sumElems reads the box."""
+    reads = []
+    monkeypatch.setattr(K.cv2, "sumElems", lambda region: reads.append(region.shape))
+    image = noise(count=1, shape=(256, 256, 3))[0]
+    K.read_into_cache(image, (0, 40, 0, 40))  # 1,600 pixels
+    assert reads == []
+    K.read_into_cache(image, (10, 60, 20, 70))  # 2,500 pixels
+    assert reads == [(50, 50, 3)]
+    angle = np.radians(10.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 100.0], [np.sin(angle), np.cos(angle), 90.0], [0.0, 0.0, 1.0]])
+    K.warp_affine(image, rotation, (32, 32), "constant", 0)  # 1,024 source pixels: no pass
+    assert len(reads) == 1
+    K.warp_affine(image, rotation, (64, 64), "constant", 0)  # 4,096: one pass over the rotated box
+    assert len(reads) == 2 and reads[1][0] > 64 and reads[1][1] > 64
