@@ -78,9 +78,9 @@ _EYE = np.eye(3)
 
 
 def _eyes(n: int) -> np.ndarray:
-    """(n, 3, 3) identity matrices, writable (one C call: numpy's Python-level helpers such as
+    """(n, 3, 3) identity matrices, writable, in one C call (numpy's Python-level helpers such as
     ``broadcast_to`` and ``stack`` cost several microseconds each, and a batch is planned with dozens)."""
-    return np.repeat(_EYE[None], n, axis=0)
+    return _EYE[None].repeat(n, axis=0)
 
 
 def _about_centers(linear: np.ndarray, hw: np.ndarray) -> np.ndarray:
