@@ -119,7 +119,8 @@ def warp_affine(image: np.ndarray, inverse: np.ndarray, out_hw: tuple[int, int],
     """Bilinear resampling at ``inverse @ destination`` (3×3, dst→src, continuous coordinates): one
     ``warpAffine`` with the inverse map as is (``WARP_INVERSE_MAP``: no inversion), after one read
     pass over the source box its taps fall in (:func:`read_into_cache`; the map is affine, so the
-    output's corner pixels bound it)."""
+    output's corner pixels bound it) — unless the source area they cover, ``|det| · out_h · out_w``,
+    is under :data:`MIN_READ_PIXELS`, where even computing the box costs more than it saves."""
     out_h, out_w = out_hw
     matrix = G.to_pixel_center_inverse(inverse)[:2]
     if abs(inverse[0, 0] * inverse[1, 1] - inverse[0, 1] * inverse[1, 0]) * out_h * out_w >= MIN_READ_PIXELS:  # the source area: worth a pass
