@@ -14,6 +14,7 @@ A decoded array at ``factor`` placed at ``(top, left)`` holds, in its pixel ``(i
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -29,13 +30,29 @@ def source_box(plan: SamplePlan) -> tuple[float, float, float, float] | None:
     whole image anyway (a local warp) or nothing of it."""
     if plan.inverse is None:
         return None
-    height, width = plan.in_shape[:2]
-    out_h, out_w = plan.out_hw
-    corners = np.array([[0.0, 0.0, 1.0], [out_w, 0.0, 1.0], [0.0, out_h, 1.0], [out_w, out_h, 1.0]])
-    mapped = corners @ plan.inverse[:2].T
-    x0, y0 = mapped.min(axis=0) - 1.0
-    x1, y1 = mapped.max(axis=0) + 1.0
-    x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+    return affine_source_box(plan.inverse, plan.out_hw, plan.in_shape[:2])
+
+
+def affine_source_box(inverse: np.ndarray, out_hw: tuple[int, int], in_hw: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """:func:`source_box` of the affine dst→src map ``inverse`` (3×3) from an ``in_hw`` source into
+    ``out_hw``: the map is affine, so the output's four corners bound where every point lands. Plain
+    Python floats: the OpenCV kernels ask for it once per image."""
+    (a, b, c), (d, e, f) = inverse[:2].tolist()
+    out_h, out_w = out_hw
+    xs = (c, a * out_w + c, b * out_h + c, a * out_w + b * out_h + c)
+    ys = (f, d * out_w + f, e * out_h + f, d * out_w + e * out_h + f)
+    return clipped_box((min(xs), max(xs)), (min(ys), max(ys)), in_hw)
+
+
+def clipped_box(x_range: tuple[float, float], y_range: tuple[float, float], in_hw: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """``(x0, y0, x1, y1)``: the source pixels bilinear taps at points within ``x_range`` × ``y_range``
+    (continuous coordinates) can touch — one pixel of margin each side — clipped to an ``in_hw``
+    image. None when that is empty or a bound is not finite."""
+    if not all(math.isfinite(bound) for bound in (*x_range, *y_range)):
+        return None
+    height, width = in_hw
+    x0, x1 = max(x_range[0] - 1.0, 0.0), min(x_range[1] + 1.0, float(width))
+    y0, y1 = max(y_range[0] - 1.0, 0.0), min(y_range[1] + 1.0, float(height))
     if x1 <= x0 or y1 <= y0:
         return None
     return x0, y0, x1, y1

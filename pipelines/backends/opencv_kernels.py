@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import geometry as G
 from ..borders import BORDERS
+from ..decode_plan import affine_source_box, clipped_box
 from ..plan import AxisAligned, SamplePlan
 from ..source_map import opencv_maps
 
@@ -59,44 +60,14 @@ def copy_window(image: np.ndarray, top: int, left: int, out_hw: tuple[int, int],
     return _hwc(cv2.flip(window, code, dst=as_2d(out)))
 
 
-def tap_box(x_range: tuple[float, float], y_range: tuple[float, float], height: int, width: int) -> tuple[int, int, int, int] | None:
-    """``(y0, y1, x0, x1)``: the pixels that bilinear taps at source coordinates within ``x_range`` ×
-    ``y_range`` (OpenCV's convention: pixel centres on integers) read, plus one pixel of margin each
-    side (OpenCV's own float arithmetic), clipped to a ``height`` × ``width`` image. None when that
-    box is empty or a bound is not finite."""
-    if not all(math.isfinite(bound) for bound in (*x_range, *y_range)):
-        return None
-    (x0, x1), (y0, y1) = _taps_read(*x_range), _taps_read(*y_range)
-    x0, x1, y0, y1 = max(int(x0), 0), min(int(x1), width), max(int(y0), 0), min(int(y1), height)
-    return (y0, y1, x0, x1) if x0 < x1 and y0 < y1 else None
-
-
-def _taps_read(low, high):
-    """Along one axis, ``[first, end)``: the pixels that bilinear taps at OpenCV coordinates from
-    ``low`` to ``high`` read (``floor(x)`` and the next), plus one pixel of margin each side (OpenCV
-    computes coordinates in its own float arithmetic). Floats or numpy arrays; not clipped."""
-    return np.floor(low) - 1, np.floor(high) + 3
-
-
-def affine_tap_box(matrix: np.ndarray, out_hw: tuple[int, int], height: int, width: int) -> tuple[int, int, int, int] | None:
-    """:func:`tap_box` of ``warpAffine(..., WARP_INVERSE_MAP)`` with the 2×3 ``matrix`` (output pixel →
-    source, OpenCV's convention) into ``out_hw``: the map is affine, so the source points of the
-    output's four corner pixels bound those of all."""
-    (a, b, c), (d, e, f) = matrix.tolist()
-    right, bottom = out_hw[1] - 1, out_hw[0] - 1
-    xs = (c, c + a * right, c + b * bottom, c + a * right + b * bottom)
-    ys = (f, f + d * right, f + e * bottom, f + d * right + e * bottom)
-    return tap_box((min(xs), max(xs)), (min(ys), max(ys)), height, width)
-
-
 # Below this many source pixels a read pass costs more than the stalls it saves (a 32² crop of a
 # rotation: +3 µs per image with the pass; from 48², a gain).
 MIN_READ_PIXELS = 2048
 
 
-def read_into_cache(image: np.ndarray, box: tuple[int, int, int, int] | None) -> None:
-    """One sequential read of ``image[y0:y1, x0:x1]`` (``box``; None: nothing), whose result is not
-    needed. OpenCV 5's ``warpAffine`` and ``remap`` work through their output in tiles, so they read
+def read_into_cache(image: np.ndarray, box: tuple[float, float, float, float] | None) -> None:
+    """One sequential read of the pixels of ``box`` = ``(x0, y0, x1, y1)``, continuous coordinates as
+    :func:`~pipelines.decode_plan.source_box` gives them (None: nothing), whose result is not needed. OpenCV 5's ``warpAffine`` and ``remap`` work through their output in tiles, so they read
     their source in short runs the hardware prefetcher does not follow: on pixels not in cache (a
     batch of inputs outgrows the core's L2) they stall on every run, and one pass in memory order
     first (``cv2.sumElems``) costs far less than those stalls. Measured per image, one core, batches
@@ -110,7 +81,7 @@ def read_into_cache(image: np.ndarray, box: tuple[int, int, int, int] | None) ->
     ``countNonZero``, ``NORM_INF``) or slower (one byte per cache line: +7%; software prefetches:
     +80%). Skipped for boxes under :data:`MIN_READ_PIXELS`."""
     if box is not None:
-        y0, y1, x0, x1 = box
+        x0, y0, x1, y1 = math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3])
         if (y1 - y0) * (x1 - x0) >= MIN_READ_PIXELS:
             cv2.sumElems(image[y0:y1, x0:x1])
 
@@ -124,7 +95,7 @@ def warp_affine(image: np.ndarray, inverse: np.ndarray, out_hw: tuple[int, int],
     out_h, out_w = out_hw
     matrix = G.to_pixel_center_inverse(inverse)[:2]
     if abs(inverse[0, 0] * inverse[1, 1] - inverse[0, 1] * inverse[1, 0]) * out_h * out_w >= MIN_READ_PIXELS:  # the source area: worth a pass
-        read_into_cache(image, affine_tap_box(matrix, out_hw, *image.shape[:2]))
+        read_into_cache(image, affine_source_box(inverse, out_hw, image.shape[:2]))
     fills = (float(fill),) * image.shape[2]
     return _hwc(cv2.warpAffine(image, matrix, (out_w, out_h), dst=as_2d(out), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=BORDERS[border].opencv, borderValue=fills))
 
@@ -135,7 +106,8 @@ def remap(image: np.ndarray, plan: SamplePlan, border: str, fill: int, out: np.n
     map_x, map_y = opencv_maps(plan)
     x_min, x_max = cv2.minMaxLoc(map_x)[:2]
     y_min, y_max = cv2.minMaxLoc(map_y)[:2]
-    read_into_cache(image, tap_box((x_min, x_max), (y_min, y_max), *image.shape[:2]))
+    # The maps are in OpenCV's convention (pixel centres on integers): + 0.5 to continuous coordinates.
+    read_into_cache(image, clipped_box((x_min + 0.5, x_max + 0.5), (y_min + 0.5, y_max + 0.5), image.shape[:2]))
     fills = (float(fill),) * image.shape[2]
     return _hwc(cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, dst=as_2d(out), borderMode=BORDERS[border].opencv, borderValue=fills))
 
@@ -161,7 +133,8 @@ def _tap_span(start: np.ndarray, scale: np.ndarray, count: np.ndarray, extent: n
     (OpenCV computes the coordinates in its own float arithmetic), clipped to ``[0, extent)``, and
     whether it needed no clipping. Where the span is clipped, the taps may leave the image there and
     the border mode decides them, as on the whole image."""
-    first, end = _taps_read(start + 0.5 * scale - 0.5, start + (count - 0.5) * scale - 0.5)
+    first = np.floor(start + 0.5 * scale - 0.5) - 1
+    end = np.floor(start + (count - 0.5) * scale - 0.5) + 3
     inside = (first >= 0) & (end <= extent)
     return np.maximum(first, 0).astype(np.int64), np.minimum(end, extent).astype(np.int64), inside
 
@@ -200,7 +173,7 @@ def warp_window(image: np.ndarray, windows: TapWindows, i: int, out_hw: tuple[in
     y0, y1, x0, x1 = windows.bounds[i]
     if x1 <= x0 or y1 <= y0:
         return None
-    read_into_cache(image, windows.bounds[i])
+    read_into_cache(image, (x0, y0, x1, y1))
     window = image[y0:y1, x0:x1]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     if windows.inside[i]:

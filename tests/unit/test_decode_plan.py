@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import pipelines
-from pipelines.decode_plan import largest_reduction, reaim, source_box
+from pipelines.decode_plan import clipped_box, largest_reduction, reaim, source_box
 from pipelines.plan import SamplePlan
+from pipelines.source_map import source_map
 
 
 def smooth(height=300, width=400, seed=0, cell=25):
@@ -94,6 +95,27 @@ def test_source_box_covers_the_taps_and_is_clipped():
     assert source_box(p) == (29.0, 39.0, 71.0, 71.0)
     assert source_box(plan([[2.0, 0, -5], [0, 2.0, 90], [0, 0, 1]])) == (0.0, 89.0, 36.0, 100.0)
     assert source_box(plan([[1.0, 0, 500], [0, 1.0, 0], [0, 0, 1]])) is None  # entirely outside
+
+
+def test_source_box_holds_every_tap_of_rotated_and_sheared_plans():
+    """Every pixel the bilinear taps read (the dense float64 source map, taps floor(x - 0.5) and the
+    next) lies in the box, as the OpenCV kernels' read pass slices it (floor and ceiling of its ends)."""
+    shapes = [(64, 80, 3)] * 6
+    pipe = pipelines.build({"ops": [{"op": "rotate", "degrees": 30}, {"op": "shear", "degrees": 10}, {"op": "random_crop", "size": 48}]})
+    for p in pipe.plans(pipe.sample_params(shapes, seed=3)):
+        x0, y0, x1, y1 = source_box(p)
+        map_x, map_y = source_map(p, dtype=np.float64)
+        tap_x, tap_y = np.floor(map_x - 0.5), np.floor(map_y - 0.5)
+        inside_x, inside_y = (tap_x >= 0) & (tap_x + 1 < 80), (tap_y >= 0) & (tap_y + 1 < 64)
+        assert math.floor(x0) <= tap_x[inside_x].min() and tap_x[inside_x].max() + 1 < math.ceil(x1)
+        assert math.floor(y0) <= tap_y[inside_y].min() and tap_y[inside_y].max() + 1 < math.ceil(y1)
+
+
+def test_clipped_box_is_clipped_and_none_when_empty_or_not_finite():
+    assert clipped_box((10.2, 30.7), (-5.0, 70.0), (64, 80)) == (9.2, 0.0, 31.7, 64.0)
+    assert clipped_box((100.0, 120.0), (0.0, 10.0), (64, 80)) is None  # right of the image
+    assert clipped_box((float("nan"), 3.0), (0.0, 10.0), (64, 80)) is None
+    assert clipped_box((0.0, 3.0), (0.0, float("inf")), (64, 80)) is None
 
 
 @pytest.mark.parametrize(
