@@ -119,25 +119,6 @@ def test_no_gpu_means_no_device_decoder_and_one_warning(caplog):
     )
 
 
-def test_no_nvimgcodec_means_no_device_decoder_and_one_warning(caplog, monkeypatch):
-    """Without nvImageCodec a GPU worker decodes on the CPU: it says so once, naming what to install."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def without_nvimgcodec(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "nvidia" and fromlist and "nvimgcodec" in fromlist:
-            raise ImportError("No module named 'nvidia.nvimgcodec'")
-        return real_import(name, globals, locals, fromlist, level)
-
-    monkeypatch.setattr(builtins, "__import__", without_nvimgcodec)
-    with caplog.at_level(logging.WARNING, logger="augserve.sources"):
-        assert device_decoder("cuda:7", 3, threads=5) is None
-        assert device_decoder("cuda:7", 3, threads=5) is None
-    warnings = [r.getMessage() for r in caplog.records if r.name == "augserve.sources"]
-    assert warnings == ["nvImageCodec is not installed (pip install 'nvidia-nvimgcodec-cu13[all]'), so JPEG files are decoded on the CPU, one at a time, not on cuda:7"]
-
-
 # --- the batched path of augment_batch -----------------------------------------------------------------
 
 

@@ -257,3 +257,20 @@ def test_an_unusable_nvimgcodec_falls_back_to_opencv_with_one_warning(jpeg):
     assert {k: broken[k] for k in ("shape", "placement", "sha256")} == {k: here[k] for k in ("shape", "placement", "sha256")}
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert warnings == ["WARNING augserve.sources: nvImageCodec's CPU decoder is unusable (RuntimeError: libnvimgcodec.so.0: cannot open shared object file); JPEG regions are decoded with OpenCV"]
+
+
+def test_a_gpu_worker_without_nvimgcodec_says_once_that_it_decodes_on_the_cpu():
+    """Without nvImageCodec no device decoder is made: one warning naming what to install (a GPU
+    worker's throughput would otherwise drop unexplained), however often it is asked."""
+    result = _python(
+        ["nvidia.nvimgcodec"],
+        """
+        import json, logging
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        from augserve.sources.device_decoder import device_decoder
+        print(json.dumps([device_decoder("cuda:7", 3, threads=5) is None, device_decoder("cuda:7", 3, threads=5) is None]))
+        """,
+    )
+    assert _last_json(result) == [True, True]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert warnings == ["WARNING augserve.sources: nvImageCodec is not installed (pip install 'nvidia-nvimgcodec-cu13[all]'), so JPEG files are decoded on the CPU, one at a time, not on cuda:7"]
