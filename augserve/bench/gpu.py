@@ -50,12 +50,12 @@ def candidates(images_host: np.ndarray, device: str) -> dict:
     batch = images_host.shape[0]
     gpu_uint8 = torch.from_numpy(images_host).to(device)  # N×H×W×C on the device
     found: dict = {}
-    torch_pipe = pipelines.build(GPU_CHAIN, backend="torch", device=device)  # sampling "auto": on the device where it can
-    where = "on the device (batched torch ops, a CUDA graph)" if torch_pipe.sampling == "device" else "on the host (numpy)"
-    found["augserve torch (GPU, per-sample fused)"] = (lambda r: torch_pipe(gpu_uint8, seed=0, epoch=r + 10, sample_ids=range(batch)), f"input on GPU; per-sample params sampled {where}")
-    # The same with host sampling, as every figure before device-side sampling was measured: what it gains.
-    host_sampled = pipelines.build(GPU_CHAIN, backend="torch", device=device, sampling="host")
-    found["augserve torch (GPU, host-sampled)"] = (lambda r: host_sampled(gpu_uint8, seed=0, epoch=r + 10, sample_ids=range(batch)), "input on GPU; per-sample params sampled on the host (numpy)")
+    # Sampling "auto" (on the device where it can), then host sampling as every figure before device-side
+    # sampling was measured: what it gains.
+    for name, sampling in (("augserve torch (GPU, per-sample fused)", "auto"), ("augserve torch (GPU, host-sampled)", "host")):
+        torch_pipe = pipelines.build(GPU_CHAIN, backend="torch", device=device, sampling=sampling)
+        where = "on the device (batched torch ops, a CUDA graph)" if torch_pipe.sampling == "device" else "on the host (numpy)"
+        found[name] = (lambda r, pipe=torch_pipe: pipe(gpu_uint8, seed=0, epoch=r + 10, sample_ids=range(batch)), f"input on GPU; per-sample params sampled {where}")
     try:
         dali_pipe = pipelines.build(GPU_CHAIN, backend="dali", device=device)
         host_list = [image for image in images_host]
