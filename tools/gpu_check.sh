@@ -2,16 +2,24 @@
 # The GPU checks of augserve, for a CUDA machine without a package index (the device tool).
 # Usage: bash tools/gpu_check.sh [STAGE ...]     (OUT defaults to ./out/gpu)
 #
-# A device session has ~15 minutes in all (each start costs 1-2 of them) and at most 10 per call, so
-# plan two calls on the named kind nvidia-h100-x1 (CUDA IPC is unverified on the other kind):
-#   call 1 (timeout_s 560): bash tools/gpu_check.sh tests bench ipc          (~8 min)
-#   call 2 (timeout_s 400): bash tools/gpu_check.sh decode e2e               (~6 min)
-# then recipes and trainer if minutes are left (trainer was measured on 2026-11-26; recipes take ~7).
+# A device session has 15 minutes of device time in all (each call's start and transfers count; at most
+# 10 minutes a call; the machine stays warm 30 s between calls). The targets of issue 11 are judged
+# against DALI, so DALI travels too, as the parts of ../shared/tools/wheelhouse.sh:
+#   here, once:   echo /.wh/ >> .git/info/exclude; bash ../shared/tools/wheelhouse.sh .wh --base --dali
+#                 (5 parts of <= 60 MiB, 272 MB: DALI 2.4 and its libraries, nvImageCodec, nvJPEG, pyzmq,
+#                 pydantic, albumentations, kornia; the tree itself adds ~4 MB to each call's 64 MiB)
+#   calls 1-5, back to back, kind nvidia-h100-x1, carry [".wh/partK"], timeout_s 120:
+#                 mkdir -p /tmp/w && cp .wh/partK/* /tmp/w/
+#   call 6 (timeout_s 560): bash tools/gpu_check.sh bench e2e           the figures of section 4 and 5 (~7 min)
+#   call 7 (the rest):      SKIP_WHEELS=1 bash tools/gpu_check.sh tests ipc   (~6 min; decode if time is left)
+# The first call also starts the machine (1-2 minutes). If fewer than ~10 minutes are left after the
+# copies, run `bench` alone in call 6. Without DALI (no time for the copies), carry .whl (below).
 #
 # Wheels. The machine has CUDA PyTorch, torchvision, OpenCV, pytest (with pytest-timeout) but not
-# pyzmq, pydantic, albumentations, kornia or nvImageCodec. Put their wheels in .whl/ (ignored by git:
-# `echo /.whl/ >> .git/info/exclude`), carry `.whl`, and this script installs them into /tmp/site
-# (again on every call; SKIP_WHEELS=1 skips that on a warm machine). Pinned, as tested here (~45 MB):
+# pyzmq, pydantic, albumentations, kornia, nvImageCodec or DALI. This script installs, into /tmp/site
+# (again on every call; SKIP_WHEELS=1 skips that on a warm machine), the wheels in the chunks of
+# /tmp/w (the parts above) and those in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`;
+# carry `.whl`), a wheel in both taken once. Pinned, as tested here (~45 MB, no DALI):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl pyzmq==27.3.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
@@ -21,14 +29,14 @@
 # (pydantic pins pydantic-core exactly: an unpinned pair can break every import.) The preflight below
 # prints the image's OpenCV: augserve needs >= 5 (exact float bilinear; the GPU tests compare against
 # the OpenCV backend within 0.05-0.1 levels). If it prints 4.x, carry opencv-python-headless==5.1.0.95
-# (64 MB: a call of its own, before call 1) and expect the parity tests to fail until it is installed.
-# DALI (~257 MB) does not fit a call's 64 MiB: its tests skip without it.
+# (64 MB: a call of its own, before the others) and expect the parity tests to fail until it is installed.
 #
 # Results go to $OUT: gpu.txt (the machine and the preflight), one markdown table per bench, and
 # gpu_check.tgz with every full log, pytest's JUnit XML and the benches' JSON (the device tool returns
 # at most 8 files). Stages, each under its own timeout:
 #   tests    the GPU tests but those of the stages below (~3 min)
-#   bench    bench gpu (torch, device- and host-sampled, vs DALI vs kornia) and bench sampling (~2 min)
+#   bench    bench gpu (in memory and from JPEG files: torch vs DALI's own pipelines vs kornia, the
+#            targets judged) and bench sampling (~3 min)
 #   ipc      CUDA IPC hand-off: its GPU tests, then bench transport with the cuda-ipc row (~3 min)
 #   decode   GPU JPEG decode: the device decoder's tests and bench decoders --device cuda:0 (~4 min)
 #   e2e      bench gpu-e2e (ResNet-50 bf16 fed by augserve vs DataLoader vs DALI vs synthetic) and its test (~5 min)
@@ -45,9 +53,22 @@ for stage in "${stages[@]}"; do
 done
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
-if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
+install_wheels() {  # the wheels of /tmp/w's chunks and of .whl/, each file name once, into /tmp/site
+  local wheels=() seen=" " wheel
+  if ls /tmp/w/chunk.* >/dev/null 2>&1; then
+    rm -rf /tmp/wh && mkdir -p /tmp/wh
+    cat /tmp/w/chunk.* | tar x -C /tmp/wh || { echo "gpu_check.sh: the chunks in /tmp/w do not make a whole archive: copy every part of .wh first ($(ls /tmp/w | tr '\n' ' '))" >&2; return 1; }
+  fi
+  for wheel in /tmp/wh/*.whl .whl/*.whl; do
+    [ -f "$wheel" ] || continue
+    case "$seen" in *" ${wheel##*/} "*) continue ;; esac
+    seen="$seen${wheel##*/} "; wheels+=("$wheel")
+  done
+  [ ${#wheels[@]} -eq 0 ] && return 0
+  echo "installing ${#wheels[@]} wheels into /tmp/site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+}
+if [ -z "${SKIP_WHEELS:-}" ]; then install_wheels || exit 1; fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD  # also on a warm rerun that skipped the install
 
 preflight() {  # what the machine has, before any stage spends minutes on a missing piece
@@ -93,8 +114,8 @@ stage_tests() {
 }
 
 stage_bench() {
-  echo "== bench gpu"
-  timeout 100 python3 -m augserve bench gpu --rounds 8 --json > "$OUT/bench_gpu.jsonl" 2> "$OUT/bench_gpu.err"
+  echo "== bench gpu (in memory and from JPEG files; torch vs DALI's own pipelines vs kornia vs torchvision)"
+  timeout 200 python3 -m augserve bench gpu --rounds 8 --json > "$OUT/bench_gpu.jsonl" 2> "$OUT/bench_gpu.err"
   table augserve.bench.gpu "$OUT/bench_gpu.jsonl" | tee "$OUT/bench_gpu.md"; tail -3 "$OUT/bench_gpu.err"
   echo "== bench sampling (host numpy vs device)"
   timeout 60 python3 -m augserve bench sampling --device cpu --device cuda:0 --json > "$OUT/bench_sampling.jsonl" 2> "$OUT/bench_sampling.err"

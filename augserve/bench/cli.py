@@ -51,11 +51,11 @@ def plot_note(path: str | None) -> str:
 def cmd_bench_gpu(args) -> int:
     from .plots import check_png_path
 
-    at_least(args, 1, "rounds", "batch")
     check_png_path(args.plot)
     from .gpu import format_table, plot, run_gpu_bench
 
-    result = run_gpu_bench(device=args.device, rounds=args.rounds, batch=args.batch)
+    result = run_gpu_bench(device=args.device, rounds=args.rounds, batch=args.batch, batches=args.batches, jpeg_files=args.jpeg_files,
+                           threads=args.threads, progress=progress_for(args))  # fmt: skip
     if args.plot:
         result["plot"] = plot(result, args.plot)
     print_rows_and_summary(args, result["rows"], result, format_table(result) + plot_note(args.plot))
@@ -210,10 +210,13 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     add_output_flags(e2e)
     e2e.set_defaults(func=cmd_bench_e2e)
 
-    gpu = bench_kinds.add_parser("gpu", help="GPU backends vs kornia and torchvision v2, and the host-to-device copy (needs CUDA)")
-    gpu.add_argument("--device", default="cuda:0")
-    gpu.add_argument("--rounds", type=int, default=10, help="timed rounds; medians are reported")
-    gpu.add_argument("--batch", type=int, default=256, help="images per batch (256² inputs)")
+    gpu = bench_kinds.add_parser("gpu", help="the torch backend's chain vs DALI, kornia and torchvision v2, in memory and from JPEG files, with issue 11's targets")
+    gpu.add_argument("--device", default="cuda:0", help="cuda[:K]; cpu runs every row on the CPU as a check, not a measurement")
+    gpu.add_argument("--rounds", type=int, default=10, help="interleaved rounds; medians are reported")
+    gpu.add_argument("--batch", type=int, default=256, help="images per batch (256² inputs in memory, 500×375 JPEG files)")
+    gpu.add_argument("--batches", type=int, default=4, help="batches per candidate and round")
+    gpu.add_argument("--jpeg-files", type=int, default=None, help="JPEG photos written for the file table (default 2 × --batch; 0 leaves it out)")
+    gpu.add_argument("--threads", type=int, default=None, help="CPU threads of torch, DALI and nvImageCodec (default the host's cores, at most 8)")
     add_output_flags(gpu)
     gpu.set_defaults(func=cmd_bench_gpu)
 

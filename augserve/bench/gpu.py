@@ -1,19 +1,49 @@
-"""``augserve bench gpu``: our torch and DALI GPU backends against kornia and torchvision v2 on the same
-batch, plus the host-to-device copy path. Needs CUDA.
+"""``augserve bench gpu``: the torch backend's chain on a GPU against DALI, kornia and torchvision v2 —
+from images in memory and from JPEG files — with issue 11's targets judged in the same run.
 
-The batch: 256 uint8 RGB 256×256 images → 224×224 with random-resized-crop + flip + rotate ±15° + shear
-±10° + PCA lighting + color shift + normalize (the chain of ../shared/ANCHORS.md; kornia's and
-torchvision's sequences have no PCA lighting — they run the rest). Each candidate runs in interleaved
-rounds, timed with ``torch.cuda.synchronize``; medians are reported.
+The chain (:data:`GPU_CHAIN`, the one of ../shared/ANCHORS.md): random-resized-crop 224 + flip +
+rotate ±15° + shear ±10° + PCA lighting + color shift + normalize to float16 NCHW. Two tables:
+
+* **in memory** — a batch of ``batch`` uint8 RGB 256² images (the built-in ``shapes``) already on the
+  device. Rows: augserve's torch backend with its per-sample parameters sampled on the device (batched
+  torch ops replayed as a CUDA graph: the row the targets judge) and sampled on the host (numpy); augserve's DALI backend (our fused plans run by DALI); **DALI's
+  own pipeline** (:mod:`augserve.bench.dali_chain`: DALI's random operators, the graph a DALI user
+  writes — the baseline of the target); kornia's ``AugmentationSequential`` and torchvision v2 in a
+  per-image loop (both without the color ops: they have no PCA lighting).
+* **from JPEG files** — ``jpeg_files`` JPEG photos of 500×375 (written from scikit-image's photos into a
+  temporary folder), each batch ``batch`` of them, from the bytes on disk to the normalized batch.
+  Rows: augserve's GPU worker path (:func:`augserve.batch.augment_batch`: headers read, every sample
+  planned, only each plan's region decoded by nvImageCodec in one call for the batch, the fused chain
+  written into a device buffer, then normalized on the device as the trainer's client does); the same
+  with the files decoded on the host one at a time (a worker without nvImageCodec); **DALI's own
+  pipeline** with its ``mixed`` decoder (``readers.file`` → ``decoders.image_random_crop`` → the chain).
+
+Each candidate runs ``batches`` batches per round, in interleaved rounds whose order alternates
+(:func:`augserve.bench.timing.round_order`), the device synchronized before and after each block;
+medians of the rounds are reported. DALI's pipelines prepare batches ahead (their queue is 2 deep)
+while the other candidates run, so before each of its blocks the batches it prepared are taken,
+untimed: its block then times batches made during the block, as everyone's is. augserve's rows are
+one worker's synchronous loop, with no batch made ahead. DALI and nvImageCodec get ``threads`` CPU
+threads, and so does torch.
+
+``--device cpu`` runs every row on the CPU (DALI's CPU operators and decoder, nvImageCodec's CPU
+decoder): a check that the command works, not a measurement of what the targets are about.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+
+from .devices import bench_device
+from .timing import round_order
 
 GPU_CHAIN = {
     "name": "gpu-chain",
@@ -28,65 +58,154 @@ GPU_CHAIN = {
     ],
 }
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INPUT_SIDE = 256  # the in-memory batch's images are INPUT_SIDE² RGB
+WARMUP_BATCHES = 2  # per candidate, untimed: CUDA graphs captured, cuDNN and DALI set up, files in the page cache
+TABLES = ("memory", "jpeg")
+# (table, our row, baseline row or None, text, minimum, on CUDA only): issue 11 §4's targets, judged in
+# the run. With a baseline the value is our row's images/s over the baseline's, else our images/s.
+TARGETS = (
+    ("memory", "torch", None, "torch chain ≥ 100,000 images/s", 100_000, True),
+    ("memory", "torch", "dali", "torch chain ≥ 1.5× DALI's own GPU pipeline", 1.5, False),
+    ("memory", "torch", "kornia", "torch chain ≥ 6× kornia", 6.0, False),
+    ("jpeg", "torch-jpeg", "dali-jpeg", "from JPEG files ≥ 1.2× DALI's mixed-decoder pipeline", 1.2, False),
+)
 
 
-def _timed(run, rounds: int, warmup: int = 2) -> list[float]:
-    for i in range(warmup):
-        run(-1 - i)
-    torch.cuda.synchronize()
-    times = []
-    for i in range(rounds):
-        start = time.perf_counter()
-        run(i)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+@dataclass
+class Candidate:
+    """One row: ``run(batch_index)`` makes one batch (None: the row cannot run here, ``note`` says why);
+    ``settle()`` runs untimed before each timed block (DALI: take the batches it prepared ahead)."""
+
+    name: str
+    run: Callable[[int], object] | None
+    note: str
+    settle: Callable[[], None] = lambda: None
 
 
-def candidates(images_host: np.ndarray, device: str) -> dict:
-    """name -> (function(round) that augments the batch, note). Missing libraries are reported, not fatal."""
+def _unavailable(key: str, name: str, exc: Exception) -> tuple[str, Candidate]:
+    return key, Candidate(name, None, f"unavailable: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+
+
+def _dali_candidate(name: str, note: str, build: Callable[[], object]) -> Candidate:
+    pipe = build()
+    depth = 2  # DALI's default prefetch_queue_depth: batches it has ready or in flight
+
+    def settle() -> None:
+        for _ in range(depth):
+            pipe.run()
+
+    return Candidate(name, lambda i: pipe.run(), note, settle)
+
+
+def memory_candidates(images_host: np.ndarray, device: str, threads: int) -> dict[str, Candidate]:
+    """key -> Candidate of the in-memory table, every row on the same batch, already on ``device``."""
     import pipelines
 
+    from . import dali_chain
+
     batch = images_host.shape[0]
-    gpu_uint8 = torch.from_numpy(images_host).to(device)  # N×H×W×C on the device
-    found: dict = {}
-    # Sampling "auto" (on the device where it can), then host sampling as every figure before device-side
-    # sampling was measured: what it gains.
-    for name, sampling in (("augserve torch (GPU, per-sample fused)", "auto"), ("augserve torch (GPU, host-sampled)", "host")):
-        torch_pipe = pipelines.build(GPU_CHAIN, backend="torch", device=device, sampling=sampling)
-        where = "on the device (batched torch ops, a CUDA graph)" if torch_pipe.sampling == "device" else "on the host (numpy)"
-        found[name] = (lambda r, pipe=torch_pipe: pipe(gpu_uint8, seed=0, epoch=r + 10, sample_ids=range(batch)), f"input on GPU; per-sample params sampled {where}")
+    on_device = torch.from_numpy(images_host).to(device)  # N×H×W×C uint8
+    found: dict[str, Candidate] = {}
+    graph = ", a CUDA graph" if on_device.is_cuda else ""
+    for key, sampling, where in (("torch", "device", f"on {device} (batched torch ops{graph})"), ("torch-host", "host", "on the host (numpy)")):
+        pipe = pipelines.build(GPU_CHAIN, backend="torch", device=device, sampling=sampling)
+        run = lambda i, pipe=pipe: pipe(on_device, seed=0, epoch=i + 10, sample_ids=range(batch))  # noqa: E731
+        found[key] = Candidate(f"augserve torch, {sampling}-sampled", run, f"per-sample parameters sampled {where}, one fused resampling")
+    name = "augserve dali backend"
     try:
         dali_pipe = pipelines.build(GPU_CHAIN, backend="dali", device=device)
-        host_list = [image for image in images_host]
-        found["augserve dali (GPU)"] = (lambda r: dali_pipe(host_list, seed=0, epoch=r + 10, sample_ids=range(batch)), "host uint8 in, uploaded by DALI")
-    except Exception as exc:  # DALI missing or without CUDA support here
-        found["augserve dali (GPU)"] = (None, f"unavailable: {type(exc).__name__}: {exc}")
+        host_list = list(images_host)
+        found["dali-backend"] = Candidate(name, lambda i: dali_pipe(host_list, seed=0, epoch=i + 10, sample_ids=range(batch)), "augserve's fused plans run by DALI; host uint8 in, uploaded by DALI")
+    except Exception as exc:  # noqa: BLE001 - DALI missing or without CUDA support here: the row says so
+        found.update([_unavailable("dali-backend", name, exc)])
+    name = "DALI's own pipeline"
+    try:
+        found["dali"] = _dali_candidate(
+            name, "DALI's random operators, the same ranges; random_resized_crop, one warp_affine, one color offset, crop_mirror_normalize",
+            lambda: dali_chain.build(GPU_CHAIN, batch, device, threads, images=on_device if on_device.is_cuda else images_host),
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        found.update([_unavailable("dali", name, exc)])
+    nchw = on_device.permute(0, 3, 1, 2)
+    name = "kornia AugmentationSequential"
     try:
         import kornia.augmentation as K
 
-        mean = torch.tensor(MEAN, device=device)
-        std = torch.tensor(STD, device=device)
+        mean, std = torch.tensor(MEAN, device=device), torch.tensor(STD, device=device)
         augment = K.AugmentationSequential(
             K.RandomResizedCrop((224, 224)), K.RandomHorizontalFlip(), K.RandomAffine(degrees=15, shear=10, p=1.0), K.Normalize(mean, std)
         ).to(device)
-        nchw = gpu_uint8.permute(0, 3, 1, 2)
-        found["kornia AugmentationSequential"] = (lambda r: augment(nchw.float() / 255.0), "crop, flip, affine, normalize; no color")
-    except Exception as exc:
-        found["kornia AugmentationSequential"] = (None, f"unavailable: {type(exc).__name__}: {exc}")
+        found["kornia"] = Candidate(name, lambda i: augment(nchw.float() / 255.0), "crop, flip, affine, normalize; no color ops")
+    except Exception as exc:  # noqa: BLE001
+        found.update([_unavailable("kornia", name, exc)])
+    name = "torchvision v2, per-image loop"
     try:
         from torchvision.transforms import v2
 
         compose = v2.Compose([v2.RandomResizedCrop(224, antialias=False), v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=15, shear=10), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-        nchw = gpu_uint8.permute(0, 3, 1, 2)
-
-        def torchvision_loop(r):
-            return torch.stack([compose(image) for image in nchw])
-
-        found["torchvision v2, per-image loop"] = (torchvision_loop, "one draw per image, Python loop on GPU tensors")
-    except Exception as exc:
-        found["torchvision v2, per-image loop"] = (None, f"unavailable: {type(exc).__name__}: {exc}")
+        found["torchvision"] = Candidate(name, lambda i: torch.stack([compose(image) for image in nchw]), "one draw per image, a Python loop over the batch; no color ops")
+    except Exception as exc:  # noqa: BLE001
+        found.update([_unavailable("torchvision", name, exc)])
     return found
+
+
+def jpeg_candidates(root: str, batch: int, device: str, threads: int) -> dict[str, Candidate]:
+    """key -> Candidate of the JPEG table: every row reads the files under ``root`` (an image folder)."""
+    import pipelines
+    from pipelines.normalize import normalize_images
+    from pipelines.spec import PipelineSpec
+
+    from ..batch import augment_batch
+    from ..sources import SkipStats, open_dataset
+    from . import dali_chain
+
+    source = open_dataset(root)
+    spec = PipelineSpec.model_validate(GPU_CHAIN)
+    count = len(source)
+    found: dict[str, Candidate] = {}
+    for key, decode_on_device in (("torch-jpeg", True), ("torch-jpeg-host", False)):
+        pipe = pipelines.build(spec.without_normalize(), backend="torch", device=device)
+        out = torch.empty((batch, *spec.ops[0].size, 3), dtype=torch.uint8, device=device)  # a worker's device slot
+
+        def run(i: int, pipe=pipe, out=out, decode_on_device=decode_on_device):
+            ids = [(i * batch + k) % count for k in range(batch)]
+            images, _, _, _ = augment_batch(source, pipe, ids, seed=0, epoch=i + 10, on_error="skip", stats=SkipStats(), out=out, decode_on_device=decode_on_device)
+            return normalize_images(images, spec.normalize)
+
+        if decode_on_device:
+            name, note = "augserve torch, nvImageCodec batch decode", f"a GPU worker's path: only each plan's region decoded, the batch in one nvImageCodec call on {device}; normalized on the device"
+        else:
+            name, note = "augserve torch, host decode", "files decoded on the host one at a time (libjpeg-turbo regions), uploaded, augmented; normalized on the device"
+        found[key] = Candidate(name, run, note)
+    name = "DALI's own pipeline, mixed decoder" if torch.device(device).type == "cuda" else "DALI's own pipeline, cpu decoder"
+    try:
+        found["dali-jpeg"] = _dali_candidate(
+            name, "readers.file, decoders.image_random_crop (the crop's region only), resize, then the chain as in memory",
+            lambda: dali_chain.build(GPU_CHAIN, batch, device, threads, files=source.paths),
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        found.update([_unavailable("dali-jpeg", name, exc)])
+    return found
+
+
+def measure(candidates: dict[str, Candidate], device: str, rounds: int, batches: int, batch: int) -> dict[str, list[float]]:
+    """key -> images/s of each round, for the candidates that can run."""
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    live = {key: c for key, c in candidates.items() if c.run is not None}
+    for index in range(WARMUP_BATCHES):
+        for candidate in live.values():
+            candidate.run(-1 - index)
+    rates: dict[str, list[float]] = {key: [] for key in live}
+    for round_index in range(rounds):
+        for key, candidate in round_order(live, round_index):
+            candidate.settle()
+            synchronize()
+            start = time.perf_counter()
+            for k in range(batches):
+                candidate.run(round_index * batches + k)
+            synchronize()
+            rates[key].append(batches * batch / (time.perf_counter() - start))
+    return rates
 
 
 def copy_bandwidth(device: str, rounds: int) -> dict:
@@ -95,58 +214,154 @@ def copy_bandwidth(device: str, rounds: int) -> dict:
     pinned = pageable.pin_memory()
     results = {}
     for name, source in (("pageable", pageable), ("pinned", pinned)):
-        times = _timed(lambda r, s=source: s.to(device, non_blocking=True), rounds)
+        for _ in range(2):
+            source.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            source.to(device, non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
         results[name] = round(pageable.numel() / statistics.median(times) / 1e9, 2)
     return results
 
 
-def run_gpu_bench(device: str = "cuda:0", rounds: int = 10, batch: int = 256) -> dict:
-    if not torch.cuda.is_available():
-        raise ValueError("bench gpu needs a CUDA device; none is available on this machine")
-    from .pipeline_throughput import make_inputs
-
-    torch.backends.cudnn.benchmark = True
-    images = make_inputs(batch)
+def _rows(table: str, candidates: dict[str, Candidate], rates: dict[str, list[float]]) -> list[dict]:
     rows = []
-    for name, (run, note) in candidates(images, device).items():
-        if run is None:
-            rows.append({"benchmark": "gpu", "name": name, "images_per_s": None, "note": note})
-            continue
-        times = _timed(run, rounds)
-        rows.append({"benchmark": "gpu", "name": name, "images_per_s": round(batch / statistics.median(times), 1), "note": note})
-    kornia = next((r["images_per_s"] for r in rows if r["name"].startswith("kornia") and r["images_per_s"]), None)
-    for row in rows:
-        row["vs_kornia"] = round(row["images_per_s"] / kornia, 2) if kornia and row["images_per_s"] else None
+    for key, candidate in candidates.items():
+        runs = rates.get(key)
+        rows.append({
+            "benchmark": "gpu", "table": table, "key": key, "name": candidate.name,
+            "images_per_s": round(statistics.median(runs), 1) if runs else None,
+            "runs": [round(rate, 1) for rate in runs or []], "note": candidate.note,
+        })  # fmt: skip
+    baselines = {"memory": ("kornia", "dali"), "jpeg": (None, "dali-jpeg")}[table]
+    by_key = {row["key"]: row for row in rows}
+    for field, baseline in zip(("vs_kornia", "vs_dali"), baselines):
+        reference = by_key.get(baseline, {}).get("images_per_s") if baseline else None
+        for row in rows:
+            row[field] = _ratio(row["images_per_s"], reference)
+    return rows
+
+
+def _ratio(a, b):
+    return round(a / b, 2) if a is not None and b else None
+
+
+def judge(rows: list[dict], device: str) -> list[dict]:
+    """Issue 11 §4's targets from the rows: ``{"target", "value", "pass"}``, ``pass`` None where a row
+    is missing or (absolute figures) the run was not on CUDA."""
+    by = {(row["table"], row["key"]): row["images_per_s"] for row in rows}
+    on_cuda = torch.device(device).type == "cuda"
+    judged = []
+    for table, ours, baseline, text, minimum, cuda_only in TARGETS:
+        value = by.get((table, ours))
+        if baseline is not None:
+            value = _ratio(value, by.get((table, baseline)))
+        verdict = None if value is None or (cuda_only and not on_cuda) else value >= minimum
+        judged.append({"target": text, "value": value, "unit": "images/s" if baseline is None else "×", "pass": verdict})
+    return judged
+
+
+def run_gpu_bench(device: str = "cuda:0", rounds: int = 10, batch: int = 256, batches: int = 4, jpeg_files: int | None = None,
+                  threads: int | None = None, progress=None) -> dict:  # fmt: skip
+    """Measure both tables and judge the targets. ``jpeg_files``: photos written for the JPEG table
+    (default two batches' worth; 0 leaves the table out); ``threads``: CPU threads of torch, DALI and
+    nvImageCodec (default the host's cores, at most 8)."""
+    from .photo_folder import WEB_SIZE, write_photo_folder
+    from .pipeline_throughput import make_inputs
+    from .plots import cpu_name
+
+    device = str(bench_device(device, "bench gpu runs on {device}, and CUDA is not available on this machine; --device cpu runs every row on the CPU as a check"))
+    for name, value, minimum in (("rounds", rounds, 1), ("batch", batch, 1), ("batches", batches, 1), ("jpeg-files", jpeg_files, 0), ("threads", threads, 1)):
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+    jpeg_files = 2 * batch if jpeg_files is None else jpeg_files
+    threads = threads or min(8, os.cpu_count() or 1)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if device != "cpu":
+        torch.backends.cudnn.benchmark = True
+    say = progress or (lambda text: None)
+    try:
+        say(f"in memory: {batch} images of {INPUT_SIDE}² on {device}")
+        candidates = memory_candidates(make_inputs(batch, INPUT_SIDE), device, threads)
+        rows = _rows("memory", candidates, measure(candidates, device, rounds, batches, batch))
+        folder = None
+        if jpeg_files:
+            with tempfile.TemporaryDirectory(prefix="augserve-bench-gpu-") as scratch:
+                say(f"from JPEG files: writing {jpeg_files} photos of 500×375")
+                folder = write_photo_folder(os.path.join(scratch, "photos"), jpeg_files, sizes=WEB_SIZE)
+                candidates = jpeg_candidates(folder["root"], batch, device, threads)
+                rows += _rows("jpeg", candidates, measure(candidates, device, rounds, batches, batch))
+            folder["root"] = None  # the temporary folder is gone
+    finally:
+        torch.set_num_threads(previous_threads)
+    targets = judge(rows, device)
     return {
         "benchmark": "gpu",
-        "device": torch.cuda.get_device_name(device),
-        "batch": f"{batch} × 256×256×3 uint8 → 224×224",
+        "device": torch.cuda.get_device_name(device) if device != "cpu" else cpu_name(),
+        "torch_device": device,
+        "chain": [op["op"] for op in GPU_CHAIN["ops"]],
+        "batch": batch,
+        "input": f"{INPUT_SIDE}×{INPUT_SIDE}×3 uint8 → 224×224",
+        "jpeg_folder": folder,
         "rounds": rounds,
+        "batches_per_round": batches,
+        "threads": threads,
         "rows": rows,
-        "h2d_gb_per_s": copy_bandwidth(device, rounds),
+        "targets": targets,
+        "targets_met": all(t["pass"] for t in targets) if all(t["pass"] is not None for t in targets) else None,
+        "h2d_gb_per_s": copy_bandwidth(device, rounds) if device != "cpu" else None,
     }
 
 
 def plot(result: dict, path: str) -> str:
-    """Bar chart of images/s per implementation (log scale) to ``path``."""
+    """Bar chart of images/s per implementation (log scale), a panel per table, to ``path``."""
     from .plots import grouped_barh
 
-    rows = [r for r in result["rows"] if r["images_per_s"]]
-    panel = {
-        "title": f"{result['batch']} on {result['device']}",
-        "groups": [r["name"] for r in rows],
-        "series": ["images/s"],
-        "values": {(r["name"], "images/s"): r["images_per_s"] for r in rows},
-    }
-    return grouped_barh(path, [panel], "augserve bench gpu")
+    panels = []
+    for table, title in (("memory", f"in memory: {result['batch']} × {result['input']}"), ("jpeg", "from 500×375 JPEG files")):
+        rows = [r for r in result["rows"] if r["table"] == table and r["images_per_s"]]
+        panels.append({
+            "title": f"{title} on {result['device']}", "groups": [r["name"] for r in rows], "series": ["images/s"],
+            "values": {(r["name"], "images/s"): r["images_per_s"] for r in rows}, "xlabel": "images/s",
+        })  # fmt: skip
+    return grouped_barh(path, panels, "augserve bench gpu")
+
+
+def _number(value, fmt: str) -> str:
+    return fmt.format(value) if value is not None else "–"
 
 
 def format_table(result: dict) -> str:
-    lines = [f"GPU benchmark on {result['device']} — {result['batch']}, median of {result['rounds']} rounds", "", "| implementation | images/s | × kornia | note |", "|---|---:|---:|---|"]
-    for row in result["rows"]:
-        rate = f"{row['images_per_s']:.0f}" if row["images_per_s"] else "–"
-        ratio = f"{row['vs_kornia']:.2f}" if row.get("vs_kornia") else "–"
-        lines.append(f"| {row['name']} | {rate} | {ratio} | {row['note']} |")
+    check = " (--device cpu: a check that every row runs, not a measurement)" if result["torch_device"] == "cpu" else ""
+    lines = [
+        f"GPU benchmark on {result['device']}{check} — chain {' + '.join(result['chain'])}, batch {result['batch']}; "
+        f"median of {result['rounds']} interleaved rounds of {result['batches_per_round']} batches; {result['threads']} CPU threads",
+    ]
+    titles = {"memory": f"in memory: {result['input']}, already on {result['torch_device']}", "jpeg": "from JPEG files"}
+    if result["jpeg_folder"]:
+        folder = result["jpeg_folder"]
+        titles["jpeg"] = f"from JPEG files: {folder['images']} photos of 500×375 (q{folder['quality']}, {folder['bytes'] / 1e6:.0f} MB), read from disk to the normalized batch"
+    for table in TABLES:
+        rows = [row for row in result["rows"] if row["table"] == table]
+        if not rows:
+            continue
+        lines += ["", titles[table], "", "| implementation | images/s | × DALI's own | × kornia | note |", "|---|---:|---:|---:|---|"]
+        for row in rows:
+            lines.append(
+                f"| {row['name']} | {_number(row['images_per_s'], '{:.0f}')} | {_number(row['vs_dali'], '{:.2f}')} | "
+                f"{_number(row.get('vs_kornia'), '{:.2f}')} | {row['note']} |"
+            )
+    lines += ["", "targets (issue 11 §4):"]
+    for target in result["targets"]:
+        verdict = {True: "pass", False: "FAIL", None: "not judged" if result["torch_device"] == "cpu" else "not measured"}[target["pass"]]
+        value = target["value"]
+        shown = "–" if value is None else (f"{value:,.0f} images/s" if target["unit"] == "images/s" else f"{value:.2f}×")
+        lines.append(f"- {target['target']}: {shown} — {verdict}")
     copy = result["h2d_gb_per_s"]
-    lines += ["", f"host→device copy of a 38.5 MB uint8 batch: pageable {copy['pageable']} GB/s, pinned {copy['pinned']} GB/s"]
+    if copy:
+        lines += ["", f"host→device copy of a 38.5 MB uint8 batch: pageable {copy['pageable']} GB/s, pinned {copy['pinned']} GB/s"]
     return "\n".join(lines)

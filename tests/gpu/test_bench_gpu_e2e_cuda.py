@@ -33,6 +33,8 @@ def test_default_run_on_cuda_has_every_row():
     else:
         assert by["dali"]["note"].startswith("unavailable: ")
     assert by["augserve"]["name"] == "augserve serve --backend torch --device cuda:0, 2 workers" and by["augserve"]["transport"]
+    if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.nvimgcodec") is not None:
+        assert summary["worker_jpeg_decoder"] == "cuda:0 (nvImageCodec)" and by["augserve"]["note"].endswith("; JPEG decoded on cuda:0 (nvImageCodec)")
     assert (summary["model"], summary["precision"], summary["channels_last"], summary["input"]) == ("resnet50", "bf16", True, "3×224×224")
     assert summary["trainer_device"] == summary["worker_device"] == "cuda:0" and summary["failed"] == []
     assert summary["device"] == torch.cuda.get_device_name(0)

@@ -50,19 +50,9 @@ TARGETS = (
 
 def check_device(text: str) -> torch.device:
     """``cpu`` or ``cuda[:k]``, present on this machine (``cuda`` is ``cuda:0``); ValueError (one line) otherwise."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device must be cpu or cuda[:K], got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:K], got {text!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"bench gpu-e2e trains on {text}, and CUDA is not available on this machine; --device cpu runs the same pipeline on the CPU as a check")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", device.index or 0)
-    return device
+    from augserve.bench.devices import bench_device
+
+    return bench_device(text, "bench gpu-e2e trains on {device}, and CUDA is not available on this machine; --device cpu runs the same pipeline on the CPU as a check")
 
 
 def dali_unavailable() -> str | None:
@@ -72,6 +62,19 @@ def dali_unavailable() -> str | None:
     except ImportError:
         return "NVIDIA DALI is not installed (pip install 'augserve[dali]')"
     return None
+
+
+def worker_decoder(device: torch.device) -> str:
+    """Where augserve's GPU workers decode the folder's JPEG files: ``cuda:K (nvImageCodec)``, or
+    ``host`` — probed in this process, which runs on the workers' machine with their packages. A worker
+    without a usable nvImageCodec decodes on the host one file at a time (and warns); the row says so."""
+    if device.type != "cuda":
+        return "host"
+    from augserve.sources.device_decoder import device_decoder
+
+    if device_decoder(str(device), 3) is None:  # the reason is logged once, to stderr
+        return "host (nvImageCodec cannot decode on the GPU here: see the warning)"
+    return f"{device} (nvImageCodec)"
 
 
 def run_gpu_e2e(config: TrainerBenchConfig, folder: str | None = None, images: int = 2048, progress=None) -> dict:
@@ -111,7 +114,8 @@ def run_gpu_e2e(config: TrainerBenchConfig, folder: str | None = None, images: i
             failures["synthetic"] = exc.line
     if described["generated"]:
         described["root"] = None  # the temporary folder is gone
-    rows = _rows(config, runs, failures, unavailable)
+    decoder = worker_decoder(device)
+    rows = _rows(config, runs, failures, unavailable, decoder)
     ours = rows[0]
     targets = [{"target": text, "value": ours[key], "pass": test(ours[key]) if ours[key] is not None else None} for key, text, test in TARGETS]
     by_loader = {row["loader"]: row for row in rows}
@@ -134,6 +138,7 @@ def run_gpu_e2e(config: TrainerBenchConfig, folder: str | None = None, images: i
         "gpu_workers": config.workers,
         "worker_backend": config.backend,
         "worker_device": config.worker_device,
+        "worker_jpeg_decoder": decoder,
         "dataloader_workers": config.loader_workers,
         "dali_threads": config.loader_threads,
         "host_cores": os.cpu_count(),
@@ -183,7 +188,7 @@ def label(config: TrainerBenchConfig, loader: str) -> str:
     return "model alone (one pre-made batch on the device)"
 
 
-def _rows(config: TrainerBenchConfig, runs: dict, failures: dict, unavailable: dict) -> list[dict]:
+def _rows(config: TrainerBenchConfig, runs: dict, failures: dict, unavailable: dict, decoder: str) -> list[dict]:
     from trainer.bench.loaders import bench_spec, dali_omits
 
     rows = []
@@ -205,6 +210,8 @@ def _rows(config: TrainerBenchConfig, runs: dict, failures: dict, unavailable: d
             row["transport"] = _transport(loader_runs)
             if row["transport"]:
                 notes.append(f"transport: {row['transport']}")
+            if loader_runs:
+                notes.append(f"JPEG decoded on {decoder}")
         if loader == "dali" and not notes:
             omitted = dali_omits(bench_spec(config.pipeline, config.crop_size))
             if omitted:

@@ -1,0 +1,38 @@
+"""``augserve bench gpu``'s timing and judging, with candidates that record what is done to them."""
+
+from __future__ import annotations
+
+from augserve.bench.gpu import Candidate, judge, measure
+
+
+def recording(name: str, log: list) -> Candidate:
+    return Candidate(name, lambda index: log.append((name, "run", index)), "", lambda: log.append((name, "settle")))
+
+
+def test_each_block_settles_untimed_then_runs_its_batches_in_alternating_order():
+    log: list = []
+    rates = measure({"a": recording("a", log), "b": recording("b", log), "off": Candidate("off", None, "unavailable")}, "cpu", rounds=2, batches=2, batch=8)
+    assert set(rates) == {"a", "b"} and all(len(values) == 2 and min(values) > 0 for values in rates.values())
+    warmup = [("a", "run", -1), ("b", "run", -1), ("a", "run", -2), ("b", "run", -2)]
+    first = [("a", "settle"), ("a", "run", 0), ("a", "run", 1), ("b", "settle"), ("b", "run", 0), ("b", "run", 1)]
+    second = [("b", "settle"), ("b", "run", 2), ("b", "run", 3), ("a", "settle"), ("a", "run", 2), ("a", "run", 3)]
+    assert log == warmup + first + second
+
+
+def rows(torch=120_000.0, dali=60_000.0, kornia=None, jpeg=30_000.0, dali_jpeg=20_000.0) -> list[dict]:
+    figures = {("memory", "torch"): torch, ("memory", "dali"): dali, ("memory", "kornia"): kornia, ("jpeg", "torch-jpeg"): jpeg, ("jpeg", "dali-jpeg"): dali_jpeg}
+    return [{"table": table, "key": key, "images_per_s": rate} for (table, key), rate in figures.items()]
+
+
+def test_targets_are_judged_from_the_rows_and_the_absolute_one_only_on_cuda():
+    on_gpu = {t["target"]: (t["value"], t["pass"]) for t in judge(rows(), "cuda:0")}
+    assert on_gpu == {
+        "torch chain ≥ 100,000 images/s": (120_000.0, True),
+        "torch chain ≥ 1.5× DALI's own GPU pipeline": (2.0, True),
+        "torch chain ≥ 6× kornia": (None, None),  # no kornia row: not measured
+        "from JPEG files ≥ 1.2× DALI's mixed-decoder pipeline": (1.5, True),
+    }
+    on_cpu = {t["target"]: (t["value"], t["pass"]) for t in judge(rows(torch=900.0, dali=1000.0, jpeg=10_000.0), "cpu")}
+    assert on_cpu["torch chain ≥ 100,000 images/s"] == (900.0, None)
+    assert on_cpu["torch chain ≥ 1.5× DALI's own GPU pipeline"] == (0.9, False)
+    assert on_cpu["from JPEG files ≥ 1.2× DALI's mixed-decoder pipeline"] == (0.5, False)
