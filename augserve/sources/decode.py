@@ -123,10 +123,14 @@ def _truncation(raw: bytes) -> str | None:
     Some libjpeg builds behind OpenCV decode a truncated JPEG with only a warning and return grey
     filler for the missing rows, so an incomplete file would silently train as a valid image.
     Inside entropy-coded data a 0xFF byte is always stuffed (FF 00), so an end-of-image marker after
-    the last start-of-scan is a reliable sign that the file is complete.
+    the last start-of-scan is a reliable sign that the file is complete. It is looked for from the end,
+    where it is, and only the bytes after it are searched for a start-of-scan: searching for the last
+    start-of-scan from the end instead walks back through all of a baseline file's image data (110 µs
+    on a 400 KB photo, a third of reading it).
     """
     if raw.startswith(JPEG_MAGIC):
-        if raw.rfind(_JPEG_EOI) <= raw.rfind(_JPEG_SOS):
+        end = raw.rfind(_JPEG_EOI)
+        if end < 0 or raw.find(_JPEG_SOS, end) >= 0:  # no end, or a scan begins after the last one
             return "truncated JPEG: no end-of-image marker"
     elif raw.startswith(PNG_MAGIC) and _PNG_IEND not in raw:
         return "truncated PNG: no IEND chunk"
@@ -143,7 +147,14 @@ def _read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
             raise CorruptImageError(path, "not a regular file")
         if info.st_size > max_bytes:
             raise CorruptImageError(path, f"file of {info.st_size} bytes is too large for an image of the allowed size")
-        return f.read(max_bytes + 1)
+        # The size fstat gave and one byte more: read(max_bytes + 1) would allocate and hand back a
+        # buffer of the limit's size (~200 MB) for every file, 5x the cost of reading a photo itself.
+        raw = f.read(info.st_size + 1)
+        if len(raw) > info.st_size:  # grown since fstat: the rest too, as far as the limit's one byte more
+            raw += f.read(max_bytes + 1 - len(raw))
+            if len(raw) > max_bytes:
+                raise CorruptImageError(path, f"file grew past {max_bytes} bytes while it was read: too large for an image of the allowed size")
+        return raw
 
 
 def _check_channels(channels: object) -> int:

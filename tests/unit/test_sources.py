@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from augserve.sources import (
     CorruptImageError,
@@ -452,6 +454,34 @@ def test_complete_files_with_trailing_bytes_still_decode(tmp_path: Path):
     src = open_dataset(tmp_path)
     for i in range(len(src)):
         assert_image(src.load(i), 3)
+
+
+def test_a_file_that_grows_while_it_is_read_is_read_whole_or_refused_past_the_limit(tmp_path: Path, monkeypatch):
+    """The read is sized by fstat; a file longer than fstat said (written meanwhile) is read on, as far
+    as the limit allows."""
+    path = tmp_path / "growing.jpg"
+    content = cv2.imencode(".jpg", solid((0, 0, 255)))[1].tobytes()
+    path.write_bytes(content)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd):  # the size before the last 100 bytes were written
+        info = real_fstat(fd)
+        return os.stat_result((info.st_mode, *info[1:6], info.st_size - 100, *info[7:]))
+
+    monkeypatch.setattr(decode.os, "fstat", stale_fstat)
+    assert decode._read_file(path, len(content)) == content
+    with pytest.raises(CorruptImageError, match=f"file grew past {len(content) - 1} bytes while it was read"):
+        decode._read_file(path, len(content) - 1)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"\xff\xd9", b"\xff\xda", b"\xff", b"\xd9", b"\xda", b"\x00", b"\xff\x00", b"ab"]), max_size=12))
+def test_truncation_is_an_end_of_image_after_the_last_start_of_scan(pieces):
+    """The check searches from the end marker onwards only; its verdict is the definition's:
+    complete when the last end-of-image marker lies after the last start-of-scan."""
+    raw = decode.JPEG_MAGIC + b"".join(pieces)
+    complete = raw.rfind(b"\xff\xd9") > raw.rfind(b"\xff\xda")
+    assert (decode._truncation(raw) is None) == complete
 
 
 # --------------------------------------------------------------------------- .npz memory-mapping and limits
