@@ -67,6 +67,23 @@ class FusedBatch:
             self._host_facts = table
         return self._host_facts
 
+    def select(self, positions: list[int]) -> "FusedBatch":
+        """The batch of the samples at ``positions`` (in that order): every tensor indexed on its device,
+        the host facts too when fetched already."""
+        rows = np.asarray(positions, dtype=np.int64)
+        index = torch.from_numpy(rows).to(self.inverse.device)
+
+        def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, index.to(tensor.device))
+
+        return FusedBatch(
+            self.in_shapes[rows], pick(self.inverse), pick(self.out_hw), pick(self.offsets), pick(self.colored),
+            color_first=self.color_first, color_matrices=pick(self.color_matrices),
+            chains=None if self.chains is None else [self.chains[k] for k in rows.tolist()],
+            invalid=pick(self.invalid), explain=self.explain, facts=pick(self.facts),
+            _host_facts=None if self._host_facts is None else self._host_facts[rows],
+        )  # fmt: skip
+
     def sizes(self) -> "OutputSizes":
         """Input shapes and output sizes on the host (what ``pipelines.destination.output_shape`` reads)."""
         table = self.host_facts()

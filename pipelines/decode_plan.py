@@ -44,6 +44,25 @@ def affine_source_box(inverse: np.ndarray, out_hw: tuple[int, int], in_hw: tuple
     return clipped_box((min(xs), max(xs)), (min(ys), max(ys)), in_hw)
 
 
+def affine_source_boxes(inverse: np.ndarray, out_hw: np.ndarray, in_hw: np.ndarray) -> list[tuple[float, float, float, float] | None]:
+    """:func:`affine_source_box` of N samples at once — ``inverse`` (N, 3, 3) float64, ``out_hw`` and
+    ``in_hw`` (N, 2) — in whole-batch numpy operations: the same float64 operations in the same order
+    as the one-sample version (and :func:`clipped_box`), so the same boxes, for a batch planned on a
+    device whose matrices come to the host as one array."""
+    a, b, c = inverse[:, 0, 0], inverse[:, 0, 1], inverse[:, 0, 2]
+    d, e, f = inverse[:, 1, 0], inverse[:, 1, 1], inverse[:, 1, 2]
+    out_h, out_w = (np.asarray(out_hw)[:, k].astype(np.float64) for k in (0, 1))
+    xs = np.stack([c, a * out_w + c, b * out_h + c, a * out_w + b * out_h + c])
+    ys = np.stack([f, d * out_w + f, e * out_h + f, d * out_w + e * out_h + f])
+    height, width = (np.asarray(in_hw)[:, k].astype(np.float64) for k in (0, 1))
+    with np.errstate(invalid="ignore"):  # a non-finite corner makes that sample's box None below
+        x0, x1 = np.maximum(xs.min(axis=0) - 1.0, 0.0), np.minimum(xs.max(axis=0) + 1.0, width)
+        y0, y1 = np.maximum(ys.min(axis=0) - 1.0, 0.0), np.minimum(ys.max(axis=0) + 1.0, height)
+        kept = np.isfinite(xs).all(axis=0) & np.isfinite(ys).all(axis=0) & (x1 > x0) & (y1 > y0)
+    boxes = np.stack([x0, y0, x1, y1], axis=1).tolist()
+    return [tuple(box) if keep else None for box, keep in zip(boxes, kept.tolist())]
+
+
 def clipped_box(x_range: tuple[float, float], y_range: tuple[float, float], in_hw: tuple[int, int]) -> tuple[float, float, float, float] | None:
     """``(x0, y0, x1, y1)``: the source pixels bilinear taps at points within ``x_range`` × ``y_range``
     (continuous coordinates) can touch — one pixel of margin each side — clipped to an ``in_hw``

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .backends import backend_class
-from .decode_plan import largest_reduction, on_canvas, reaim, source_box
+from .decode_plan import affine_source_boxes, largest_reduction, on_canvas, reaim, source_box
 from .destination import Destination, output_shape, resolve
 from .device_fusion import DevicePlanner, choose_sampling
 from .images import as_batch
@@ -41,8 +41,9 @@ class Pipeline:
     ``sampling``: where ``__call__`` samples and fuses the parameters — ``"host"`` (numpy), ``"device"``
     (torch ops on the torch backend's device, :mod:`pipelines.device_fusion`: same parameters, same
     bytes, no per-sample Python) or ``"auto"`` (device on a GPU). ``pipe.sampling`` says which was
-    chosen; specs with a local ``warp``, ``apply`` (replay), ``run_decoding`` and ``sample_params`` use
-    the host.
+    chosen; specs with a local ``warp``, ``apply`` (replay), ``run_decoding`` with one decode per image
+    and ``sample_params`` use the host (``run_decoding`` with ``decode_batch``, a GPU worker's path,
+    samples on the device too).
     """
 
     def __init__(self, spec: PipelineSpec, backend: str = "albumentations", device: str = "cpu", fused: bool = True, sampling: str = "auto") -> None:
@@ -66,12 +67,7 @@ class Pipeline:
         return self._sample(shapes, seed, epoch, sample_ids).records()
 
     def _sample(self, shapes, seed, epoch, sample_ids) -> BatchParams:
-        shapes = [tuple(map(int, s)) if len(s) == 3 else (*map(int, s), 1) for s in shapes]
-        if not shapes:
-            raise ValueError("empty batch: no shapes were given")
-        ids = list(range(len(shapes))) if sample_ids is None else list(sample_ids)
-        if len(ids) != len(shapes):
-            raise ValueError(f"got {len(ids)} sample_ids for {len(shapes)} images")
+        shapes, ids = _checked_shapes(shapes, sample_ids)
         return sample_batch(self._geometry_spec, shapes, seed, epoch, ids)
 
     def plans(self, params: Sequence[SampleParams] | BatchParams) -> list[SamplePlan]:
@@ -119,8 +115,11 @@ class Pipeline:
         decoder's output) or an array. The regions go back on zero canvases of their images' sizes on
         this pipeline's device and the plans run unchanged (:func:`~pipelines.decode_plan.on_canvas`'s
         reasoning): the bytes of decoding the same pixels whole, and every image of one size in one
-        backend call.
+        backend call. With device sampling (``sampling`` ``device``, or ``auto`` on a GPU) the batch is
+        planned on the device as ``__call__`` plans it, and only the boxes come to the host.
         """
+        if decode_batch is not None and self.sampling == "device" and self.spec.decode != "exact":
+            return self._decode_planned_on_device(shapes, seed, epoch, sample_ids, out, decode_batch)
         params = self._sample(shapes, seed, epoch, sample_ids)
         target = self._destination(out, params)
         if self.spec.decode == "exact" or not self.fused:
@@ -133,7 +132,9 @@ class Pipeline:
             return self._run(images, params, target)
         plans = fuse_batch(params, self._color_first)
         if decode_batch is not None:
-            return self._finish(self._run_on_canvases(decode_batch([source_box(plan) for plan in plans]), plans, target))
+            regions = decode_batch([source_box(plan) for plan in plans])
+            run = lambda canvas, members: self.backend.run(canvas, [plans[index] for index in members])  # noqa: E731
+            return self._finish(self._run_on_canvases(regions, [plan.in_shape for plan in plans], run, target))
         images = []
         for index, plan in enumerate(plans):
             image, (factor, top, left) = decode(index, source_box(plan), largest_reduction(plan))
@@ -145,17 +146,33 @@ class Pipeline:
             images.append(image)
         return self._finish(self._backend_run(images, plans, target))
 
-    def _run_on_canvases(self, regions, plans: list[SamplePlan], out: torch.Tensor | None):
-        """``run_decoding``'s batched path: each ``(region, (top, left))`` on a zero canvas of its plan's
-        in_shape, one uint8 N×H×W×C canvas batch per in_shape on this pipeline's device, one backend run
-        each, the outputs back in batch order (into ``out`` when given)."""
-        if len(regions) != len(plans):
-            raise ValueError(f"decode_batch returned {len(regions)} regions for {len(plans)} images")
+    def _decode_planned_on_device(self, shapes, seed: int, epoch: int, sample_ids, out: Destination | None, decode_batch: DecodeBatch):
+        """``run_decoding``'s batched path with the plans made on the device (:class:`DevicePlanner`):
+        the boxes come from the matrices brought to the host with the batch's facts, with no
+        per-sample plan object; the same boxes and bytes as the host path's."""
+        in_shapes, ids = _checked_shapes(shapes, sample_ids)
+        fused = self._planner(in_shapes, seed, epoch, ids)
+        sizes = fused.sizes()  # the batch's one device→host copy of its facts; raises for invalid parameters
+        target = self._destination(out, sizes)
+        boxes = affine_source_boxes(fused.inverse.cpu().numpy(), sizes.out_hw, sizes.in_shapes[:, :2])
+
+        def run(canvas, members: list[int]):
+            return self.backend.run_fused(canvas, fused if len(members) == len(fused) else fused.select(members))
+
+        return self._finish(self._run_on_canvases(decode_batch(boxes), sizes.in_shapes.tolist(), run, target))
+
+    def _run_on_canvases(self, regions, in_shapes: list, run: Callable[[torch.Tensor, list[int]], object], out: torch.Tensor | None):
+        """``run_decoding``'s batched path: each ``(region, (top, left))`` on a zero canvas of its
+        image's ``in_shapes`` entry (H, W, C), one uint8 N×H×W×C canvas batch per shape on this
+        pipeline's device, ``run(canvas, members)`` (the backend on those batch positions) once each,
+        the outputs back in batch order (into ``out`` when given)."""
+        if len(regions) != len(in_shapes):
+            raise ValueError(f"decode_batch returned {len(regions)} regions for {len(in_shapes)} images")
         groups: dict[tuple, list[int]] = {}
-        for index, plan in enumerate(plans):
-            groups.setdefault(tuple(plan.in_shape), []).append(index)
+        for index, in_shape in enumerate(in_shapes):
+            groups.setdefault(tuple(in_shape), []).append(index)
         device = torch.device(self.device)
-        outputs: list = [None] * len(plans)
+        outputs: list = [None] * len(in_shapes)
         for shape, members in groups.items():
             canvas = torch.zeros((len(members), *shape), dtype=torch.uint8, device=device)
             for k, index in enumerate(members):
@@ -165,7 +182,7 @@ class Pipeline:
                 if not fits or top + region.shape[0] > shape[0] or left + region.shape[1] > shape[1]:
                     raise ValueError(f"image {index}: decoded region {tuple(region.shape)} at ({top}, {left}) does not fit its header's shape {shape}")
                 canvas[k, top : top + region.shape[0], left : left + region.shape[1]] = region  # uploads a host region
-            result = self.backend.run(canvas, [plans[index] for index in members])
+            result = run(canvas, members)
             if len(groups) == 1:
                 outputs = result
                 break
@@ -185,8 +202,9 @@ class Pipeline:
             result = self._run_step_by_step(batch, params.records(), out)
         return self._finish(result)
 
-    def _destination(self, out: Destination | None, params: BatchParams) -> torch.Tensor | None:
-        """The checked ``out`` tensor for the batch of ``params`` (None without ``out``)."""
+    def _destination(self, out: Destination | None, params) -> torch.Tensor | None:
+        """The checked ``out`` tensor for the batch of ``params`` (:class:`BatchParams`, or a device
+        plan's :class:`~pipelines.batched_plan.OutputSizes`; None without ``out``)."""
         if out is None:
             return None
         if self.spec.normalize is not None:
@@ -249,3 +267,15 @@ def build(spec, backend: str = "albumentations", device: str = "cpu", fused: boo
 def as_uint8_numpy(out) -> np.ndarray:
     """Helper for tests and previews: a uint8 N×H×W×C output as a numpy array on the host."""
     return out.cpu().numpy() if isinstance(out, torch.Tensor) else np.stack([o.cpu().numpy() for o in out])
+
+
+def _checked_shapes(shapes, sample_ids) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """``shapes`` as (H, W, C) (a grey (H, W) gets C = 1) and the sample ids (default 0..N-1); one-line
+    ValueError for an empty batch or a count of ids that differs."""
+    shapes = [tuple(map(int, s)) if len(s) == 3 else (*map(int, s), 1) for s in shapes]
+    if not shapes:
+        raise ValueError("empty batch: no shapes were given")
+    ids = list(range(len(shapes))) if sample_ids is None else list(sample_ids)
+    if len(ids) != len(shapes):
+        raise ValueError(f"got {len(ids)} sample_ids for {len(shapes)} images")
+    return shapes, ids

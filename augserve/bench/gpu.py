@@ -172,10 +172,12 @@ def jpeg_candidates(root: str, batch: int, device: str, threads: int) -> dict[st
             images, _, _, _ = augment_batch(source, pipe, ids, seed=0, epoch=i + 10, on_error="skip", stats=SkipStats(), out=out, decode_on_device=decode_on_device)
             return normalize_images(images, spec.normalize)
 
+        # run_decoding plans on the device only for the batched decode (one decode per image plans on the host)
+        planned = f"planned {'on the device' if decode_on_device and pipe.sampling == 'device' else 'on the host'}"
         if decode_on_device:
-            name, note = "augserve torch, nvImageCodec batch decode", f"a GPU worker's path: only each plan's region decoded, the batch in one nvImageCodec call on {device}; normalized on the device"
+            name, note = "augserve torch, nvImageCodec batch decode", f"a GPU worker's path: {planned}, only each plan's region decoded, the batch in one nvImageCodec call on {device}; normalized on the device"
         else:
-            name, note = "augserve torch, host decode", "files decoded on the host one at a time (libjpeg-turbo regions), uploaded, augmented; normalized on the device"
+            name, note = "augserve torch, host decode", f"{planned}; files decoded on the host one at a time (libjpeg-turbo regions), then augmented on {device} and normalized"
         found[key] = Candidate(name, run, note)
     name = "DALI's own pipeline, mixed decoder" if torch.device(device).type == "cuda" else "DALI's own pipeline, cpu decoder"
     try:

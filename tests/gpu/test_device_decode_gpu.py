@@ -116,6 +116,20 @@ def test_a_gpu_worker_decodes_on_the_device_and_skips_as_the_cpu_path(folder, mo
     assert float((images.to(torch.int16) - cpu.to(torch.int16)).abs().float().mean()) <= MAD_BOUND + 0.5
 
 
+def test_a_gpu_worker_plans_its_jpeg_batches_on_the_device_with_the_host_plans_bytes(folder):
+    """The batched decode path plans on the device by default on CUDA (one CUDA graph per batch size,
+    the matrices brought back for the boxes): the same kept samples and bytes as host planning."""
+    source = ImageFolder(folder)
+    ids = list(range(len(source)))
+    on_device = pipelines.build(SPEC, backend="torch", device=DEVICE)
+    on_host = pipelines.build(SPEC, backend="torch", device=DEVICE, sampling="host")
+    assert on_device.sampling == "device"
+    for epoch in range(2):
+        ours = augment_batch(source, on_device, ids, 5, epoch, "skip", SkipStats())
+        reference = augment_batch(source, on_host, ids, 5, epoch, "skip", SkipStats())
+        assert ours[1:3] == reference[1:3] and torch.equal(ours[0], reference[0])
+
+
 def test_a_real_cuda_out_of_memory_is_retried_in_halves(tmp_path, caplog):
     """Most of the GPU taken by this process (a real allocation): the batch runs out of memory, is made in
     halves, and comes out with the bytes of the run that had room."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pipelines
-from pipelines.decode_plan import clipped_box, largest_reduction, reaim, source_box
+from pipelines.decode_plan import affine_source_box, affine_source_boxes, clipped_box, largest_reduction, reaim, source_box
 from pipelines.plan import SamplePlan
 from pipelines.source_map import source_map
 
@@ -116,6 +116,25 @@ def test_clipped_box_is_clipped_and_none_when_empty_or_not_finite():
     assert clipped_box((100.0, 120.0), (0.0, 10.0), (64, 80)) is None  # right of the image
     assert clipped_box((float("nan"), 3.0), (0.0, 10.0), (64, 80)) is None
     assert clipped_box((0.0, 3.0), (0.0, float("inf")), (64, 80)) is None
+
+
+def test_the_batch_of_boxes_is_each_samples_box_to_the_bit():
+    """``affine_source_boxes`` (a batch planned on a device) gives exactly ``affine_source_box`` of each
+    sample: random maps, boxes clipped on every side, outside the image, and non-finite matrices."""
+    rng = np.random.default_rng(2)
+    n = 400
+    inverse = np.zeros((n, 3, 3))
+    inverse[:, :2, :2] = rng.normal(0.0, 1.5, (n, 2, 2))
+    inverse[:, :2, 2] = rng.uniform(-200.0, 300.0, (n, 2))
+    inverse[:, 2, 2] = 1.0
+    inverse[7, 0, 0], inverse[8, 1, 2], inverse[9, 0, 1] = np.nan, np.inf, -np.inf
+    out_hw = rng.integers(1, 300, (n, 2))
+    in_hw = rng.integers(1, 400, (n, 2))
+    boxes = affine_source_boxes(inverse, out_hw, in_hw)
+    expected = [affine_source_box(inverse[k], tuple(out_hw[k].tolist()), tuple(in_hw[k].tolist())) for k in range(n)]
+    assert boxes == expected
+    assert sum(box is None for box in boxes) > 100 and sum(box is not None for box in boxes) > 100  # both kinds, many times
+    assert boxes[7] is boxes[8] is boxes[9] is None
 
 
 @pytest.mark.parametrize(

@@ -274,3 +274,82 @@ def test_device_decoder_bench_on_the_cpu(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"^device 'cuda:0' was asked for but CUDA is not available on this machine: "):
             run_device_decoders("cuda:0")
+
+
+# --- the batched path planned on the device ----------------------------------------------------------------
+
+DEVICE_SPECS = {
+    "crop-mirror-rotate": SPEC,
+    "gpu chain": {"ops": [{"op": "random_resized_crop", "size": 40}, {"op": "mirror"}, {"op": "rotate", "degrees": 15}, {"op": "shear", "degrees": 10},
+                          {"op": "pca_color"}, {"op": "color_shift", "limit": 20}]},  # fmt: skip
+    "center crop": {"ops": [{"op": "resize", "short_side": 48}, {"op": "center_crop", "size": 40}]},
+}
+
+
+def _recording_regions(images: list[np.ndarray], seen: list):
+    """A ``decode_batch`` that cuts each box (widened to whole pixels) out of the decoded ``images``
+    and records the boxes it was asked for."""
+
+    def regions(boxes):
+        seen.append(boxes)
+        out = []
+        for image, box in zip(images, boxes):
+            if box is None:
+                out.append((torch.from_numpy(image.copy()), (0, 0)))
+                continue
+            x0, y0, x1, y1 = int(box[0]), int(box[1]), int(np.ceil(box[2])), int(np.ceil(box[3]))
+            out.append((torch.from_numpy(image[y0:y1, x0:x1].copy()), (y0, x0)))
+        return out
+
+    return regions
+
+
+@pytest.mark.parametrize("name", sorted(DEVICE_SPECS))
+def test_run_decoding_planned_on_the_device_decodes_the_same_boxes_into_the_same_bytes(name):
+    """A GPU worker's path with its plans made on the device (here device "cpu"): the boxes asked of
+    the decoder are the host plans' (the matrices agree to the last bits or within 1e-9 where cos/sin
+    enter), and the bytes are the host path's — images of two sizes, so two canvas batches."""
+    rng = np.random.default_rng(5)
+    images = [cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 1) for h, w in ((60, 80), (72, 56), (60, 80), (72, 56), (60, 80))]
+    shapes, ids = [image.shape for image in images], [7, 3, 11, 40, 2]
+    on_host = pipelines.build(DEVICE_SPECS[name], backend="torch", sampling="host")
+    on_device = pipelines.build(DEVICE_SPECS[name], backend="torch", sampling="device")
+    assert on_device.sampling == "device"
+    host_boxes, device_boxes = [], []
+    for epoch in range(3):
+        reference = on_host.run_decoding(shapes, None, seed=9, epoch=epoch, sample_ids=ids, decode_batch=_recording_regions(images, host_boxes))
+        ours = on_device.run_decoding(shapes, None, seed=9, epoch=epoch, sample_ids=ids, decode_batch=_recording_regions(images, device_boxes))
+        assert torch.equal(ours, reference) and torch.equal(ours, on_host(images, seed=9, epoch=epoch, sample_ids=ids))
+        out = torch.full_like(reference, 77)
+        assert on_device.run_decoding(shapes, None, seed=9, epoch=epoch, sample_ids=ids, out=out, decode_batch=_recording_regions(images, [])) is out
+        assert torch.equal(out, reference)
+    for host, device in zip(host_boxes, device_boxes):
+        assert [box is None for box in host] == [box is None for box in device]
+        np.testing.assert_allclose([box for box in device if box], [box for box in host if box], rtol=0, atol=1e-6)
+
+
+def test_run_decoding_planned_on_the_device_refuses_what_the_host_refuses_in_the_same_line():
+    grey = [(40, 50, 1)] * 2
+    spec = {"ops": [{"op": "random_resized_crop", "size": 16}, {"op": "pca_color"}]}
+    never = lambda boxes: pytest.fail("nothing is decoded for a batch whose parameters are refused")  # noqa: E731
+    with pytest.raises(ValueError) as on_host:
+        pipelines.build(spec, backend="torch", sampling="host").run_decoding(grey, None, decode_batch=never)
+    with pytest.raises(ValueError) as on_device:
+        pipelines.build(spec, backend="torch", sampling="device").run_decoding(grey, None, decode_batch=never)
+    assert str(on_device.value) == str(on_host.value) == "pca_color needs RGB images (3 channels), got 1 channel(s)"
+
+
+def test_augment_batch_through_nvimgcodec_is_the_same_planned_on_either_side(folder):
+    """``augment_batch`` over real JPEG files (every kind, orientation and bad input of the fixtures)
+    and the batched nvImageCodec decode: a pipeline that plans on the device gives the host-planned
+    bytes, bad files skipped alike."""
+    source = ImageFolder(folder)
+    ids = list(range(len(source)))
+    results = []
+    for sampling in ("host", "device"):
+        pipe = pipelines.build(SPEC, backend="torch", sampling=sampling)
+        stats = SkipStats()
+        images, kept, labels, _ = augment_batch(source, pipe, ids, 3, 1, "skip", stats, decode_on_device=True)
+        results.append((images, kept, labels, stats.skipped))
+    (host_images, *host_rest), (device_images, *device_rest) = results
+    assert device_rest == host_rest and torch.equal(device_images, host_images)
