@@ -214,7 +214,7 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     gpu.add_argument("--device", default="cuda:0", help="cuda[:K]; cpu runs every row on the CPU as a check, not a measurement")
     gpu.add_argument("--rounds", type=int, default=10, help="interleaved rounds; medians are reported")
     gpu.add_argument("--batch", type=int, default=256, help="images per batch (256² inputs in memory, 500×375 JPEG files)")
-    gpu.add_argument("--batches", type=int, default=4, help="batches per candidate and round")
+    gpu.add_argument("--batches", type=int, default=8, help="batches per candidate and round")
     gpu.add_argument("--jpeg-files", type=int, default=None, help="JPEG photos written for the file table (default 2 × --batch; 0 leaves it out)")
     gpu.add_argument("--threads", type=int, default=None, help="CPU threads of torch, DALI and nvImageCodec (default the host's cores, at most 8)")
     add_output_flags(gpu)

@@ -20,11 +20,11 @@ rotate ±15° + shear ±10° + PCA lighting + color shift + normalize to float16
 
 Each candidate runs ``batches`` batches per round, in interleaved rounds whose order alternates
 (:func:`augserve.bench.timing.round_order`), the device synchronized before and after each block;
-medians of the rounds are reported. DALI's pipelines prepare batches ahead (their queue is 2 deep)
-while the other candidates run, so before each of its blocks the batches it prepared are taken,
-untimed: its block then times batches made during the block, as everyone's is. augserve's rows are
-one worker's synchronous loop, with no batch made ahead. DALI and nvImageCodec get ``threads`` CPU
-threads, and so does torch.
+medians of the rounds are reported. A block starts and ends with nothing in flight: DALI's pipelines
+schedule each batch one ahead of the one they hand over (as ``pipe.run()`` does, so its stages
+overlap), and the last one is taken inside the block — ``pipe.run()`` alone would leave a batch
+running into the next candidate's block. augserve's rows are one worker's synchronous loop, with no
+batch made ahead. DALI and nvImageCodec get ``threads`` CPU threads, and so does torch.
 
 ``--device cpu`` runs every row on the CPU (DALI's CPU operators and decoder, nvImageCodec's CPU
 decoder): a check that the command works, not a measurement of what the targets are about.
@@ -74,12 +74,12 @@ TARGETS = (
 @dataclass
 class Candidate:
     """One row: ``run(batch_index)`` makes one batch (None: the row cannot run here, ``note`` says why);
-    ``settle()`` runs untimed before each timed block (DALI: take the batches it prepared ahead)."""
+    ``finish()`` completes every batch begun, inside the timed block (DALI's, made one batch ahead)."""
 
     name: str
     run: Callable[[int], object] | None
     note: str
-    settle: Callable[[], None] = lambda: None
+    finish: Callable[[], None] = lambda: None
 
 
 def _unavailable(key: str, name: str, exc: Exception) -> tuple[str, Candidate]:
@@ -87,14 +87,30 @@ def _unavailable(key: str, name: str, exc: Exception) -> tuple[str, Candidate]:
 
 
 def _dali_candidate(name: str, note: str, build: Callable[[], object]) -> Candidate:
+    """A DALI pipeline as ``pipe.run()`` drives it — each batch scheduled one ahead of the one taken —
+    but with nothing left in flight at the end of a block: ``run()`` would leave its next batch running
+    into the next candidate's block, and its first call schedules a whole prefetch queue."""
     pipe = build()
-    depth = 2  # DALI's default prefetch_queue_depth: batches it has ready or in flight
+    pipe.schedule_run()  # the first call fills the prefetch queue: taken here, untimed
+    while not pipe.empty():
+        pipe.outputs()
+    ahead = 0
 
-    def settle() -> None:
-        for _ in range(depth):
-            pipe.run()
+    def run(index: int) -> None:
+        nonlocal ahead
+        pipe.schedule_run()
+        ahead += 1
+        if ahead > 1:
+            pipe.outputs()
+            ahead -= 1
 
-    return Candidate(name, lambda i: pipe.run(), note, settle)
+    def finish() -> None:
+        nonlocal ahead
+        while ahead:
+            pipe.outputs()
+            ahead -= 1
+
+    return Candidate(name, run, note, finish)
 
 
 def memory_candidates(images_host: np.ndarray, device: str, threads: int) -> dict[str, Candidate]:
@@ -197,14 +213,15 @@ def measure(candidates: dict[str, Candidate], device: str, rounds: int, batches:
     for index in range(WARMUP_BATCHES):
         for candidate in live.values():
             candidate.run(-1 - index)
+            candidate.finish()
     rates: dict[str, list[float]] = {key: [] for key in live}
     for round_index in range(rounds):
         for key, candidate in round_order(live, round_index):
-            candidate.settle()
             synchronize()
             start = time.perf_counter()
             for k in range(batches):
                 candidate.run(round_index * batches + k)
+            candidate.finish()
             synchronize()
             rates[key].append(batches * batch / (time.perf_counter() - start))
     return rates
@@ -266,7 +283,7 @@ def judge(rows: list[dict], device: str) -> list[dict]:
     return judged
 
 
-def run_gpu_bench(device: str = "cuda:0", rounds: int = 10, batch: int = 256, batches: int = 4, jpeg_files: int | None = None,
+def run_gpu_bench(device: str = "cuda:0", rounds: int = 10, batch: int = 256, batches: int = 8, jpeg_files: int | None = None,
                   threads: int | None = None, progress=None) -> dict:  # fmt: skip
     """Measure both tables and judge the targets. ``jpeg_files``: photos written for the JPEG table
     (default two batches' worth; 0 leaves the table out); ``threads``: CPU threads of torch, DALI and

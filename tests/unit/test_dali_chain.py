@@ -100,3 +100,35 @@ def test_a_chain_it_cannot_express_is_refused_in_one_line(ops, message):
 def test_it_takes_images_or_files():
     with pytest.raises(ValueError, match="give images or files, not both"):
         dali_chain.build(GPU_CHAIN, 2, "cpu", 1)
+
+
+def test_a_dali_block_makes_exactly_its_batches_and_leaves_none_in_flight():
+    """``bench gpu`` drives DALI one batch ahead within a block and takes the last one inside it: k
+    runs read k batches' input (after the untimed prefetch at build), and nothing is scheduled after."""
+    from augserve.bench.gpu import _dali_candidate
+
+    fed = []
+    images = noise(2)
+
+    def source():
+        fed.append(1)
+        return images
+
+    def build():
+        from nvidia.dali import fn, pipeline_def
+
+        @pipeline_def
+        def pipe():
+            return fn.external_source(source=source, batch=True, layout="HWC")
+
+        built = pipe(batch_size=2, num_threads=1, device_id=None)
+        built.build()
+        return built
+
+    candidate = _dali_candidate("probe", "", build)
+    prefetched = len(fed)
+    for block in range(3):
+        for index in range(4):
+            candidate.run(index)
+        candidate.finish()
+        assert len(fed) == prefetched + 4 * (block + 1)

@@ -6,16 +6,16 @@ from augserve.bench.gpu import Candidate, judge, measure
 
 
 def recording(name: str, log: list) -> Candidate:
-    return Candidate(name, lambda index: log.append((name, "run", index)), "", lambda: log.append((name, "settle")))
+    return Candidate(name, lambda index: log.append((name, "run", index)), "", lambda: log.append((name, "finish")))
 
 
-def test_each_block_settles_untimed_then_runs_its_batches_in_alternating_order():
+def test_each_block_runs_its_batches_and_finishes_them_in_alternating_order():
     log: list = []
     rates = measure({"a": recording("a", log), "b": recording("b", log), "off": Candidate("off", None, "unavailable")}, "cpu", rounds=2, batches=2, batch=8)
     assert set(rates) == {"a", "b"} and all(len(values) == 2 and min(values) > 0 for values in rates.values())
-    warmup = [("a", "run", -1), ("b", "run", -1), ("a", "run", -2), ("b", "run", -2)]
-    first = [("a", "settle"), ("a", "run", 0), ("a", "run", 1), ("b", "settle"), ("b", "run", 0), ("b", "run", 1)]
-    second = [("b", "settle"), ("b", "run", 2), ("b", "run", 3), ("a", "settle"), ("a", "run", 2), ("a", "run", 3)]
+    warmup = [("a", "run", -1), ("a", "finish"), ("b", "run", -1), ("b", "finish"), ("a", "run", -2), ("a", "finish"), ("b", "run", -2), ("b", "finish")]
+    first = [("a", "run", 0), ("a", "run", 1), ("a", "finish"), ("b", "run", 0), ("b", "run", 1), ("b", "finish")]
+    second = [("b", "run", 2), ("b", "run", 3), ("b", "finish"), ("a", "run", 2), ("a", "run", 3), ("a", "finish")]
     assert log == warmup + first + second
 
 
