@@ -22,7 +22,7 @@ import torch
 
 from pipelines.backends.base import check_device
 
-from .gpu import GPU_CHAIN
+from .gpu_candidates import GPU_CHAIN
 from .timing import interleaved
 
 

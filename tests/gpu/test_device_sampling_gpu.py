@@ -15,7 +15,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 import pipelines  # noqa: E402
-from augserve.bench.gpu import GPU_CHAIN  # noqa: E402
+from augserve.bench.gpu_candidates import GPU_CHAIN  # noqa: E402
 from pipelines.batched_plan import FusedBatch, facts_table  # noqa: E402
 from pipelines.device_fusion import DevicePlanner  # noqa: E402
 from pipelines.device_sampling import device_inputs, sample_on_device  # noqa: E402

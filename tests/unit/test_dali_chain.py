@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("nvidia.dali")
 
 from augserve.bench import dali_chain  # noqa: E402
-from augserve.bench.gpu import GPU_CHAIN  # noqa: E402
+from augserve.bench.gpu_candidates import GPU_CHAIN  # noqa: E402
 from pipelines.spec import IMAGENET_EIGVAL, IMAGENET_EIGVEC, PipelineSpec  # noqa: E402
 
 SIDE = 224
@@ -105,7 +105,7 @@ def test_it_takes_images_or_files():
 def test_a_dali_block_makes_exactly_its_batches_and_leaves_none_in_flight():
     """``bench gpu`` drives DALI one batch ahead within a block and takes the last one inside it: k
     runs read k batches' input (after the untimed prefetch at build), and nothing is scheduled after."""
-    from augserve.bench.gpu import _dali_candidate
+    from augserve.bench.gpu_candidates import _dali_candidate
 
     fed = []
     images = noise(2)

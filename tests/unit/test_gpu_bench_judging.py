@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from augserve.bench.gpu import Candidate, judge, measure
+from augserve.bench.gpu import judge, measure
+from augserve.bench.gpu_candidates import Candidate
 
 
 def recording(name: str, log: list) -> Candidate:
