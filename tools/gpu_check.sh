@@ -4,22 +4,26 @@
 #
 # A device session has 15 minutes of device time in all (each call's start and transfers count; at most
 # 10 minutes a call; the machine stays warm 30 s between calls). The targets of issue 11 are judged
-# against DALI, so DALI travels too, as the parts of ../shared/tools/wheelhouse.sh:
-#   here, once:   echo /.wh/ >> .git/info/exclude; bash ../shared/tools/wheelhouse.sh .wh --base --dali
-#                 (5 parts of <= 60 MiB, 272 MB: DALI 2.4 and its libraries, nvImageCodec, nvJPEG, pyzmq,
-#                 pydantic, albumentations, kornia; the tree itself adds ~4 MB to each call's 64 MiB)
-#   calls 1-5, back to back, kind nvidia-h100-x1, carry [".wh/partK"], timeout_s 120:
+# against DALI, so DALI travels too, split by ../shared/tools/wheelhouse.sh into parts of <= 60 MiB
+# (the tree adds ~4 MB to each call's 64 MiB). Pinned, as tested here — the `wheels:` line below
+# (244 MB: 4 parts; DALI 2.4 without nvCOMP, which it loads only for its inflate operator, and without
+# nvImageCodec's JPEG 2000 and TIFF libraries, whose absence it reports on import; `--dali --base`
+# instead brings them and unpinned base packages in 5 parts):
+# wheels: pyzmq==27.3.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 albumentations==2.0.8 albucore==0.0.24 stringzilla==5.3.2 simsimd==6.5.16 kornia==0.9.0 kornia_rs==0.2.0 nvidia-dali-cuda130==2.4.0 astunparse==1.6.3 gast==0.7.0 optree==0.20.0 makefun==1.16.0 libcst==1.9.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43 nvtx==0.2.17
+#   here, once:   echo /.wh/ >> .git/info/exclude
+#                 bash ../shared/tools/wheelhouse.sh .wh $(sed -n 's/^# wheels: //p' tools/gpu_check.sh)
+#   calls 1-4, back to back, kind nvidia-h100-x1, carry [".wh/partK"], timeout_s 120:
 #                 mkdir -p /tmp/w && cp .wh/partK/* /tmp/w/
-#   call 6 (timeout_s 560): bash tools/gpu_check.sh bench e2e           the figures of section 4 and 5 (~7 min)
-#   call 7 (the rest):      SKIP_WHEELS=1 bash tools/gpu_check.sh tests ipc   (~6 min; decode if time is left)
+#   call 5 (timeout_s 560): bash tools/gpu_check.sh bench e2e           the figures of section 4 and 5 (~7 min)
+#   call 6 (the rest):      SKIP_WHEELS=1 bash tools/gpu_check.sh tests ipc   (~6 min; decode if time is left)
 # The first call also starts the machine (1-2 minutes). If fewer than ~10 minutes are left after the
-# copies, run `bench` alone in call 6. Without DALI (no time for the copies), carry .whl (below).
+# copies, run `bench` alone in call 5. Without DALI (no time for the copies), carry .whl (below).
 #
 # Wheels. The machine has CUDA PyTorch, torchvision, OpenCV, pytest (with pytest-timeout) but not
 # pyzmq, pydantic, albumentations, kornia, nvImageCodec or DALI. This script installs, into /tmp/site
 # (again on every call; SKIP_WHEELS=1 skips that on a warm machine), the wheels in the chunks of
 # /tmp/w (the parts above) and those in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`;
-# carry `.whl`), a wheel in both taken once. Pinned, as tested here (~45 MB, no DALI):
+# carry `.whl`), a wheel in both taken once. Without DALI (~45 MB, one call):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl pyzmq==27.3.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
