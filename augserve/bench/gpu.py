@@ -48,6 +48,8 @@ from .timing import round_order
 INPUT_SIDE = 256  # the in-memory batch's images are INPUT_SIDE² RGB
 WARMUP_BATCHES = 2  # per candidate, untimed: CUDA graphs captured, cuDNN and DALI set up, files in the page cache
 TABLES = ("memory", "jpeg")
+MAX_BATCH = 4096  # images per batch: 0.8 GB of 256² inputs, several copies of it alive at once
+MAX_JPEG_FILES = 20_000  # photos written for the JPEG table (~1 GB, a few minutes to write)
 # (table, our row, baseline row or None, text, minimum, on CUDA only): issue 11 §4's targets, judged in
 # the run. With a baseline the value is our row's images/s over the baseline's, else our images/s.
 TARGETS = (
@@ -145,9 +147,10 @@ def run_gpu_bench(device: str = "cuda:0", rounds: int = 10, batch: int = 256, ba
     from .plots import cpu_name
 
     device = str(bench_device(device, "bench gpu runs on {device}, and CUDA is not available on this machine; --device cpu runs every row on the CPU as a check"))
-    for name, value, minimum in (("rounds", rounds, 1), ("batch", batch, 1), ("batches", batches, 1), ("jpeg-files", jpeg_files, 0), ("threads", threads, 1)):
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+    for name, value, minimum, maximum in (("rounds", rounds, 1, 1000), ("batch", batch, 1, MAX_BATCH), ("batches", batches, 1, 1000),
+                                           ("jpeg-files", jpeg_files, 0, MAX_JPEG_FILES), ("threads", threads, 1, 256)):  # fmt: skip
+        if value is not None and not minimum <= value <= maximum:
+            raise ValueError(f"--{name} must be in {minimum}..{maximum}, got {value}")
     jpeg_files = 2 * batch if jpeg_files is None else jpeg_files
     threads = threads or min(8, os.cpu_count() or 1)
     previous_threads = torch.get_num_threads()

@@ -88,7 +88,9 @@ def test_readable_table_without_dali_says_why_and_runs_the_rest():
         (["--device", "cuda:0"], "bench gpu runs on cuda:0, and CUDA is not available on this machine; --device cpu runs every row on the CPU as a check"),
         (["--device", "tpu"], "--device must be cpu or cuda[:K], got 'tpu'"),
         (["--device", "cpu", "--batches", "0"], "--batches must be >= 1, got 0"),
-        (["--device", "cpu", "--jpeg-files", "-1"], "--jpeg-files must be >= 0, got -1"),
+        (["--device", "cpu", "--batches", "5000"], "--batches must be in 1..1000, got 5000"),
+        (["--device", "cpu", "--jpeg-files", "-1"], "--jpeg-files must be in 0..20000, got -1"),
+        (["--device", "cpu", "--batch", "5000"], "--batch must be in 1..4096, got 5000"),
     ],
 )
 def test_bad_settings_end_in_one_line(args, message):
