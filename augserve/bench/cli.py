@@ -250,7 +250,7 @@ def add_bench_commands(bench_kinds, backends: list[str]) -> None:
     transport.add_argument("--batch-images", type=int, nargs="+", default=[64, 256], metavar="N", help="images per batch, one or more batch sizes")
     transport.add_argument("--size", type=int, default=224, help="image side in pixels (N×size×size×3 uint8)")
     transport.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    transport.add_argument("--batches", type=int, default=20, help="timed batches per transport, batch size and round")
+    transport.add_argument("--batches", type=int, default=60, help="timed batches per transport, batch size and round (fewer: the cold start after the other candidates weighs more)")
     transport.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="longest wait for any one batch before the run fails")
     transport.add_argument("--json", action="store_true", help="one JSON object per line: the rows, then the summary")
     transport.set_defaults(func=cmd_bench_transport)

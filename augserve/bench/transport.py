@@ -16,8 +16,9 @@ PULL socket in this process (a trainer's side: :func:`protocol.decode`, then
   the sender writes the batch into a slot of its pool (the one copy) and sends a ``shm_batch``
   descriptor over loopback TCP with CurveZMQ, as ``tcp+curve``; the receiver maps the slot (once),
   checks the descriptor and wraps the tensors as views of the slot, which it releases by dropping them.
-  The pool holds :data:`SHM_SLOTS` slots; a sender that finds them all held waits, as credits would
-  make a worker wait. Slots live in ``$AUGSERVE_SHM_DIR`` or ``/dev/shm``;
+  The pool holds :data:`SHM_SLOTS` slots, all made, written and handed over once before the rounds
+  (:meth:`Channel.fill`), as a worker's pool is once it has run a while; a sender that finds them all
+  held waits, as credits would make a worker wait. Slots live in ``$AUGSERVE_SHM_DIR`` or ``/dev/shm``;
 * ``cuda-ipc``   (only where CUDA is available) the device-memory hand-off of a GPU worker to a trainer
   on the same GPU (:mod:`augserve.handoff.device`): the batch's images are on ``cuda:0`` already, the
   sender copies them into a device slot of its pool (one device-to-device copy), records and waits for
@@ -107,7 +108,7 @@ class TransportBenchConfig:
     batch_images: tuple[int, ...] = (64, 256)
     size: int = 224
     rounds: int = 3
-    batches: int = 20
+    batches: int = 60  # per round: shorter rounds measure the cache-cold start after the other candidates more than the stream
     timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -190,9 +191,11 @@ def _waiting_for_a_slot(pool: SlotPool, timeout_s: float):
 
 def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batch_images: tuple[int, ...], size: int, timeout_s: float,
                  shm_dir: str | None = None) -> None:  # fmt: skip
-    """Connect a PUSH socket to ``endpoint``, then obey ``conn``: ``("send", N, count, first_index)``
-    sends ``count`` batches of ``N`` images and answers ``("sent", count)``; ``("stop",)`` ends. A
-    failure is reported as ``("error", text)``; a vanished parent ends the process."""
+    """Connect a PUSH socket to ``endpoint``, then obey ``conn``: ``("send", N, count, first_index,
+    fill)`` sends ``count`` batches of ``N`` images and answers ``("sent", count)`` — with ``fill``, one
+    batch in each slot of the pool, every slot made first at the largest batch's size (see
+    :meth:`Channel.fill`); ``("stop",)`` ends. A failure is reported as ``("error", text)``; a vanished
+    parent ends the process."""
     parent = os.getppid()
     context = zmq.Context()
     sock = context.socket(zmq.PUSH)
@@ -213,6 +216,7 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
             security.secure_client(sock, keyring.worker, keyring.client.public)
         sock.connect(endpoint)
         batches = {count: _batch(count, size) for count in batch_images}
+        largest = max(batch_layout([count * size * size * 3, 8 * count, 8 * count])[1] for count in batch_images)
         if transport == CUDA_IPC:  # made on the GPU beforehand, as a GPU worker's pipeline leaves them
             device_batches = {count: torch.from_numpy(batch[0]).to(DEVICE) for count, batch in batches.items()}
         producer = Producer(batch_images, size) if transport in PRODUCING else None
@@ -224,14 +228,17 @@ def _sender_main(conn, transport: str, endpoint: str, keys_dir: str | None, batc
             command = conn.recv()
             if command[0] == "stop":
                 return
-            _, count, batches_to_send, first_index = command
+            _, count, batches_to_send, first_index, fill = command
             images, labels, ids = batches[count]
+            filling = [pool.acquire(largest) for _ in range(batches_to_send)] if fill else None
             for index in range(first_index, first_index + batches_to_send):
                 if transport == PRODUCE:
                     producer.make(count, index)
                     continue
                 info = dict(stream="bench", task=f"bench-{index}", epoch=0, index=index, pipeline_version=1, worker="bench-sender")
                 slot_for = _waiting_for_a_slot(pool, timeout_s) if pool is not None else None
+                if filling:
+                    slot_for = lambda nbytes: filling.pop(0)  # noqa: E731 - the next slot made for the fill
                 if transport in ("tcp-made", "shm-copied"):
                     images = producer.make(count, index)
                 elif transport == "shm-in-place":
@@ -361,14 +368,14 @@ class Channel:
         if reply[0] != "ready":
             raise ConnectionError(f"the {self.transport} sender answered {reply[0]!r} instead of 'ready'")
 
-    def move(self, images: int, count: int) -> None:
+    def move(self, images: int, count: int, fill: bool = False) -> None:
         """Have the sender push ``count`` batches of ``images`` images; receive, decode and wrap each
-        (``produce``: have it make them; nothing is sent)."""
+        (``produce``: have it make them; nothing is sent). ``fill``: see :meth:`fill`."""
         shape = (images, self.config.size, self.config.size, 3)
         first = self._next_index
         self._next_index += count
         try:
-            self.conn.send(("send", images, count, first))
+            self.conn.send(("send", images, count, first, fill))
         except OSError:  # BrokenPipeError: the sender is gone
             raise self._died() from None
         for index in range(first, first + count if self.transport != PRODUCE else first):
@@ -376,6 +383,17 @@ class Channel:
         reply = self._reply(time.monotonic() + self.config.timeout_s, f"confirm its batches within {self.config.timeout_s:g} s")
         if reply != ("sent", count):
             raise ConnectionError(f"the {self.transport} sender answered {reply!r} instead of ('sent', {count})")
+
+    def fill(self) -> None:
+        """Make the sender's whole pool now (a no-op for transports without one): it makes every slot at
+        the largest batch's size and sends one batch in each, so each slot is written once and mapped
+        here — the state of a worker's pool once it has run a while. Made during the timed rounds, a
+        slot costs its allocation, zeroing and page faults (~10 ms for 38.5 MB) inside a round of tens
+        of milliseconds: the ``shm`` row was slow and erratic whenever the receiver happened to hold a
+        third slot. Each slot is handed over, so the receiver unlinks its name as for any batch and a
+        SIGKILLed sender leaves none behind."""
+        if self.transport in (*SLOTS, CUDA_IPC):
+            self.move(max(self.config.batch_images), SHM_SLOTS, fill=True)
 
     def _receive_one(self, index: int, shape: tuple[int, ...]) -> None:
         deadline = time.monotonic() + self.config.timeout_s
@@ -520,6 +538,7 @@ def run_transport_bench(config: TransportBenchConfig, progress=None) -> dict:
         channels = {name: stack.enter_context(contextlib.closing(Channel(name, config, keys_dir))) for name in names}
         for channel in channels.values():
             channel.wait_ready()
+            channel.fill()
         candidates, buffers = {}, {}
         for images in config.batch_images:
             nbytes = payload_bytes(images, config.size)

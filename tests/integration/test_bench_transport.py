@@ -208,6 +208,32 @@ def test_the_shm_channel_hands_over_slots_and_leaves_none_behind(private_shm_dir
     assert os.listdir(private_shm_dir) == []
 
 
+@pytest.mark.parametrize("transport", ["shm", "shm-in-place"])
+def test_fill_makes_the_whole_pool_before_the_rounds_and_leaves_no_name_behind(private_shm_dir, transport):
+    """``Channel.fill``: every slot of the sender's pool made and handed over once (so the receiver has
+    mapped, and unlinked, all of them); the batches after it take those slots and make no new one."""
+    from augserve.bench.transport import SHM_SLOTS
+
+    channel = None
+    keys = tempfile.mkdtemp(prefix="augserve-bench-keys-")
+    try:
+        security.Keyring.load(keys)
+        channel = Channel(transport, TransportBenchConfig(batch_images=(2, 3), size=16, rounds=1, batches=1, timeout_s=5.0), keys)
+        channel.wait_ready()
+        channel.fill()
+        mapped = set(channel.reader._segments)
+        assert len(mapped) == SHM_SLOTS and os.listdir(private_shm_dir) == []
+        for images in (2, 3, 2):
+            channel.move(images, 12)
+        assert set(channel.reader._segments) == mapped  # no slot made after the fill
+        os.kill(channel.pid, signal.SIGKILL)
+    finally:
+        if channel is not None:
+            channel.close()
+        shutil.rmtree(keys, ignore_errors=True)
+    assert os.listdir(private_shm_dir) == []
+
+
 def test_the_in_place_row_makes_its_batch_in_the_slot_it_sends(private_shm_dir):
     """``shm-in-place`` makes each batch straight into the slot it then lends (nothing copied after), and
     makes the same batch as ``produce`` and ``shm-copied`` do: the rows time the same producing step."""
