@@ -74,7 +74,7 @@ def test_readable_table_without_dali_says_why_and_runs_the_rest():
     table = proc.stdout
     assert "(--device cpu: a check that every row runs, not a measurement)" in table
     assert "| DALI's own pipeline | – | – | – | unavailable: ModuleNotFoundError: No module named 'nvidia.dali' |" in table
-    assert "| DALI's own pipeline, cpu decoder | – | – | – | unavailable: ModuleNotFoundError: No module named 'nvidia.dali' |" in table
+    assert "| DALI's own pipeline, cpu decoder | – | – | unavailable: ModuleNotFoundError: No module named 'nvidia.dali' |" in table
     for name in ("augserve torch, device-sampled", "augserve torch, nvImageCodec batch decode", "augserve torch, host decode"):
         assert f"| {name} | " in table and f"| {name} | –" not in table
     assert "- torch chain ≥ 1.5× DALI's own GPU pipeline: – — not judged" in table
