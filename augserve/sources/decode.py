@@ -35,7 +35,7 @@ from pipelines.decode_plan import REDUCTIONS
 from .base import check_max_pixels
 from .errors import CorruptImageError
 from .region_decoder import decode_scaled_region, region_decoder, scaled_region_decoder
-from .headers import JPEG_MAGIC, PNG_MAGIC, image_size, jpeg_frame, jpeg_orientation, png_orientation
+from .headers import JPEG_MAGIC, PNG_MAGIC, JpegFrame, image_size, jpeg_frame, jpeg_header, nonempty, png_orientation
 
 __all__ = [
     "EncodedImage", "Placement", "decode_encoded", "image_size", "orientation_steps", "oriented_placement", "region_decodable",
@@ -92,6 +92,7 @@ class EncodedImage:
     height: int
     width: int
     orientation: int
+    frame: JpegFrame | None = None  # a JPEG's start-of-frame header, read with the rest (None: not read yet)
 
     def __repr__(self) -> str:  # the bytes would flood logs and tracebacks
         return (
@@ -182,7 +183,12 @@ def read_encoded(path: str | os.PathLike, max_pixels: int | None = None) -> Enco
     if not raw:
         raise CorruptImageError(path, "empty file")
     try:
-        height, width = image_size(raw)
+        if raw.startswith(JPEG_MAGIC):  # size, frame and orientation from one walk over the header
+            frame, orientation = jpeg_header(raw)
+            height, width = nonempty(frame.height, frame.width)
+        else:
+            frame = None
+            height, width = image_size(raw)
     except ValueError as exc:
         raise CorruptImageError(path, str(exc)) from None
     if height * width > cap:
@@ -190,15 +196,15 @@ def read_encoded(path: str | os.PathLike, max_pixels: int | None = None) -> Enco
     reason = _truncation(raw)
     if reason:
         raise CorruptImageError(path, reason)
-    if raw.startswith(JPEG_MAGIC):
-        kind, orientation = "jpeg", jpeg_orientation(raw)
+    if frame is not None:
+        kind = "jpeg"
     elif raw.startswith(PNG_MAGIC):
         kind, orientation = "png", png_orientation(raw)
     else:
         kind, orientation = "bmp", 1
     if _ORIENTATIONS[orientation][0]:
         height, width = width, height
-    return EncodedImage(os.fspath(path), raw, kind, height, width, orientation)
+    return EncodedImage(os.fspath(path), raw, kind, height, width, orientation, frame)
 
 
 # --- orientation -----------------------------------------------------------------------------------
@@ -389,7 +395,7 @@ def region_decodable(image: EncodedImage) -> bool:
     decodes on a GPU. CMYK/YCCK, 12-bit, lossless and arithmetic-coded files, PNG and BMP go to OpenCV."""
     if image.kind != "jpeg":
         return False
-    frame = jpeg_frame(image.raw)
+    frame = image.frame if image.frame is not None else jpeg_frame(image.raw)
     return frame.marker in (0xC0, 0xC1, 0xC2) and frame.precision == 8 and frame.components in (1, 3)
 
 

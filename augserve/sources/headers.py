@@ -88,16 +88,47 @@ def _segments(raw: bytes, strict: bool):
         raise ValueError("JPEG header ends before its frame header")
 
 
+def _frame_at(raw: bytes, marker: int, i: int) -> JpegFrame:
+    # length (2), sample precision (1), height (2), width (2), components (1)
+    components = raw[i + 7] if i + 7 < len(raw) else 0
+    return JpegFrame(int.from_bytes(raw[i + 3 : i + 5], "big"), int.from_bytes(raw[i + 5 : i + 7], "big"), raw[i + 2], components, marker)
+
+
+def _exif_orientation_at(raw: bytes, marker: int, i: int, length: int) -> int | None:
+    """The orientation in the segment at ``i`` when it is an EXIF APP1 that has one (out-of-range
+    values mean 1), else None."""
+    if marker == _APP1 and length > 2 + len(_EXIF_PREFIX) and raw[i + 2 : i + 8] == _EXIF_PREFIX:
+        value = tiff_orientation(memoryview(raw)[i + 8 : i + length])
+        if value is not None:
+            return value if 1 <= value <= 8 else 1
+    return None
+
+
 def jpeg_frame(raw: bytes) -> JpegFrame:
     """The first start-of-frame header of the JPEG ``raw``; ValueError when there is none."""
     for marker, i, _length in _segments(raw, strict=True):
         if marker in _JPEG_SOF:
-            # length (2), sample precision (1), height (2), width (2), components (1)
-            components = raw[i + 7] if i + 7 < len(raw) else 0
-            return JpegFrame(
-                int.from_bytes(raw[i + 3 : i + 5], "big"), int.from_bytes(raw[i + 5 : i + 7], "big"), raw[i + 2], components, marker
-            )
+            return _frame_at(raw, marker, i)
     raise AssertionError("unreachable: strict _segments raises when it runs out")  # pragma: no cover
+
+
+def jpeg_header(raw: bytes) -> tuple[JpegFrame, int]:
+    """:func:`jpeg_frame` and :func:`jpeg_orientation` of the JPEG ``raw`` in one walk over its
+    segments (reading a file walked them twice, then once more to check the frame before decoding):
+    the frame's ValueError when it has none, else the frame and the orientation, exactly as the two
+    functions give them. The walk is the strict one; once the frame is found, where it would raise is
+    where the lenient walk of the orientation stops."""
+    frame = orientation = None
+    try:
+        for marker, i, length in _segments(raw, strict=True):
+            if frame is None and marker in _JPEG_SOF:
+                frame = _frame_at(raw, marker, i)
+            elif orientation is None:
+                orientation = _exif_orientation_at(raw, marker, i, length)
+    except ValueError:
+        if frame is None:
+            raise
+    return frame, 1 if orientation is None else orientation
 
 
 def image_size(raw: bytes) -> tuple[int, int]:
@@ -125,6 +156,11 @@ def image_size(raw: bytes) -> tuple[int, int]:
             raise ValueError("BMP header is cut short or of an unknown kind")
     else:
         raise ValueError("not a JPEG, PNG or BMP file")
+    return nonempty(height, width)
+
+
+def nonempty(height: int, width: int) -> tuple[int, int]:
+    """``(height, width)``; ValueError for a header that announces no pixels."""
     if width <= 0 or height <= 0:
         raise ValueError(f"header gives an empty {width}×{height} image")
     return height, width
@@ -178,10 +214,9 @@ def tiff_orientation(data: bytes | memoryview) -> int | None:
 def jpeg_orientation(raw: bytes) -> int:
     """EXIF orientation (1..8) of the JPEG ``raw``; 1 when absent, unreadable or out of range."""
     for marker, i, length in _segments(raw, strict=False):
-        if marker == _APP1 and length > 2 + len(_EXIF_PREFIX) and raw[i + 2 : i + 8] == _EXIF_PREFIX:
-            value = tiff_orientation(memoryview(raw)[i + 8 : i + length])
-            if value is not None:
-                return value if 1 <= value <= 8 else 1
+        orientation = _exif_orientation_at(raw, marker, i, length)
+        if orientation is not None:
+            return orientation
     return 1
 
 

@@ -19,12 +19,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from augserve.sources import CorruptImageError, ImageFolder, SkipStats, open_dataset
 from augserve.sources import decode
 from augserve.sources.decode import EncodedImage, Placement, decode_encoded, read_encoded, read_image
-from augserve.sources.headers import jpeg_orientation, png_orientation
+from augserve.sources.headers import jpeg_frame, jpeg_header, jpeg_orientation, png_orientation
 from augserve.sources.iterate import iter_encoded
 
 # Mean absolute difference (uint8 levels) between a DCT-scaled decode and the exact decode reduced
@@ -399,6 +401,7 @@ def test_exif_orientation_agrees_with_opencv_on_damaged_metadata():
             segments += b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
         raw = jpeg[:2] + segments + jpeg[2:]
         assert jpeg_orientation(raw) == _applied_orientation(raw), raw[:80].hex()
+        assert jpeg_header(raw) == (jpeg_frame(raw), jpeg_orientation(raw))  # the one walk read_encoded takes
         chunk = _png_chunk(b"eXIf", _exif_blob(rng))
         if rng.random() < 0.2:
             chunk = chunk[:-1] + bytes([chunk[-1] ^ 1])  # bad CRC: libpng drops the chunk
@@ -526,3 +529,37 @@ def test_fast_pipeline_gives_the_same_bytes_whichever_decoders_are_installed(dec
     assert any(f > 1 for f in factors[: len(files)]), "no box was reduced: the test would not compare scaled decodes"
     assert factors[: len(files)] == factors[len(files) :]
     np.testing.assert_array_equal(ours, theirs)
+
+
+_SEGMENTS = st.sampled_from([
+    b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00",  # APP0
+    b"\xff\xc0\x00\x11\x08\x00\x20\x00\x30\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01",  # baseline SOF, 48×32
+    b"\xff\xc2\x00\x0b\x08\x00\x10\x00\x10\x01\x01\x11\x00",  # progressive grey SOF, 16×16
+    b"\xff\xe1\x00\x22Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00",  # EXIF 6
+    b"\xff\xe1\x00\x22Exif\x00\x00II\x2a\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x09\x00\x00\x00\x00\x00\x00\x00",  # EXIF 9: out of range
+    b"\xff\xe1\x00\x08Exif",  # an APP1 too short for EXIF
+    b"\xff\xdb\x00\x04\x00\x00",  # a tiny DQT
+    b"\xff\xff\xff", b"\x00\x13",  # fill bytes, stray bytes
+    b"\xff\xd0",  # a marker without a length
+    b"\xff\xe2\x00\x01",  # a length below 2
+    b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00",  # start of scan
+    b"\xff\xd9",  # end of image
+    b"\xff\xe3\x40\x00",  # a length past the end
+])
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_SEGMENTS, max_size=8))
+def test_one_walk_over_a_jpeg_header_reads_what_the_two_walks_read(segments):
+    """``jpeg_header`` (read_encoded's one walk) gives ``jpeg_frame``'s frame or its very error, and
+    ``jpeg_orientation``'s orientation, on headers of every shape: frames before and after EXIF, two of
+    each, short or bad lengths, headers cut anywhere, scans before the frame."""
+    raw = b"\xff\xd8" + b"".join(segments)
+    try:
+        expected = (jpeg_frame(raw), jpeg_orientation(raw))
+    except ValueError as exc:
+        with pytest.raises(ValueError) as info:
+            jpeg_header(raw)
+        assert str(info.value) == str(exc)
+        return
+    assert jpeg_header(raw) == expected
