@@ -41,6 +41,8 @@ def affine_source_box(inverse: np.ndarray, out_hw: tuple[int, int], in_hw: tuple
     out_h, out_w = out_hw
     xs = (c, a * out_w + c, b * out_h + c, a * out_w + b * out_h + c)
     ys = (f, d * out_w + f, e * out_h + f, d * out_w + e * out_h + f)
+    if not all(map(math.isfinite, (*xs, *ys))):  # min/max would skip a NaN that is not first
+        return None
     return clipped_box((min(xs), max(xs)), (min(ys), max(ys)), in_hw)
 
 

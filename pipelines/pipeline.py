@@ -133,7 +133,10 @@ class Pipeline:
         plans = fuse_batch(params, self._color_first)
         if decode_batch is not None:
             regions = decode_batch([source_box(plan) for plan in plans])
-            run = lambda canvas, members: self.backend.run(canvas, [plans[index] for index in members])  # noqa: E731
+
+            def run(canvas, members: list[int]):
+                return self.backend.run(canvas, [plans[index] for index in members])
+
             return self._finish(self._run_on_canvases(regions, [plan.in_shape for plan in plans], run, target))
         images = []
         for index, plan in enumerate(plans):
@@ -148,11 +151,12 @@ class Pipeline:
 
     def _decode_planned_on_device(self, shapes, seed: int, epoch: int, sample_ids, out: Destination | None, decode_batch: DecodeBatch):
         """``run_decoding``'s batched path with the plans made on the device (:class:`DevicePlanner`):
-        the boxes come from the matrices brought to the host with the batch's facts, with no
-        per-sample plan object; the same boxes and bytes as the host path's."""
+        the boxes come from the matrices, brought to the host right after the batch's facts (two small
+        device→host copies: N×10 int64 and N×3×3 float64), with no per-sample plan object; the same
+        boxes and bytes as the host path's."""
         in_shapes, ids = _checked_shapes(shapes, sample_ids)
         fused = self._planner(in_shapes, seed, epoch, ids)
-        sizes = fused.sizes()  # the batch's one device→host copy of its facts; raises for invalid parameters
+        sizes = fused.sizes()  # the facts' device→host copy; raises for invalid parameters
         target = self._destination(out, sizes)
         boxes = affine_source_boxes(fused.inverse.cpu().numpy(), sizes.out_hw, sizes.in_shapes[:, :2])
 

@@ -129,7 +129,7 @@ stage_bench() {
 stage_ipc() {
   echo "== CUDA IPC: device-memory hand-off tests, then bench transport with its cuda-ipc row"
   run_pytest cuda_ipc 150 tests/gpu/test_cuda_ipc_gpu.py
-  timeout 150 python3 -m augserve bench transport --rounds 3 --batches 30 --json > "$OUT/bench_transport.jsonl" 2> "$OUT/bench_transport.err"
+  timeout 180 python3 -m augserve bench transport --rounds 3 --json > "$OUT/bench_transport.jsonl" 2> "$OUT/bench_transport.err"
   table augserve.bench.transport "$OUT/bench_transport.jsonl" | tee "$OUT/bench_transport.md"; tail -3 "$OUT/bench_transport.err"
 }
 

@@ -25,7 +25,9 @@ Each candidate runs ``batches`` batches per round, in interleaved rounds whose o
 medians of the rounds are reported. A block starts and ends with nothing in flight: DALI's pipelines
 schedule each batch one ahead of the one they hand over (as ``pipe.run()`` does, so its stages
 overlap), and the last one is taken inside the block — ``pipe.run()`` alone would leave a batch
-running into the next candidate's block. augserve's rows are one worker's synchronous loop, with no
+running into the next candidate's block. One exception: DALI's file reader reads ahead on a thread of
+its own, so the files of about one batch are opened and mapped outside its blocks (a small share of a
+batch of 500×375 JPEGs, whose cost is the decode). augserve's rows are one worker's synchronous loop, with no
 batch made ahead. DALI and nvImageCodec get ``threads`` CPU threads, and so does torch.
 
 ``--device cpu`` runs every row on the CPU (DALI's CPU operators and decoder, nvImageCodec's CPU
@@ -62,7 +64,8 @@ TARGETS = (
 
 def measure(candidates: dict[str, Candidate], device: str, rounds: int, batches: int, batch: int) -> dict[str, list[float]]:
     """key -> images/s of each round, for the candidates that can run."""
-    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    # the device's own queue: a bare synchronize() waits for the current device, cuda:0
+    synchronize = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
     live = {key: c for key, c in candidates.items() if c.run is not None}
     for index in range(WARMUP_BATCHES):
         for candidate in live.values():
@@ -89,12 +92,12 @@ def copy_bandwidth(device: str, rounds: int) -> dict:
     for name, source in (("pageable", pageable), ("pinned", pinned)):
         for _ in range(2):
             source.to(device, non_blocking=True)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         times = []
         for _ in range(rounds):
             start = time.perf_counter()
             source.to(device, non_blocking=True)
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
         results[name] = round(pageable.numel() / statistics.median(times) / 1e9, 2)
     return results
@@ -169,6 +172,7 @@ def run_gpu_bench(device: str = "cuda:0", rounds: int = 10, batch: int = 256, ba
                 folder = write_photo_folder(os.path.join(scratch, "photos"), jpeg_files, sizes=WEB_SIZE)
                 candidates = jpeg_candidates(folder["root"], batch, device, threads)
                 rows += _rows("jpeg", candidates, measure(candidates, device, rounds, batches, batch))
+                del candidates  # DALI's reader and buffers go before their folder does
             folder["root"] = None  # the temporary folder is gone
     finally:
         torch.set_num_threads(previous_threads)

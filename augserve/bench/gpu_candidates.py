@@ -130,6 +130,7 @@ def jpeg_candidates(root: str, batch: int, device: str, threads: int) -> dict[st
 
     from ..batch import augment_batch
     from ..sources import SkipStats, open_dataset
+    from ..sources.device_decoder import device_decoder
     from . import dali_chain
 
     source = open_dataset(root)
@@ -149,6 +150,9 @@ def jpeg_candidates(root: str, batch: int, device: str, threads: int) -> dict[st
         planned = f"planned {'on the device' if decode_on_device and pipe.sampling == 'device' else 'on the host'}"
         if decode_on_device:
             name, note = "augserve torch, nvImageCodec batch decode", f"a GPU worker's path: {planned}, only each plan's region decoded, the batch in one nvImageCodec call on {device}; normalized on the device"
+            if device_decoder(device, source.channels, threads=torch.get_num_threads()) is None:  # the worker would decode on the host
+                found[key] = Candidate(name, None, f"unavailable: nvImageCodec cannot decode on {device} here (its warning says why)")
+                continue
         else:
             name, note = "augserve torch, host decode", f"{planned}; files decoded on the host one at a time (libjpeg-turbo regions), then augmented on {device} and normalized"
         found[key] = Candidate(name, run, note)

@@ -35,7 +35,7 @@ from pipelines.decode_plan import REDUCTIONS
 from .base import check_max_pixels
 from .errors import CorruptImageError
 from .region_decoder import decode_scaled_region, region_decoder, scaled_region_decoder
-from .headers import JPEG_MAGIC, PNG_MAGIC, JpegFrame, image_size, jpeg_frame, jpeg_header, nonempty, png_orientation
+from .headers import JPEG_MAGIC, PNG_MAGIC, JpegFrame, image_size, jpeg_frame, jpeg_header, checked_size, png_orientation
 
 __all__ = [
     "EncodedImage", "Placement", "decode_encoded", "image_size", "orientation_steps", "oriented_placement", "region_decodable",
@@ -83,7 +83,8 @@ class EncodedImage:
     ``height`` and ``width`` are in pixels as delivered, i.e. after the EXIF ``orientation``
     (1..8; 1 when absent) is applied: orientations 5–8 swap the stored height and width.
     ``kind`` is "jpeg", "png" or "bmp". PNG files carry EXIF in an eXIf chunk, which OpenCV
-    honours, so a PNG can have an orientation other than 1 too.
+    honours, so a PNG can have an orientation other than 1 too. ``frame``: a JPEG's start-of-frame
+    header as read with the rest (None for other kinds, or where the image was built without it).
     """
 
     path: str
@@ -185,7 +186,7 @@ def read_encoded(path: str | os.PathLike, max_pixels: int | None = None) -> Enco
     try:
         if raw.startswith(JPEG_MAGIC):  # size, frame and orientation from one walk over the header
             frame, orientation = jpeg_header(raw)
-            height, width = nonempty(frame.height, frame.width)
+            height, width = checked_size(frame.height, frame.width)
         else:
             frame = None
             height, width = image_size(raw)

@@ -156,10 +156,10 @@ def image_size(raw: bytes) -> tuple[int, int]:
             raise ValueError("BMP header is cut short or of an unknown kind")
     else:
         raise ValueError("not a JPEG, PNG or BMP file")
-    return nonempty(height, width)
+    return checked_size(height, width)
 
 
-def nonempty(height: int, width: int) -> tuple[int, int]:
+def checked_size(height: int, width: int) -> tuple[int, int]:
     """``(height, width)``; ValueError for a header that announces no pixels."""
     if width <= 0 or height <= 0:
         raise ValueError(f"header gives an empty {width}×{height} image")

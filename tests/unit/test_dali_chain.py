@@ -89,6 +89,7 @@ def test_the_bench_chain_builds_and_makes_normalized_batches_from_jpeg_files(tmp
         ([WHOLE, {"op": "warp"}], "DALI's own pipeline here has no warp"),
         ([WHOLE, {"op": "rotate", "degrees": 5}, {"op": "rotate", "degrees": 5}], "DALI's own pipeline here takes each op at most once"),
         ([WHOLE, {"op": "mirror", "vertical": 0.5}], "DALI's own pipeline here flips left-right only (crop_mirror_normalize)"),
+        ([WHOLE, {"op": "normalize", "layout": "NHWC"}], "DALI's own pipeline here normalizes to NCHW only"),
     ],
 )
 def test_a_chain_it_cannot_express_is_refused_in_one_line(ops, message):

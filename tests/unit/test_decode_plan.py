@@ -128,13 +128,16 @@ def test_the_batch_of_boxes_is_each_samples_box_to_the_bit():
     inverse[:, :2, 2] = rng.uniform(-200.0, 300.0, (n, 2))
     inverse[:, 2, 2] = 1.0
     inverse[7, 0, 0], inverse[8, 1, 2], inverse[9, 0, 1] = np.nan, np.inf, -np.inf
+    inverse[10], inverse[11] = np.eye(3), np.eye(3)
+    inverse[10, 0, 1], inverse[11, 1, 0] = np.nan, np.nan  # NaN in a corner that is not the first: inside the image otherwise
     out_hw = rng.integers(1, 300, (n, 2))
     in_hw = rng.integers(1, 400, (n, 2))
+    out_hw[10:12], in_hw[10:12] = 10, 100
     boxes = affine_source_boxes(inverse, out_hw, in_hw)
     expected = [affine_source_box(inverse[k], tuple(out_hw[k].tolist()), tuple(in_hw[k].tolist())) for k in range(n)]
     assert boxes == expected
     assert sum(box is None for box in boxes) > 100 and sum(box is not None for box in boxes) > 100  # both kinds, many times
-    assert boxes[7] is boxes[8] is boxes[9] is None
+    assert boxes[7] is boxes[8] is boxes[9] is boxes[10] is boxes[11] is None
 
 
 @pytest.mark.parametrize(

@@ -37,3 +37,16 @@ def test_targets_are_judged_from_the_rows_and_the_absolute_one_only_on_cuda():
     assert on_cpu["torch chain ≥ 100,000 images/s"] == (900.0, None)
     assert on_cpu["torch chain ≥ 1.5× DALI's own GPU pipeline"] == (0.9, False)
     assert on_cpu["from JPEG files ≥ 1.2× DALI's mixed-decoder pipeline"] == (0.5, False)
+
+
+def test_the_batch_decode_row_says_so_where_nvimgcodec_cannot_decode(tmp_path, monkeypatch):
+    """A worker without a usable nvImageCodec decodes on the host one file at a time: the row named
+    for the batch decode must not run (and be judged) under that name."""
+    from augserve.bench.gpu_candidates import jpeg_candidates
+    from augserve.bench.photo_folder import WEB_SIZE, write_photo_folder
+
+    write_photo_folder(tmp_path / "photos", 4, sizes=WEB_SIZE)
+    monkeypatch.setattr("augserve.sources.device_decoder.device_decoder", lambda *args, **kwargs: None)
+    found = jpeg_candidates(str(tmp_path / "photos"), 2, "cpu", 1)
+    assert found["torch-jpeg"].run is None and found["torch-jpeg"].note == "unavailable: nvImageCodec cannot decode on cpu here (its warning says why)"
+    assert found["torch-jpeg-host"].run is not None

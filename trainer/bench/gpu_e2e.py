@@ -64,11 +64,12 @@ def dali_unavailable() -> str | None:
     return None
 
 
-def worker_decoder(device: torch.device) -> str:
-    """Where augserve's GPU workers decode the folder's JPEG files: ``cuda:K (nvImageCodec)``, or
-    ``host`` — probed in this process, which runs on the workers' machine with their packages. A worker
-    without a usable nvImageCodec decodes on the host one file at a time (and warns); the row says so."""
-    if device.type != "cuda":
+def worker_decoder(device: torch.device, backend: str) -> str:
+    """Where augserve's workers decode the folder's JPEG files: ``cuda:K (nvImageCodec)``, or ``host``
+    — probed in this process, which runs on the workers' machine with their packages. Only the torch
+    backend on a GPU decodes batches there (``augserve.batch``); a worker without a usable nvImageCodec
+    decodes on the host one file at a time (and warns); the row says so."""
+    if device.type != "cuda" or backend != "torch":
         return "host"
     from augserve.sources.device_decoder import device_decoder
 
@@ -114,7 +115,7 @@ def run_gpu_e2e(config: TrainerBenchConfig, folder: str | None = None, images: i
             failures["synthetic"] = exc.line
     if described["generated"]:
         described["root"] = None  # the temporary folder is gone
-    decoder = worker_decoder(device)
+    decoder = worker_decoder(device, config.backend)
     rows = _rows(config, runs, failures, unavailable, decoder)
     ours = rows[0]
     targets = [{"target": text, "value": ours[key], "pass": test(ours[key]) if ours[key] is not None else None} for key, text, test in TARGETS]
