@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _NO_DEVICE_VERSION = (Warp,)  # ops whose fusion only the host path does
 SAMPLING_MODES = ("auto", "host", "device")
+MAX_SIZES_MET = 64  # batch sizes a planner remembers having met (a graph is captured on the second)
 
 
 def choose_sampling(requested: str, spec: PipelineSpec, backend, fused: bool) -> str:
@@ -76,9 +77,10 @@ class DevicePlanner:
 
     Per batch the host builds one (N, 5) int64 table (:func:`~pipelines.device_sampling.device_inputs`)
     and uploads it; the device does the rest — a few hundred small kernels. On CUDA (``graphs`` None or
-    True) they are captured once per batch size as a CUDA graph and replayed, so the host launches one
-    graph instead of hundreds of kernels; a capture that fails is logged once and the same function
-    runs eagerly (same kernels, same bits). Up to ``max_graphs`` batch sizes keep their graph."""
+    True) they are captured as a CUDA graph per batch size, the second time that size comes (a size met
+    once runs eagerly), and replayed, so the host launches one graph instead of hundreds of kernels; a
+    capture that fails is logged once and the same function runs eagerly (same kernels, same bits). Up
+    to ``max_graphs`` batch sizes keep their graph."""
 
     def __init__(self, spec: PipelineSpec, device, color_first: bool = False, graphs: bool | None = None, max_graphs: int = 4) -> None:
         self.spec = spec
@@ -89,6 +91,7 @@ class DevicePlanner:
             raise ValueError(f"CUDA graphs need a CUDA device, got {device!r}")
         self._max_graphs = max_graphs
         self._replays: OrderedDict[int, _Replay] = OrderedDict()
+        self._sizes_met: OrderedDict[int, None] = OrderedDict()  # batch sizes planned so far, the latest last
 
     def __call__(self, shapes, seed: int, epoch: int, sample_ids=None) -> FusedBatch:
         """The :class:`FusedBatch` of a batch of images of ``shapes`` ((N, 3) of H, W, C)."""
@@ -113,6 +116,11 @@ class DevicePlanner:
     def _replay(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         replay = self._replays.get(len(inputs))
         if replay is None:
+            if not self._met_before(len(inputs)):
+                # A size met once — a batch planned again without its corrupt files, an epoch's last
+                # batch, a half after running out of memory — runs eagerly: a capture costs a few eager
+                # runs and pays off only for a size that comes back.
+                return self.work(inputs.to(self.device, non_blocking=True))
             try:
                 replay = _Replay(self.work, inputs.to(self.device))
             except RuntimeError as exc:  # a driver or build without graph support: eager gives the same bits
@@ -124,6 +132,17 @@ class DevicePlanner:
                 self._replays.popitem(last=False)
         self._replays.move_to_end(len(inputs))
         return replay(inputs)
+
+
+    def _met_before(self, size: int) -> bool:
+        """Whether a batch of ``size`` samples was planned before; notes that one is now (the last
+        :data:`MAX_SIZES_MET` sizes are remembered)."""
+        met = size in self._sizes_met
+        self._sizes_met[size] = None
+        self._sizes_met.move_to_end(size)
+        while len(self._sizes_met) > MAX_SIZES_MET:
+            self._sizes_met.popitem(last=False)
+        return met
 
 
 class _Replay:

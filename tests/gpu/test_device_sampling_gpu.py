@@ -89,6 +89,18 @@ def test_graph_replays_equal_eager_runs_for_every_batch():
     assert graphed.graphs and len(graphed._replays) == 1  # captured once, not fallen back to eager
 
 
+def test_a_batch_size_met_once_runs_eagerly_and_one_that_comes_back_gets_its_graph():
+    """A re-planned batch (corrupt files dropped), an epoch's last batch or a half after running out of
+    memory has a size of its own: no capture for it; the size that comes back is captured and replayed."""
+    spec = pipelines.PipelineSpec.model_validate(EXACT)
+    graphed, eager = DevicePlanner(spec, "cuda"), DevicePlanner(spec, "cuda", graphs=False)
+    for k, size in enumerate([64, 61, 64, 32, 64]):
+        shapes, ids = batch_inputs(size, k)
+        a, b = graphed(shapes, 3, k, ids), eager(shapes, 3, k, ids)
+        assert torch.equal(a.facts, b.facts) and torch.equal(a.inverse, b.inverse), (k, size)
+    assert graphed.graphs and list(graphed._replays) == [64]
+
+
 def test_graph_replays_survive_the_constant_cache_letting_go():
     """A captured graph reads the spec's constants at their capture-time addresses. The cache of
     constants is bounded; once it drops them (cleared here) and their memory is reused (filled with
@@ -99,6 +111,8 @@ def test_graph_replays_survive_the_constant_cache_letting_go():
     graphed, eager = DevicePlanner(spec, "cuda"), DevicePlanner(spec, "cuda", graphs=False)
     shapes, ids = batch_inputs(64, 0)
     graphed(shapes, 1, 0, ids)
+    graphed(shapes, 1, 0, ids)  # the second batch of a size captures its graph
+    assert len(graphed._replays) == 1
     device_sampling._uploaded.cache_clear()
     torch.cuda.synchronize()
     clutter = [torch.full((k + 1,), 123456.0, dtype=torch.float64, device="cuda") for k in range(64)]  # reuses freed blocks

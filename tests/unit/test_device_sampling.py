@@ -441,3 +441,15 @@ def test_a_graph_owner_keeps_the_constants_the_bounded_cache_drops():
     device_sampling._uploaded.cache_clear()  # the cache lets go of them (as eviction would) ...
     assert constant((1.5, 2.5), torch.float64, cpu) is not first  # ... a new upload now
     assert outer[id(first)] is first and torch.equal(first, torch.tensor([1.5, 2.5], dtype=torch.float64))  # ... still held
+
+
+def test_a_planner_remembers_which_batch_sizes_it_met_within_a_bound():
+    """What decides a CUDA graph capture (on a size's second batch): a size met before, of the last
+    MAX_SIZES_MET sizes."""
+    from pipelines.device_fusion import MAX_SIZES_MET
+
+    planner = DevicePlanner(pipelines.PipelineSpec.model_validate({"ops": [{"op": "mirror"}]}), "cpu", graphs=False)
+    assert [planner._met_before(size) for size in (64, 61, 64, 64, 61)] == [False, False, True, True, True]
+    for size in range(1000, 1000 + MAX_SIZES_MET):  # enough other sizes to push 64 and 61 out
+        planner._met_before(size)
+    assert len(planner._sizes_met) == MAX_SIZES_MET and not planner._met_before(61)
