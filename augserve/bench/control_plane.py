@@ -828,6 +828,11 @@ def json_rows(result: dict) -> list[dict]:
     return list(result["rows"])
 
 
+def _per_cpu_s(value: float | None) -> str:
+    # None: the daemon's CPU time over the window read 0 (/proc counts it in 10 ms ticks; a short run)
+    return "–" if value is None else f"{value:.0f}"
+
+
 def format_table(result: dict) -> str:
     lines = [
         f"control-plane benchmark — the real daemon, fake workers answering each task at once with a 1×1×1-pixel batch, trainers acknowledging "
@@ -838,7 +843,7 @@ def format_table(result: dict) -> str:
     ]
     for r in result["rows"]:
         c = r["cpu_pct"]
-        per_cpu = "" if r["tasks_per_daemon_cpu_s"] is None else f"{r['tasks_per_daemon_cpu_s']:.0f}"
+        per_cpu = _per_cpu_s(r["tasks_per_daemon_cpu_s"])
         once = "yes" if r["exactly_once"] else f"NO ({r['acked']}/{r['tasks']} acked, {r['duplicates']} duplicates)"
         lines.append(
             f"| {r['client']} | {r['workers']} | {r['streams']} | {r['tasks_per_s']:.0f} | {c['daemon']:.0f} | {c['daemon_loop']:.0f} | {c['workers']:.0f} "
@@ -852,7 +857,7 @@ def format_table(result: dict) -> str:
                       f"(its loop {idle['cpu_pct']['daemon_loop']:.1f} %), {idle['daemon_cpu_pct_per_100_workers']:.2f} % per 100 workers"]  # fmt: skip
     lines += [
         "",
-        f"tasks/s: {result['min_tasks_per_s']:.0f} to {result['max_tasks_per_s']:.0f}; median tasks per daemon CPU-second {result['median_tasks_per_daemon_cpu_s']:.0f}",
+        f"tasks/s: {result['min_tasks_per_s']:.0f} to {result['max_tasks_per_s']:.0f}; median tasks per daemon CPU-second {_per_cpu_s(result['median_tasks_per_daemon_cpu_s'])}",
         "CPU % is of one core; the daemon, the fake workers, the trainers and any other process share this machine's cores, so tasks/s is a floor for a daemon with a core of its own",
         f"conditions: {c['cores']} cores ({c['cpu']}){load}; Python {c['python']}, pyzmq {c['pyzmq']}, libzmq {c['libzmq']}; CURVE by {c['curve']}",
     ]
