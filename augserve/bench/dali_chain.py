@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.spec import ColorShift, Mirror, PcaColor, PipelineSpec, RandomResizedCrop, Rotate, Shear
+from pipelines.spec import ColorShift, Mirror, Normalize, PcaColor, PipelineSpec, RandomResizedCrop, Rotate, Shear
 
 SUPPORTED = (RandomResizedCrop, Mirror, Rotate, Shear, PcaColor, ColorShift)  # normalize is the spec's own field
 DALI_DTYPES = {"float32": "FLOAT", "float16": "FLOAT16", "bfloat16": "FLOAT16"}  # DALI has no bfloat16 output
@@ -48,6 +48,15 @@ def check_chain(spec: PipelineSpec) -> RandomResizedCrop:
     if spec.normalize is not None and spec.normalize.layout != "NCHW":
         raise ValueError("DALI's own pipeline here normalizes to NCHW only")
     return ops[0]
+
+
+def normalize_arguments(normalize: Normalize | None) -> tuple[list[float], list[float]]:
+    """``crop_mirror_normalize``'s ``mean`` and ``std`` for a spec's ``normalize`` (1 or 3 values on the
+    0–1 scale): three values each on DALI's 0–255 scale; mean 0 and std 1 (no change) without one."""
+    if normalize is None:
+        return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    mean, std = ((np.resize(np.asarray(values, np.float32), 3) * 255.0).tolist() for values in (normalize.mean, normalize.std))
+    return mean, std
 
 
 def _one(spec: PipelineSpec, kind):
@@ -113,8 +122,7 @@ def build(spec: PipelineSpec | dict, batch: int, device: str, threads: int, seed
     height, width = crop.size
     mirror = _one(spec, Mirror)
     normalize = spec.normalize
-    mean = (np.resize(np.asarray(normalize.mean, np.float32), 3) * 255.0).tolist() if normalize else [0.0, 0.0, 0.0]
-    std = (np.resize(np.asarray(normalize.std, np.float32), 3) * 255.0).tolist() if normalize else [1.0, 1.0, 1.0]
+    mean, std = normalize_arguments(normalize)
     dtype = getattr(types, DALI_DTYPES[normalize.dtype]) if normalize else types.UINT8
 
     @pipeline_def

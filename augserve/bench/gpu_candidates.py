@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
+
 GPU_CHAIN = {
     "name": "gpu-chain",
     "ops": [
@@ -25,7 +27,6 @@ GPU_CHAIN = {
         {"op": "normalize", "dtype": "float16"},
     ],
 }
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -104,7 +105,7 @@ def memory_candidates(images_host: np.ndarray, device: str, threads: int) -> dic
     try:
         import kornia.augmentation as K
 
-        mean, std = torch.tensor(MEAN, device=device), torch.tensor(STD, device=device)
+        mean, std = torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device)
         augment = K.AugmentationSequential(
             K.RandomResizedCrop((224, 224)), K.RandomHorizontalFlip(), K.RandomAffine(degrees=15, shear=10, p=1.0), K.Normalize(mean, std)
         ).to(device)
@@ -115,7 +116,7 @@ def memory_candidates(images_host: np.ndarray, device: str, threads: int) -> dic
     try:
         from torchvision.transforms import v2
 
-        compose = v2.Compose([v2.RandomResizedCrop(224, antialias=False), v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=15, shear=10), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+        compose = v2.Compose([v2.RandomResizedCrop(224, antialias=False), v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=15, shear=10), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         found["torchvision"] = Candidate(name, lambda i: torch.stack([compose(image) for image in nchw]), "one draw per image, a Python loop over the batch; no color ops")
     except Exception as exc:  # noqa: BLE001
         found.update([_unavailable("torchvision", name, exc)])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 
 import pipelines
@@ -173,13 +172,14 @@ def dali_batches(dataset: str, options: dict, spec: dict, batch_size: int, threa
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+    from augserve.bench.dali_chain import normalize_arguments
+
     spec = PipelineSpec.model_validate(spec)
     crop = next((op for op in spec.ops if isinstance(op, RandomResizedCrop)), None)
     if crop is None:
         raise ValueError("the dali loader needs a pipeline with random_resized_crop")
     mirror = next((op.horizontal for op in spec.ops if isinstance(op, Mirror)), 0.0)
-    normalize = spec.normalize or Normalize()
-    mean, std = (np.resize(np.asarray(values, np.float32), 3) * 255.0 for values in (normalize.mean, normalize.std))
+    mean, std = normalize_arguments(spec.normalize or Normalize())
     files, labels = folder_files(dataset, options)
     on_gpu = torch.device(device).type == "cuda"
 
@@ -193,7 +193,7 @@ def dali_batches(dataset: str, options: dict, spec: dict, batch_size: int, threa
         height, width = crop.size
         images = fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_LINEAR, antialias=False)
         images = fn.crop_mirror_normalize(
-            images, dtype=types.FLOAT, output_layout="CHW", mean=mean.tolist(), std=std.tolist(), mirror=fn.random.coin_flip(probability=mirror),
+            images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=fn.random.coin_flip(probability=mirror),
         )  # fmt: skip
         return images, label
 
