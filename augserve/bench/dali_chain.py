@@ -104,13 +104,16 @@ def _color(fn, types, images, spec: PipelineSpec):
     return fn.coord_transform(images, T=offset, dtype=types.UINT8)
 
 
-def build(spec: PipelineSpec | dict, batch: int, device: str, threads: int, seed: int = 0, images=None, files: Sequence[str] | None = None):
+def build(spec: PipelineSpec | dict, batch: int, device: str, threads: int, seed: int = 0, images=None, files: Sequence[str] | None = None,
+          labels: Sequence[int] | None = None):  # fmt: skip
     """A built DALI pipeline of ``spec`` producing ``batch`` images per ``run()``: from ``images`` (the
     same uint8 N×H×W×C batch every iteration: a numpy array, or a CUDA tensor for a GPU pipeline, which
     ``external_source`` copies each iteration — ~50 µs for 256 × 256² on an H100, left in: DALI's
     documented default) or
-    from JPEG ``files`` (read in a random order, epoch after epoch). ``device``: ``cpu`` (no GPU needed)
-    or ``cuda[:k]``. Its outputs are ``spec.normalize``'s dtype (bfloat16 as float16), NCHW."""
+    from JPEG ``files`` (read in a random order, epoch after epoch, by a reader named ``Reader`` — the
+    name ``DALIGenericIterator``'s ``reader_name`` takes). ``device``: ``cpu`` (no GPU needed) or
+    ``cuda[:k]``. Its output is ``spec.normalize``'s dtype (bfloat16 as float16), NCHW; with
+    ``labels`` (one int per file) a second output, each image's label (int32, shape (1,))."""
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
@@ -118,6 +121,8 @@ def build(spec: PipelineSpec | dict, batch: int, device: str, threads: int, seed
     crop = check_chain(spec)
     if (images is None) == (files is None):
         raise ValueError("give images or files, not both")
+    if labels is not None and (files is None or len(labels) != len(files)):
+        raise ValueError("labels go with files, one each")
     on_gpu = torch.device(device).type == "cuda"
     height, width = crop.size
     mirror = _one(spec, Mirror)
@@ -128,7 +133,8 @@ def build(spec: PipelineSpec | dict, batch: int, device: str, threads: int, seed
     @pipeline_def
     def chain():
         if files is not None:
-            jpegs, _ = fn.readers.file(files=list(files), random_shuffle=True, name="Reader")
+            labelled = {} if labels is None else {"labels": [int(label) for label in labels]}
+            jpegs, label = fn.readers.file(files=list(files), random_shuffle=True, name="Reader", **labelled)
             decoded = fn.decoders.image_random_crop(
                 jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
                 random_area=list(crop.scale), random_aspect_ratio=list(crop.ratio), num_attempts=10,
@@ -142,7 +148,8 @@ def build(spec: PipelineSpec | dict, batch: int, device: str, threads: int, seed
             )  # fmt: skip
         out = _color(fn, types, _geometry(fn, types, out, spec, height, width), spec)
         flip = fn.random.coin_flip(probability=mirror.horizontal) if mirror is not None else 0
-        return fn.crop_mirror_normalize(out, mirror=flip, dtype=dtype, output_layout="CHW", mean=mean, std=std)
+        out = fn.crop_mirror_normalize(out, mirror=flip, dtype=dtype, output_layout="CHW", mean=mean, std=std)
+        return out if labels is None else (out, label)
 
     device_id = (torch.device(device).index or 0) if on_gpu else None
     pipe = chain(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed)

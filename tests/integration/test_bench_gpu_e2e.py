@@ -45,7 +45,7 @@ def test_cpu_check_runs_all_four_rows(tmp_path):
     by = {row["loader"]: row for row in rows}
     assert by["augserve"]["name"] == "augserve serve --backend torch --device cpu, 1 worker"
     assert by["dali"]["name"] == "DALI pipeline + DALIGenericIterator (cpu decoder, 1 thread)"
-    assert by["dali"]["note"] == "DALI's own pipeline leaves out pca_color"
+    assert by["dali"]["note"] == ""  # DALI's own pipeline of the whole preset, PCA lighting included
     # Trainer and workers on one host: the client's default transport takes shared memory.
     assert by["augserve"]["transport"] == summary["transport"] == "shm"
     # Workers on the CPU decode each file on the host; on a GPU the row names nvImageCodec's device.

@@ -133,3 +133,44 @@ def test_a_dali_block_makes_exactly_its_batches_and_leaves_none_in_flight():
             candidate.run(index)
         candidate.finish()
         assert len(fed) == prefetched + 4 * (block + 1)
+
+
+def grey_and_white_folder(root, per_class: int = 6):
+    """A two-class image folder of plain 64×48 JPEGs: class ``a_grey`` (level 128) and ``b_white`` (255)."""
+    import cv2
+
+    for name, level in (("a_grey", 128), ("b_white", 255)):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            cv2.imwrite(str(root / name / f"{index}.jpg"), np.full((48, 64, 3), level, np.uint8))
+    return root
+
+
+def test_the_trainer_benches_dali_loader_runs_the_whole_preset_with_each_files_label(tmp_path):
+    """``trainer.bench.loaders.dali_batches`` is this graph on a folder's files: labels from the folder,
+    and the preset's PCA lighting applied (plain images come out in several colours, not one)."""
+    import torch
+
+    from trainer.bench.loaders import bench_spec, dali_batches
+
+    root = grey_and_white_folder(tmp_path / "plain")
+    spec = bench_spec("resnet", 32).to_dict()
+    images, labels = next(dali_batches(str(root), {}, spec, 12, 1, seed=3))
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and sorted(labels.tolist()) == [0] * 6 + [1] * 6  # one epoch's batch: every file once
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec["ops"][-1]["mean"], spec["ops"][-1]["std"]))
+    levels = (images * std + mean) * 255.0  # back to the 0–255 scale
+    per_image = levels.mean(dim=(2, 3))  # N×3
+    grey, white = per_image[labels == 0], per_image[labels == 1]
+    assert (grey - 128.0).abs().max() < 20 and (white > 230).all()  # PCA moves a level by a few units only
+    assert grey.std(dim=0).min() > 0.5  # and by a different amount in each image: PCA lighting ran
+    # Within an image every pixel moves alike: the offset is per image, the crop of a plain image plain.
+    assert (levels[labels == 0] - per_image[labels == 0][:, :, None, None]).abs().max() < 1.0
+
+
+def test_a_preset_the_dali_graph_cannot_express_makes_the_gpu_e2e_dali_row_unavailable_with_the_reason():
+    from trainer.bench.gpu_e2e import dali_unavailable
+    from trainer.bench.loaders import bench_spec
+
+    assert dali_unavailable(bench_spec("vgg").to_dict()) == "DALI's own pipeline here starts with random_resized_crop"
+    assert dali_unavailable(bench_spec("resnet", 32).to_dict()) is None

@@ -7,8 +7,10 @@ photos, fed four ways in one run.
 * **DataLoader**: ``torch.utils.data.DataLoader(num_workers=<all host cores>, pin_memory=True)`` over the
   preset's ordinary albumentations Compose (a full decode of each file, normalize in the workers); the
   run is one DataLoader epoch of reshuffled passes, so the folder's short epochs do not drain it.
-* **DALI**: DALI's own pipeline and PyTorch iterator on the same files (nvJPEG ``mixed`` decoder of the
-  random crop, resize, flip and normalize on the GPU; :func:`trainer.bench.loaders.dali_batches`).
+* **DALI**: DALI's own pipeline of the same preset and its PyTorch iterator on the same files (nvJPEG
+  ``mixed`` decoder of the random crop, then resize and every other op of the preset — the resnet
+  preset's PCA lighting too — on the GPU with DALI's random operators; :func:`trainer.bench.loaders.dali_batches`).
+  A preset DALI's own pipeline cannot express (one without ``random_resized_crop``) gives the row's reason.
 * **synthetic**: one pre-made batch already on the GPU, repeated: the model's own speed.
 
 Every run is a separate trainer process doing the same step (:func:`trainer.loop.train_step`: bf16
@@ -55,8 +57,16 @@ def check_device(text: str) -> torch.device:
     return bench_device(text, "bench gpu-e2e trains on {device}, and CUDA is not available on this machine; --device cpu runs the same pipeline on the CPU as a check")
 
 
-def dali_unavailable() -> str | None:
-    """Why DALI's iterator cannot run here, or None (a DALI without CUDA support shows when its run fails)."""
+def dali_unavailable(spec: dict) -> str | None:
+    """Why DALI's iterator cannot run ``spec`` here, or None (a DALI without CUDA support shows when its
+    run fails): DALI is not installed, or its own pipeline cannot express the spec's chain."""
+    from augserve.bench.dali_chain import check_chain
+    from pipelines.spec import PipelineSpec
+
+    try:
+        check_chain(PipelineSpec.model_validate(spec))
+    except ValueError as exc:
+        return str(exc)
     try:
         importlib.import_module("nvidia.dali")
     except ImportError:
@@ -93,12 +103,14 @@ def run_gpu_e2e(config: TrainerBenchConfig, folder: str | None = None, images: i
             raise ValueError(f"image folder {described['root']} holds {described['images']} image(s), fewer than the batch size {config.batch_size}")
     elif images < config.batch_size:
         raise ValueError(f"--images ({images}) must be at least --batch-size ({config.batch_size})")
+    config = dataclasses.replace(config, loaders=tuple(mode for mode in LOADERS if mode != "dali"), worker_device=config.device, one_epoch=True)
+    check_setup(config)  # the mistakes first: a pipeline DALI cannot run is not one
     unavailable = {}
-    why = dali_unavailable()
-    if why is not None:
+    why = dali_unavailable(config.spec())
+    if why is None:
+        config = dataclasses.replace(config, loaders=LOADERS)
+    else:
         unavailable["dali"] = why
-    config = dataclasses.replace(config, loaders=tuple(mode for mode in LOADERS if mode not in unavailable), worker_device=config.device, one_epoch=True)
-    check_setup(config)
     with tempfile.TemporaryDirectory(prefix="augserve-gpu-e2e-") as scratch:
         if folder is None:
             if progress:
@@ -190,8 +202,6 @@ def label(config: TrainerBenchConfig, loader: str) -> str:
 
 
 def _rows(config: TrainerBenchConfig, runs: dict, failures: dict, unavailable: dict, decoder: str) -> list[dict]:
-    from trainer.bench.loaders import bench_spec, dali_omits
-
     rows = []
     for loader in (*LOADERS, "synthetic"):
         loader_runs = runs.get(loader) or []
@@ -213,10 +223,6 @@ def _rows(config: TrainerBenchConfig, runs: dict, failures: dict, unavailable: d
                 notes.append(f"transport: {row['transport']}")
             if loader_runs:
                 notes.append(f"JPEG decoded on {decoder}")
-        if loader == "dali" and not notes:
-            omitted = dali_omits(bench_spec(config.pipeline, config.crop_size))
-            if omitted:
-                notes.append(f"DALI's own pipeline leaves out {', '.join(omitted)}")
         row["note"] = "; ".join(notes)
         rows.append(row)
     synthetic = rows[-1]["images_per_s"]

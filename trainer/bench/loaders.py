@@ -9,12 +9,14 @@ the same training split, and yields ``images`` float (the spec's ``normalize`` d
   The transport that batches came by (shared memory or frames) is counted into a ``facts`` dict.
 * :func:`dataloader_batches`: ``torch.utils.data.DataLoader`` over :class:`OrdinaryDataset` (the spec's
   ordinary ``albumentations.Compose``, normalize included, in the workers), pinned for a CUDA trainer.
-* :func:`dali_batches`: DALI's own pipeline and ``DALIGenericIterator``, as DALI's ResNet-50 example
-  writes it: ``readers.file`` over the folder's files, ``decoders.image_random_crop`` (the ``mixed``
-  nvJPEG decoder on a CUDA device, the CPU decoder otherwise; the crop is decoded, not the whole file),
-  ``resize`` to the crop size (bilinear, no antialias: the resampling our backends do) and
-  ``crop_mirror_normalize`` (random flip, ImageNet mean/std, float32 CHW). It leaves out the spec's other
-  ops (the resnet preset's ``pca_color``): :func:`dali_omits` names them.
+* :func:`dali_batches`: DALI's own pipeline of the spec and ``DALIGenericIterator``, as DALI's ResNet-50
+  example writes it (:func:`augserve.bench.dali_chain.build`, the graph ``bench gpu`` holds us against):
+  ``readers.file`` over the folder's files, ``decoders.image_random_crop`` (the ``mixed`` nvJPEG decoder
+  on a CUDA device, the CPU decoder otherwise; the crop is decoded, not the whole file), ``resize`` to
+  the crop size (bilinear, no antialias: the resampling our backends do), then the spec's other ops
+  with DALI's random operators (the resnet preset's PCA lighting included) and ``crop_mirror_normalize``
+  (flip, the spec's mean/std, CHW). Specs that start with ``random_resized_crop`` (resnet, inception,
+  mobilenet); DALI's random streams, so the same work with other bytes.
 * :func:`synthetic_batches`: one real augmented batch made up front, placed on the trainer's device
   once and repeated: the model's own speed with no loader.
 """
@@ -27,10 +29,9 @@ import os
 import torch
 
 import pipelines
-from pipelines.spec import Mirror, Normalize, PipelineSpec, RandomResizedCrop
+from pipelines.spec import PipelineSpec, RandomResizedCrop
 
 SERVED_NAME = "bench"  # a dataset given by path is served under this name
-DALI_OPS = (RandomResizedCrop, Mirror, Normalize)  # what DALI's own pipeline does of a spec
 
 
 def bench_spec(pipeline: str, crop_size: int | None = None) -> PipelineSpec:
@@ -43,11 +44,6 @@ def bench_spec(pipeline: str, crop_size: int | None = None) -> PipelineSpec:
         raise ValueError(f"--crop-size resizes a random_resized_crop, and pipeline {pipeline} has none")
     ops = [op.model_copy(update={"size": (crop_size, crop_size)}) if isinstance(op, RandomResizedCrop) else op for op in spec.ops]
     return PipelineSpec.model_validate({**spec.to_dict(), "ops": [op.model_dump(mode="json") for op in ops]})
-
-
-def dali_omits(spec: PipelineSpec) -> list[str]:
-    """The ops of ``spec`` that DALI's own pipeline (:func:`dali_batches`) does not apply."""
-    return [op.op for op in spec.ops if not isinstance(op, DALI_OPS)]
 
 
 def _builtin(dataset: str) -> bool:
@@ -167,39 +163,17 @@ def folder_files(dataset: str, options: dict) -> tuple[list[str], list[int]]:
 
 
 def dali_batches(dataset: str, options: dict, spec: dict, batch_size: int, threads: int, seed: int, device: str = "cpu"):
-    """DALI's own pipeline on the folder's files (see the module docstring). ``device``: ``cpu`` (CPU
-    decoder, no GPU needed) or ``cuda[:k]`` (mixed decoder, outputs on that GPU)."""
-    from nvidia.dali import fn, pipeline_def, types
+    """DALI's own pipeline of ``spec`` on the folder's files (see the module docstring). ``device``:
+    ``cpu`` (CPU decoder, no GPU needed) or ``cuda[:k]`` (mixed decoder, outputs on that GPU).
+    ValueError (one line) for a spec DALI's own pipeline cannot express (:func:`augserve.bench.dali_chain.check_chain`)."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    from augserve.bench.dali_chain import normalize_arguments
+    from augserve.bench import dali_chain
 
     spec = PipelineSpec.model_validate(spec)
-    crop = next((op for op in spec.ops if isinstance(op, RandomResizedCrop)), None)
-    if crop is None:
-        raise ValueError("the dali loader needs a pipeline with random_resized_crop")
-    mirror = next((op.horizontal for op in spec.ops if isinstance(op, Mirror)), 0.0)
-    mean, std = normalize_arguments(spec.normalize or Normalize())
+    dali_chain.check_chain(spec)  # before listing the files: a refused spec costs nothing
     files, labels = folder_files(dataset, options)
-    on_gpu = torch.device(device).type == "cuda"
-
-    @pipeline_def
-    def photos():
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=True, name="Reader")
-        images = fn.decoders.image_random_crop(
-            jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
-            random_area=list(crop.scale), random_aspect_ratio=list(crop.ratio), num_attempts=10,
-        )  # fmt: skip
-        height, width = crop.size
-        images = fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_LINEAR, antialias=False)
-        images = fn.crop_mirror_normalize(
-            images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=fn.random.coin_flip(probability=mirror),
-        )  # fmt: skip
-        return images, label
-
-    device_id = (torch.device(device).index or 0) if on_gpu else None
-    pipe = photos(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed)
-    pipe.build()
+    pipe = dali_chain.build(spec, batch_size, device, threads, seed=seed, files=files, labels=labels)
     iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
     for outputs in forever(iterator):
         out = outputs[0]

@@ -106,9 +106,9 @@ def check_setup(config: TrainerBenchConfig):
     """The checks that need no dataset (pipeline, precision, loaders, model name): ValueError (one line)
     for a mistake, before anything is generated or started. Returns the spec every loader applies."""
     import pipelines
-    from pipelines.spec import RandomResizedCrop
     from trainer import models
 
+    from augserve.bench.dali_chain import check_chain
     from augserve.bench.pipeline_throughput import ordinary_for_preset
 
     ordinary_for_preset(config.pipeline)  # refuses pipelines without an albumentations equivalent
@@ -118,8 +118,11 @@ def check_setup(config: TrainerBenchConfig):
     unknown = [mode for mode in config.loaders if mode not in LOADERS]
     if unknown or not config.loaders:
         raise ValueError(f"loaders must be some of {', '.join(LOADERS)}, got {list(config.loaders)}")
-    if "dali" in config.loaders and not any(isinstance(op, RandomResizedCrop) for op in spec.ops):
-        raise ValueError(f"DALI's own pipeline starts with random_resized_crop, and pipeline {config.pipeline} has none")
+    if "dali" in config.loaders:
+        try:
+            check_chain(spec)
+        except ValueError as exc:
+            raise ValueError(f"pipeline {config.pipeline}: {exc}") from None
     if config.model not in models.list_models():
         raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(models.list_models())}")
     return spec
