@@ -37,6 +37,7 @@ import torch
 
 from pipelines.destination import resolve
 
+from .handoff.pinned import to_host
 from .sources import CorruptImageError, SkipStats, Source, iter_encoded, iter_images
 from .sources.device_decoder import DeviceDecoder, device_decoder
 
@@ -204,7 +205,8 @@ def _joined(first: tuple, second: tuple, out) -> tuple:
 
 def _delivered(images, out):
     """A pipeline's output as ``augment_batch`` returns it: ``out``'s tensor as it is (host memory, or a
-    worker's device slot), anything else on the host (a tensor, or a list of them when sizes differ)."""
+    worker's device slot), anything else on the host (a tensor, or a list of them when sizes differ) —
+    from a device, in page-locked memory, so a GPU worker's frames leave it in one DMA."""
     if out is not None:
         return images
-    return [o.cpu() for o in images] if isinstance(images, list) else images.cpu()
+    return [to_host(o) for o in images] if isinstance(images, list) else to_host(images)

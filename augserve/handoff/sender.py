@@ -11,7 +11,8 @@ after (into a host slot) or sent as frames (with a device slot). :meth:`Sender.p
 reservation copies the tensors into a slot instead. Anything that stands in the way (another host,
 another GPU, a full ``/dev/shm`` or GPU, every slot held by the trainer) sends the batch the next way
 down — device memory, host shared memory, frames — with a ``fallback`` saying why; the worker logs each
-reason once per stream and the trainer's client does too.
+reason once per stream and the trainer's client does too. A worker on a GPU sends through page-locked
+host memory whenever a batch leaves the device (:mod:`.pinned`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from .. import protocol as P
 from ..lru import LRUCache
 from .host import host_identity
+from .pinned import PinnedSegment, host_array, on_gpu
 from .policy import route
 from .shm import Segment, aligned, reap_orphans
 from .slots import NoSlot, Slot, SlotPool
@@ -88,7 +90,8 @@ class Reservation:
     what the pipeline writes the images into. At the start of a slot of the stream's pool when the task
     may use shared memory and a slot can be had — a device slot (:attr:`route` ``cuda-ipc``) on the
     trainer's GPU, else a host slot with room after the images for the tensors that follow, ``trailing``
-    bytes per image (labels and sample ids) — else private memory, and the batch goes as frames.
+    bytes per image (labels and sample ids) — else private memory (page-locked on a GPU worker:
+    :mod:`.pinned`), and the batch goes as frames.
     :attr:`fallback` says why a slower way than the task allows. Handed to :meth:`Sender.pack`, which
     sends the slot without copying the images again; :meth:`cancel` gives back a slot the batch never
     reached."""
@@ -117,8 +120,8 @@ class Reservation:
         if not self.tried and self.task.handoff is not None:
             self.tried = True
             self.route, self.slot, self.fallback = self._sender.take(self.task, count, host_bytes)
-        if self.slot is None:
-            return np.empty(shape, dtype=np.uint8)
+        if self.slot is None:  # frames: page-locked on a GPU worker, so the images leave the device in one DMA
+            return host_array(shape, self._sender.device)
         if self.route == "cuda-ipc":
             self.written = self.slot[1].memory.view(0, count).view(shape)
             return self.written
@@ -281,7 +284,8 @@ class Sender:
 
     def _new_pool(self, stream: str, slots: int) -> SlotPool:
         log.info("stream %s: batches through shared memory in %s (up to %d slots)", stream, self.directory, slots)
-        return SlotPool(partial(Segment.create, self.directory, reserve=self.reserve_bytes), slots)
+        segments = PinnedSegment if on_gpu(self.device) else Segment  # a GPU worker's copies into them: one DMA each
+        return SlotPool(partial(segments.create, self.directory, reserve=self.reserve_bytes), slots)
 
     def _new_device_pool(self, stream: str, slots: int) -> SlotPool:
         from .device import create_device_slot  # torch: only for a worker on the trainer's GPU

@@ -309,7 +309,7 @@ def test_a_kept_batch_keeps_its_slot_and_the_pool_then_uses_host_shared_memory(s
     assert out.via == "shm" and out.fallback == "busy" and message.type == "shm_batch" and message.body.fallback.kind == "busy"
     assert torch.equal(SlotReader(shm_dir).wrap(message.body)["images"], torch.from_numpy(IMAGES))
     assert [int(k[0, 0, 0, 0]) for k in kept] == [10, 20]  # the kept batches are intact
-    said = [r.getMessage() for r in caplog.records]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream ")]  # not the pinning's: no CUDA here
     assert said == ["stream s1: batches through host shared memory, not CUDA IPC: all 2 slots of this stream's pool are held by the trainer",
                     "stream s1: batches through shared memory in " + shm_dir + " (up to 2 slots)"]  # fmt: skip
     reader.close()

@@ -567,3 +567,64 @@ def test_a_cancelled_reservation_frees_its_slot_for_the_next_batch(shm_dir):
     again.images((2, 4, 4, 3))
     assert again.slot[1] is slot
     sender.close()
+
+
+# --- page-locked memory for a worker on a GPU (augserve.handoff.pinned); CUDA's side is in tests/gpu -----
+
+
+def test_a_gpu_workers_slots_are_registered_with_cuda_until_closed_and_a_cpu_workers_never(shm_dir, monkeypatch):
+    from augserve.handoff import pinned
+
+    calls = []
+
+    def register(array):
+        calls.append(("register", array.ctypes.data, array.nbytes))
+        return True
+
+    def unregister(array):
+        assert array is not None and array.ctypes.data  # while the memory is still mapped
+        calls.append(("unregister", array.ctypes.data))
+
+    monkeypatch.setattr(pinned, "register", register)
+    monkeypatch.setattr(pinned, "unregister", unregister)
+    gpu = Sender(shm_dir, device="cuda:0", gpu="GPU-fake")
+    out = gpu.pack(task(shm_dir, gpu.identity), INFO, [("images", IMAGES), ("sample_ids", IDS)])
+    segment = out.slot[1].memory
+    assert out.via == "shm" and isinstance(segment, pinned.PinnedSegment) and segment.pinned
+    assert calls == [("register", segment.data.ctypes.data, segment.capacity)]  # the data region, once
+    address = segment.data.ctypes.data
+    gpu.close()
+    assert calls[1:] == [("unregister", address)] and not segment.pinned and names(shm_dir) == []
+
+    calls.clear()
+    cpu = Sender(shm_dir)
+    out = cpu.pack(task(shm_dir, cpu.identity), INFO, [("images", IMAGES), ("sample_ids", IDS)])
+    assert type(out.slot[1].memory) is shm.Segment and calls == []
+    cpu.close()
+
+
+def test_a_slot_cuda_will_not_register_is_used_as_it_is_and_said_once(shm_dir, caplog, monkeypatch):
+    """On this machine's CPU-only torch, CUDA refuses: the slot still carries the batch, pageable."""
+    from augserve.handoff import pinned
+
+    monkeypatch.setattr(pinned, "_said", set())
+    sender = Sender(shm_dir, device="cuda:0", gpu="GPU-fake")
+    with caplog.at_level("WARNING", logger="augserve.worker"):
+        sent = [sender.pack(task(shm_dir, sender.identity, slots=2), INFO, [("images", IMAGES), ("sample_ids", IDS)]) for _ in range(2)]
+    assert [o.via for o in sent] == ["shm", "shm"] and not any(o.slot[1].memory.pinned for o in sent)
+    said = [r.getMessage() for r in caplog.records if "pageable" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("shared-memory slots stay pageable"), said
+    got = SlotReader(shm_dir).wrap(P.decode(sent[0].frames).body)
+    assert torch.equal(got["images"], torch.from_numpy(IMAGES))
+    sender.close()
+    assert names(shm_dir) == []
+
+
+def test_frames_of_a_cpu_worker_stay_in_ordinary_memory():
+    from augserve.handoff import pinned
+
+    images = torch.from_numpy(IMAGES)
+    assert pinned.to_host(images) is images  # a host tensor is not copied
+    array = pinned.host_array((2, 4, 4, 3), "cpu")
+    assert isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.flags.c_contiguous and array.shape == (2, 4, 4, 3)
+    assert not pinned.on_gpu("cpu") and pinned.on_gpu("cuda:1")
