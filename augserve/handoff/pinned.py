@@ -59,12 +59,16 @@ def to_host(tensor):
     return host
 
 
-def register(array: np.ndarray) -> bool:
-    """Page-lock the memory of host ``array`` (C-contiguous) with CUDA; False, said once, when CUDA refuses."""
+def register(array: np.ndarray, device: str) -> bool:
+    """Page-lock the memory of host ``array`` (C-contiguous) with CUDA, in the context of the worker's
+    ``device``; False, said once, when CUDA refuses."""
     import torch
 
     try:
-        error = int(torch.cuda.cudart().cudaHostRegister(array.ctypes.data, array.nbytes, _PORTABLE))
+        # On the worker's own GPU: CUDA's runtime would otherwise register in the current device's
+        # context, creating one on cuda:0 (hundreds of MB) for a worker on cuda:3.
+        with torch.cuda.device(torch.device(device)):
+            error = int(torch.cuda.cudart().cudaHostRegister(array.ctypes.data, array.nbytes, _PORTABLE))
     except (RuntimeError, AttributeError, AssertionError) as exc:  # no CUDA in this torch, or it cannot start
         _say_once(f"shared-memory slots stay pageable (CUDA cannot register them: {exc})")
         return False
@@ -74,11 +78,12 @@ def register(array: np.ndarray) -> bool:
     return True
 
 
-def unregister(array: np.ndarray) -> None:
+def unregister(array: np.ndarray, device: str) -> None:
     """Undo :func:`register` (before the memory is unmapped); an error is only logged: the slot goes anyway."""
     import torch
 
-    error = int(torch.cuda.cudart().cudaHostUnregister(array.ctypes.data))
+    with torch.cuda.device(torch.device(device)):
+        error = int(torch.cuda.cudart().cudaHostUnregister(array.ctypes.data))
     if error != 0:
         log.debug("cudaHostUnregister of a shared-memory slot failed with CUDA error %d", error)
 
@@ -95,15 +100,18 @@ class PinnedSegment(Segment):
     :attr:`pinned` says whether the registration took."""
 
     pinned = False
+    device = "cuda"
 
     @classmethod
-    def create(cls, directory: str, capacity: int, reserve: int = 0) -> "PinnedSegment":
+    def create(cls, directory: str, capacity: int, reserve: int = 0, device: str = "cuda") -> "PinnedSegment":
+        """:meth:`Segment.create <augserve.handoff.shm.Segment.create>`, then registered on ``device`` (the worker's GPU)."""
         segment = super().create(directory, capacity, reserve)
-        segment.pinned = register(segment.data)
+        segment.device = device
+        segment.pinned = register(segment.data, device)
         return segment
 
     def close(self) -> None:
         if self.pinned:
             self.pinned = False
-            unregister(self.data)  # while the memory is still mapped
+            unregister(self.data, self.device)  # while the memory is still mapped
         super().close()

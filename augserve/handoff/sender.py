@@ -284,8 +284,10 @@ class Sender:
 
     def _new_pool(self, stream: str, slots: int) -> SlotPool:
         log.info("stream %s: batches through shared memory in %s (up to %d slots)", stream, self.directory, slots)
-        segments = PinnedSegment if on_gpu(self.device) else Segment  # a GPU worker's copies into them: one DMA each
-        return SlotPool(partial(segments.create, self.directory, reserve=self.reserve_bytes), slots)
+        make = partial(Segment.create, self.directory, reserve=self.reserve_bytes)
+        if on_gpu(self.device):  # page-locked: a GPU worker's copy into a slot is one DMA
+            make = partial(PinnedSegment.create, self.directory, reserve=self.reserve_bytes, device=self.device)
+        return SlotPool(make, slots)
 
     def _new_device_pool(self, stream: str, slots: int) -> SlotPool:
         from .device import create_device_slot  # torch: only for a worker on the trainer's GPU

@@ -38,7 +38,7 @@ def test_a_device_tensor_goes_to_page_locked_host_memory_with_its_values():
 
 
 def test_a_slot_is_registered_while_it_lives_and_a_device_copy_lands_in_it(shm_dir):
-    segment = pinned.PinnedSegment.create(shm_dir, 1 << 20)
+    segment = pinned.PinnedSegment.create(shm_dir, 1 << 20, device="cuda:0")
     assert segment.pinned
     view = torch.from_numpy(segment.view(0, 1 << 20))
     assert view.is_pinned()  # CUDA knows the mapping: copies into it are DMA

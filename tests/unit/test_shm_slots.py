@@ -577,24 +577,24 @@ def test_a_gpu_workers_slots_are_registered_with_cuda_until_closed_and_a_cpu_wor
 
     calls = []
 
-    def register(array):
-        calls.append(("register", array.ctypes.data, array.nbytes))
+    def register(array, device):
+        calls.append(("register", array.ctypes.data, array.nbytes, device))
         return True
 
-    def unregister(array):
+    def unregister(array, device):
         assert array is not None and array.ctypes.data  # while the memory is still mapped
-        calls.append(("unregister", array.ctypes.data))
+        calls.append(("unregister", array.ctypes.data, device))
 
     monkeypatch.setattr(pinned, "register", register)
     monkeypatch.setattr(pinned, "unregister", unregister)
-    gpu = Sender(shm_dir, device="cuda:0", gpu="GPU-fake")
+    gpu = Sender(shm_dir, device="cuda:1", gpu="GPU-fake")
     out = gpu.pack(task(shm_dir, gpu.identity), INFO, [("images", IMAGES), ("sample_ids", IDS)])
     segment = out.slot[1].memory
     assert out.via == "shm" and isinstance(segment, pinned.PinnedSegment) and segment.pinned
-    assert calls == [("register", segment.data.ctypes.data, segment.capacity)]  # the data region, once
+    assert calls == [("register", segment.data.ctypes.data, segment.capacity, "cuda:1")]  # the data region, once, on the worker's GPU
     address = segment.data.ctypes.data
     gpu.close()
-    assert calls[1:] == [("unregister", address)] and not segment.pinned and names(shm_dir) == []
+    assert calls[1:] == [("unregister", address, "cuda:1")] and not segment.pinned and names(shm_dir) == []
 
     calls.clear()
     cpu = Sender(shm_dir)
