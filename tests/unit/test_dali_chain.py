@@ -98,9 +98,13 @@ def test_a_chain_it_cannot_express_is_refused_in_one_line(ops, message):
     assert str(info.value) == message
 
 
-def test_it_takes_images_or_files():
+def test_it_takes_images_or_files_and_labels_only_one_per_file():
     with pytest.raises(ValueError, match="give images or files, not both"):
         dali_chain.build(GPU_CHAIN, 2, "cpu", 1)
+    with pytest.raises(ValueError, match="labels go with files, one each"):
+        dali_chain.build(GPU_CHAIN, 2, "cpu", 1, files=["a.jpg", "b.jpg"], labels=[0])
+    with pytest.raises(ValueError, match="labels go with files, one each"):
+        dali_chain.build(GPU_CHAIN, 2, "cpu", 1, images=noise(2), labels=[0, 1])
 
 
 def test_a_dali_block_makes_exactly_its_batches_and_leaves_none_in_flight():
