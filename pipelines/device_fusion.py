@@ -133,7 +133,6 @@ class DevicePlanner:
         self._replays.move_to_end(len(inputs))
         return replay(inputs)
 
-
     def _met_before(self, size: int) -> bool:
         """Whether a batch of ``size`` samples was planned before; notes that one is now (the last
         :data:`MAX_SIZES_MET` sizes are remembered)."""

@@ -45,6 +45,7 @@ import torch
 
 from .devices import bench_device
 from .gpu_candidates import GPU_CHAIN, Candidate, jpeg_candidates, memory_candidates
+from .report import all_met, ratio, shown
 from .timing import round_order
 
 INPUT_SIDE = 256  # the in-memory batch's images are INPUT_SIDE² RGB
@@ -117,12 +118,8 @@ def _rows(table: str, candidates: dict[str, Candidate], rates: dict[str, list[fl
     for field, baseline in zip(("vs_kornia", "vs_dali"), baselines):
         reference = by_key.get(baseline, {}).get("images_per_s") if baseline else None
         for row in rows:
-            row[field] = _ratio(row["images_per_s"], reference)
+            row[field] = ratio(row["images_per_s"], reference)
     return rows
-
-
-def _ratio(a, b):
-    return round(a / b, 2) if a is not None and b else None
 
 
 def judge(rows: list[dict], device: str) -> list[dict]:
@@ -134,7 +131,7 @@ def judge(rows: list[dict], device: str) -> list[dict]:
     for table, ours, baseline, text, minimum, cuda_only in TARGETS:
         value = by.get((table, ours))
         if baseline is not None:
-            value = _ratio(value, by.get((table, baseline)))
+            value = ratio(value, by.get((table, baseline)))
         verdict = None if value is None or (cuda_only and not on_cuda) else value >= minimum
         judged.append({"target": text, "value": value, "unit": "images/s" if baseline is None else "×", "pass": verdict})
     return judged
@@ -190,7 +187,7 @@ def run_gpu_bench(device: str = "cuda:0", rounds: int = 10, batch: int = 256, ba
         "threads": threads,
         "rows": rows,
         "targets": targets,
-        "targets_met": all(t["pass"] for t in targets) if all(t["pass"] is not None for t in targets) else None,
+        "targets_met": all_met(targets),
         "h2d_gb_per_s": copy_bandwidth(device, rounds) if device != "cpu" else None,
     }
 
@@ -207,10 +204,6 @@ def plot(result: dict, path: str) -> str:
             "values": {(r["name"], "images/s"): r["images_per_s"] for r in rows}, "xlabel": "images/s",
         })  # fmt: skip
     return grouped_barh(path, panels, "augserve bench gpu")
-
-
-def _number(value, fmt: str) -> str:
-    return fmt.format(value) if value is not None else "–"
 
 
 def format_table(result: dict) -> str:
@@ -231,14 +224,14 @@ def format_table(result: dict) -> str:
         lines += ["", titles[table], "", "| implementation | images/s | × DALI's own |" + (" × kornia |" if kornia else "") + " note |",
                   "|---|---:|---:|" + ("---:|" if kornia else "") + "---|"]  # fmt: skip
         for row in rows:
-            ratio = f" {_number(row.get('vs_kornia'), '{:.2f}')} |" if kornia else ""
-            lines.append(f"| {row['name']} | {_number(row['images_per_s'], '{:.0f}')} | {_number(row['vs_dali'], '{:.2f}')} |{ratio} {row['note']} |")
+            kornia_cell = f" {shown(row.get('vs_kornia'), '{:.2f}')} |" if kornia else ""
+            lines.append(f"| {row['name']} | {shown(row['images_per_s'], '{:.0f}')} | {shown(row['vs_dali'], '{:.2f}')} |{kornia_cell} {row['note']} |")
     lines += ["", "targets (issue 11 §4):"]
     for target in result["targets"]:
         verdict = {True: "pass", False: "FAIL", None: "not judged" if result["torch_device"] == "cpu" else "not measured"}[target["pass"]]
         value = target["value"]
-        shown = "–" if value is None else (f"{value:,.0f} images/s" if target["unit"] == "images/s" else f"{value:.2f}×")
-        lines.append(f"- {target['target']}: {shown} — {verdict}")
+        text = "–" if value is None else (f"{value:,.0f} images/s" if target["unit"] == "images/s" else f"{value:.2f}×")
+        lines.append(f"- {target['target']}: {text} — {verdict}")
     copy = result["h2d_gb_per_s"]
     if copy:
         lines += ["", f"host→device copy of a 38.5 MB uint8 batch: pageable {copy['pageable']} GB/s, pinned {copy['pinned']} GB/s"]

@@ -108,7 +108,7 @@ class Reservation:
 
     def images(self, shape: Sequence[int]):
         """A writable, C-contiguous uint8 array of ``shape`` (N×H×W×C): a tensor on the device for a
-        device slot, else a numpy array. Called again for the same task with fewer images (samples
+        device slot, a page-locked host tensor for a GPU worker's frames, else a numpy array. Called again for the same task with fewer images (samples
         skipped as corrupt, the batch planned again), it is the same memory: the kept images lie one
         after another from the slot's start."""
         shape = tuple(int(v) for v in shape)

@@ -67,7 +67,8 @@ MIN_READ_PIXELS = 2048
 
 def read_into_cache(image: np.ndarray, box: tuple[float, float, float, float] | None) -> None:
     """One sequential read of the pixels of ``box`` = ``(x0, y0, x1, y1)``, continuous coordinates as
-    :func:`~pipelines.decode_plan.source_box` gives them (None: nothing), whose result is not needed. OpenCV 5's ``warpAffine`` and ``remap`` work through their output in tiles, so they read
+    :func:`~pipelines.decode_plan.source_box` gives them (None: nothing), whose result is not needed.
+    OpenCV 5's ``warpAffine`` and ``remap`` work through their output in tiles, so they read
     their source in short runs the hardware prefetcher does not follow: on pixels not in cache (a
     batch of inputs outgrows the core's L2) they stall on every run, and one pass in memory order
     first (``cv2.sumElems``) costs far less than those stalls. Measured per image, one core, batches

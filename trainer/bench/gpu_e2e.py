@@ -38,6 +38,8 @@ import time
 
 import torch
 
+from augserve.bench.report import all_met, ratio, shown
+
 from .trainer_bench import ChildFailed, TrainerBenchConfig, check, check_setup, measure, median_of, synthetic_run
 
 LOADERS = ("augserve", "dataloader", "dali")
@@ -160,17 +162,13 @@ def run_gpu_e2e(config: TrainerBenchConfig, folder: str | None = None, images: i
         "augserve_stall_pct": ours["stall_pct"],
         "vs_synthetic": ours["vs_synthetic"],
         "vs_dataloader": ours["vs_dataloader"],
-        "vs_dali": _ratio(ours["images_per_s"], by_loader["dali"]["images_per_s"]),
+        "vs_dali": ratio(ours["images_per_s"], by_loader["dali"]["images_per_s"]),
         "transport": ours.get("transport"),
         "targets": targets,
-        "targets_met": all(t["pass"] for t in targets) if all(t["pass"] is not None for t in targets) else None,
+        "targets_met": all_met(targets),
         "failed": sorted(mode for mode in failures if mode in REQUIRED),
         "rows": rows,
     }
-
-
-def _ratio(a, b):
-    return round(a / b, 2) if a is not None and b else None
 
 
 def _transport(runs: list[dict]) -> str | None:
@@ -228,17 +226,13 @@ def _rows(config: TrainerBenchConfig, runs: dict, failures: dict, unavailable: d
     synthetic = rows[-1]["images_per_s"]
     dataloader = rows[1]["images_per_s"]
     for row in rows:
-        row["vs_synthetic"] = _ratio(row["images_per_s"], synthetic)
-        row["vs_dataloader"] = _ratio(row["images_per_s"], dataloader)
+        row["vs_synthetic"] = ratio(row["images_per_s"], synthetic)
+        row["vs_dataloader"] = ratio(row["images_per_s"], dataloader)
     return rows
 
 
 def json_rows(result: dict) -> list[dict]:
     return list(result["rows"])
-
-
-def _number(value, fmt: str) -> str:
-    return fmt.format(value) if value is not None else "–"
 
 
 def format_table(result: dict) -> str:
@@ -259,15 +253,15 @@ def format_table(result: dict) -> str:
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['name']} | {_number(row['images_per_s'], '{:.0f}')} | {_number(row['stall_pct'], '{:.1f}%')} | {_number(row['vs_synthetic'], '{:.2f}')} | "
-            f"{_number(row['vs_dataloader'], '{:.2f}')} | {row['note']} |"
+            f"| {row['name']} | {shown(row['images_per_s'], '{:.0f}')} | {shown(row['stall_pct'], '{:.1f}%')} | {shown(row['vs_synthetic'], '{:.2f}')} | "
+            f"{shown(row['vs_dataloader'], '{:.2f}')} | {row['note']} |"
         )
     lines += ["", "targets (the augserve row):"]
     for target in result["targets"]:
         verdict = {True: "pass", False: "FAIL", None: "not measured"}[target["pass"]]
         value = target["value"]
-        shown = "–" if value is None else (f"{value:.1f}%" if "stall" in target["target"] else f"{value:.2f}×")
-        lines.append(f"- {target['target']}: {shown} — {verdict}")
+        text = "–" if value is None else (f"{value:.1f}%" if "stall" in target["target"] else f"{value:.2f}×")
+        lines.append(f"- {target['target']}: {text} — {verdict}")
     if result["failed"]:
         lines += ["", f"failed: {', '.join(result['failed'])} (see the notes)"]
     return "\n".join(lines)
