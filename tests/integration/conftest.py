@@ -119,6 +119,31 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
         time.sleep(interval)
 
 
+def freeze_a_busy_worker(daemon: "DaemonProcess", attempts: int = 5) -> tuple[dict, int]:
+    """SIGSTOP a worker that holds tasks, so it cannot finish them between the look and its end; returns
+    its status row and how many tasks it holds once the daemon has taken what it sent before the stop.
+
+    A result the worker had sent just before the stop reaches the daemon after it, so ``busy`` read at
+    once can count a task that will need no re-issue (seen in CI: 2 held, 1 re-issued). The count is
+    read until two looks 0.3 s apart agree; a worker left with nothing is resumed and another one tried.
+    """
+    for _ in range(attempts):
+        victim = wait_until(lambda: next((w for w in daemon.status()["workers"] if w["busy"] > 0), None), timeout=20, interval=0.005, what="a worker holding a task")
+        os.kill(victim["pid"], signal.SIGSTOP)
+
+        def busy() -> int:
+            return next((w["busy"] for w in daemon.status()["workers"] if w["pid"] == victim["pid"]), 0)
+
+        held, previous = busy(), None
+        while held != previous:
+            time.sleep(0.3)
+            previous, held = held, busy()
+        if held > 0:
+            return victim, held
+        os.kill(victim["pid"], signal.SIGCONT)
+    pytest.fail(f"no worker still held a task once stopped, in {attempts} tries: killing it would test nothing")
+
+
 class DaemonProcess:
     """A running ``augserve serve`` subprocess: its address, Popen, log file and status helpers."""
 

@@ -21,10 +21,10 @@ import threading
 import pytest
 
 try:  # tests/integration is a package in some checkouts and a plain folder in others
-    from .conftest import GEOMETRIC, as_record, ids_per_epoch, open_stream, subprocess_env, wait_until
+    from .conftest import GEOMETRIC, as_record, freeze_a_busy_worker, ids_per_epoch, open_stream, subprocess_env, wait_until
     from .test_service_autoscale import Watcher, assert_exactly_once, consume
 except ImportError:
-    from conftest import GEOMETRIC, as_record, ids_per_epoch, open_stream, subprocess_env, wait_until
+    from conftest import GEOMETRIC, as_record, freeze_a_busy_worker, ids_per_epoch, open_stream, subprocess_env, wait_until
     from test_service_autoscale import Watcher, assert_exactly_once, consume
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="Ray is not installed (pip install 'augserve[ray]')")
@@ -101,18 +101,14 @@ def test_a_node_removed_mid_epoch_loses_and_duplicates_nothing(start_daemon, clu
     consumer.start()
     try:
         wait_until(lambda: len(records) >= 5, timeout=60, interval=0.05, what="five batches")
-        victim = wait_until(lambda: next((w for w in daemon.status()["workers"] if w["busy"] > 0), None), timeout=20, interval=0.01, what="a busy actor")
+        victim, held = freeze_a_busy_worker(daemon)
         removed = node_of(cluster, victim["pid"])
         assert removed is not None
-        # Frozen first, so it cannot finish what it holds between the look and the node's end.
-        os.kill(victim["pid"], signal.SIGSTOP)
-        held = next((w["busy"] for w in daemon.status()["workers"] if w["pid"] == victim["pid"]), 0)
         cluster.remove_node(removed)
         try:
             os.kill(victim["pid"], signal.SIGKILL)  # what the node's end means for its processes
         except ProcessLookupError:
             pass
-        assert held > 0, "the frozen actor held no task any more: the removal tests nothing"
         consumer.join(timeout=120)
         assert not consumer.is_alive() and not errors, errors or "the stream did not finish"
         keys = [(r["epoch"], r["index"]) for r in records]
