@@ -108,9 +108,9 @@ class Reservation:
 
     def images(self, shape: Sequence[int]):
         """A writable, C-contiguous uint8 array of ``shape`` (N×H×W×C): a tensor on the device for a
-        device slot, a page-locked host tensor for a GPU worker's frames, else a numpy array. Called again for the same task with fewer images (samples
-        skipped as corrupt, the batch planned again), it is the same memory: the kept images lie one
-        after another from the slot's start."""
+        device slot, a page-locked host tensor for a GPU worker's frames, else a numpy array. Called
+        again for the same task with fewer images (samples skipped as corrupt, the batch planned again),
+        it is the same memory: the kept images lie one after another from the slot's start."""
         shape = tuple(int(v) for v in shape)
         count = int(np.prod(shape))
         host_bytes = batch_layout([count, *(per_image * shape[0] for per_image in self.trailing)])[1]
@@ -174,7 +174,7 @@ class Sender:
         """The UUID of this worker's GPU (None on a CPU, or unknown); looked up once, when first needed."""
         if not self._gpu_known:
             self._gpu_known = True
-            if self.device.startswith("cuda"):
+            if on_gpu(self.device):
                 from .cuda import gpu_uuid  # torch and CUDA: only for a worker on a GPU
 
                 self._gpu = gpu_uuid(self.device)
@@ -284,9 +284,10 @@ class Sender:
 
     def _new_pool(self, stream: str, slots: int) -> SlotPool:
         log.info("stream %s: batches through shared memory in %s (up to %d slots)", stream, self.directory, slots)
-        make = partial(Segment.create, self.directory, reserve=self.reserve_bytes)
         if on_gpu(self.device):  # page-locked: a GPU worker's copy into a slot is one DMA
             make = partial(PinnedSegment.create, self.directory, reserve=self.reserve_bytes, device=self.device)
+        else:
+            make = partial(Segment.create, self.directory, reserve=self.reserve_bytes)
         return SlotPool(make, slots)
 
     def _new_device_pool(self, stream: str, slots: int) -> SlotPool:
